@@ -1,0 +1,57 @@
+"""Tiny joint text+image transformer on the synthetic world: the CPU demo.
+
+    mmgen train --config configs/tiny.py --workdir runs/tiny \
+        --config.tokenizer.checkpoint=runs/tokenizer_tiny
+"""
+
+from ml_collections import ConfigDict
+
+from mmgen.config_groups import data_defaults, mesh_defaults, optim_defaults, train_defaults
+
+
+def get_config(arg=None) -> ConfigDict:
+    c = ConfigDict()
+    c.kind = "joint"
+    c.seed = 0
+    c.tokenizer = ConfigDict(dict(checkpoint="runs/tokenizer_tiny"))  # a tokenizer run dir
+    c.model = ConfigDict(dict(
+        d_model=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,         # grouped-query attention
+        head_dim=32,
+        mlp_dim=384,
+        rope_theta=10_000.0,
+        dtype="float32",        # compute dtype ("bfloat16" on accelerators)
+        attention_impl="xla",
+        vocab_size=0,           # derived from the tokenizer's layout (do not set)
+        padded_vocab_size=0,    # derived: vocab_size rounded up to a multiple of 128
+    ))
+    c.loss = ConfigDict(dict(
+        modality_weights=ConfigDict(dict(text=1.0, image=1.0)),
+        z_loss=1e-4,
+    ))
+    c.data = data_defaults(
+        seq_len=640,            # tokens per packed row
+        examples_per_row=2,     # examples packed into each row
+        caption_task_fraction=0.2,  # share of examples that caption a prompt image
+        num_train_scenes=20_000,    # distinct training scenes (tokens cached once)
+    )
+    c.optim = optim_defaults(lr=3e-3, warmup_steps=50)
+    c.train = train_defaults(steps=600, global_batch=16, log_every=25, checkpoint_every=300,
+                             eval_every=0, sample_every=300)
+    c.eval = ConfigDict(dict(
+        num_heldout_scenes=256,   # held-out compositions for validation loss
+        num_colour_prompts=64,    # single-object prompts for the colour check
+        temperature=0.7,
+        top_k=32,
+    ))
+    c.mesh = mesh_defaults()
+    if arg == "smoke":  # seconds, for tests
+        c.data.num_train_scenes = 512
+        c.train.steps = 10
+        c.train.log_every = 5
+        c.train.sample_every = 0
+        c.eval.num_heldout_scenes = 32
+        c.eval.num_colour_prompts = 8
+    return c

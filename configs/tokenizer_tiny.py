@@ -1,0 +1,29 @@
+"""Image tokenizer for the CPU demo: conv autoencoder + FSQ, 64x64 -> 16x16 tokens.
+
+    mmgen train --config configs/tokenizer_tiny.py --workdir runs/tokenizer_tiny
+"""
+
+from ml_collections import ConfigDict
+
+from mmgen.config_groups import data_defaults, mesh_defaults, optim_defaults, train_defaults
+
+
+def get_config(arg=None) -> ConfigDict:
+    c = ConfigDict()
+    c.kind = "tokenizer"
+    c.seed = 0
+    c.model = ConfigDict(dict(
+        levels=(8, 5, 5, 5),    # FSQ levels per latent channel: 1000 codes
+        channels=64,
+        downsample=4,           # 64 px -> 16x16 tokens
+        num_res_blocks=2,
+    ))
+    c.data = data_defaults()
+    c.optim = optim_defaults(lr=2e-3, warmup_steps=50, weight_decay=0.0, b2=0.99)
+    c.train = train_defaults(steps=600, global_batch=32, log_every=50, checkpoint_every=600,
+                             sample_every=0)
+    c.mesh = mesh_defaults()
+    if arg == "smoke":  # a few steps, for tests
+        c.train.steps = 20
+        c.train.log_every = 10
+    return c

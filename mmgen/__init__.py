@@ -1,0 +1,1 @@
+"""mmgen: one autoregressive transformer over interleaved text and image tokens."""

@@ -1,0 +1,134 @@
+"""`mmgen <verb>`: train | sample | eval."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _setup_jax() -> None:
+    """Persistent compilation cache on by default: reruns and resumes skip compiles."""
+    import jax
+
+    cache = os.environ.get("MMGEN_COMPILATION_CACHE",
+                           str(Path.home() / ".cache" / "mmgen" / "jax"))
+    if cache and cache.lower() != "off":
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_train(args) -> int:
+    import jax
+
+    from mmgen.config import load_config, validate
+    from mmgen.tasks import TASKS
+
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, jax.device_count())
+    workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
+    from mmgen.train.loop import train
+
+    task = TASKS[cfg.kind](cfg, log=log)
+    final = train(cfg, workdir, task, log=log)
+    log(f"done: checkpoints in {Path(workdir) / 'checkpoints'}, metrics in "
+        f"{Path(workdir) / 'metrics.jsonl'}, TensorBoard logs in {Path(workdir) / 'tb'}")
+    if final:
+        log("final: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from mmgen.load import ImageCodec, load_run
+    from mmgen.sample.generate import generate_image_ids
+    from mmgen.sample.grid import make_grid, save_png
+    from mmgen.tokenizers.layout import check_same
+
+    model, cfg, layout, step = load_run(args.checkpoint, args.step)
+    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
+    codec = ImageCodec(tok_dir)
+    check_same(layout, codec.layout, f"tokenizer {tok_dir}")
+    prompts = [args.prompt] * args.num
+    log(f"sampling {args.num} image(s) of {layout.tokens_per_image} tokens from step {step}")
+    ids = generate_image_ids(model, layout, prompts, seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k)
+    images = codec.decode(ids)
+    grid = make_grid(images, cols=min(args.num, int(np.ceil(np.sqrt(args.num)))))
+    out = save_png(grid, args.out, scale=args.scale)
+    log(f"wrote {out} ({grid.shape[1] * args.scale}x{grid.shape[0] * args.scale} px)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmgen.eval.evaluate import evaluate, write_report
+
+    report = evaluate(args.checkpoint, step=args.step, tokenizer_dir=args.tokenizer, log=log)
+    out = write_report(report, args.out)
+    for k, v in sorted(report.items()):
+        log(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    log(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgen", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train the image tokenizer or the joint model",
+                       description="Train from a config file; resumes from WORKDIR if it "
+                       "holds checkpoints. Override any key with --config.KEY=VALUE.")
+    t.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    t.add_argument("--workdir", help="run directory (default runs/CONFIG_NAME)")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a text prompt")
+    s.add_argument("--checkpoint", required=True, help="joint-model run directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--out", default="grid.png")
+    s.add_argument("--num", type=int, default=16, help="images to sample (one grid)")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-k", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--step", type=int, help="checkpoint step (default latest)")
+    s.add_argument("--scale", type=int, default=1, help="integer upscaling of the PNG")
+    s.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="evaluate a joint-model checkpoint")
+    e.add_argument("--checkpoint", required=True, help="joint-model run directory")
+    e.add_argument("--out", default="report.json")
+    e.add_argument("--step", type=int, help="checkpoint step (default latest)")
+    e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [r for r in rest if r.startswith("--config.")]
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown or (overrides and args.verb != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
+    from mmgen.config import ConfigError
+    from mmgen.tokenizers.layout import LayoutMismatchError
+
+    _setup_jax()
+    try:
+        return args.fn(args)
+    except (ConfigError, LayoutMismatchError, FileNotFoundError) as e:
+        print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Load a config file (`path.py[:arg]`), apply `--config.a.b=value` overrides, validate.
+
+Every mistake a user can make in a config fails here, in one line naming the key,
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`configs/tiny.py` or `configs/tiny.py:arg` -> get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"mmgen_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg)")
+    cfg = module.get_config(arg or None)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return cfg
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += _flat_keys(v, prefix + k + ".")
+    return keys
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, bool) and isinstance(value, str):
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            close = difflib.get_close_matches(key, _flat_keys(cfg), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{key}' is a group; set one of its fields")
+    value = _parse_value(text, current)
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key '{key}': cannot set {text!r}: {e}") from None
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `spec` and applies overrides given as `key=value` or `--config.key=value`."""
+    cfg = load_config_file(spec)
+    for item in overrides:
+        item = item.removeprefix("--").removeprefix("config.")
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override '{item}' must look like --config.key=value")
+        apply_override(cfg, key, text)
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks shapes against each other and the device mesh; one line per failure."""
+    from mmgen.parallel.mesh import MeshError, resolve_axis_sizes
+
+    require(cfg.get("kind") in ("tokenizer", "joint"),
+            f"kind must be 'tokenizer' or 'joint', got {cfg.get('kind')!r}")
+    try:
+        mesh = resolve_axis_sizes(dict(cfg.mesh), num_devices)
+    except MeshError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    t = cfg.train
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    require(t.global_batch % t.grad_accum == 0,
+            f"train.global_batch={t.global_batch} is not divisible by "
+            f"train.grad_accum={t.grad_accum}")
+    micro = t.global_batch // t.grad_accum
+    require(micro % batch_shards == 0,
+            f"micro-batch {micro} (train.global_batch / train.grad_accum) does not divide "
+            f"over mesh data x fsdp = {batch_shards} devices")
+    o = cfg.optim
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    if cfg.kind == "tokenizer":
+        m = cfg.model
+        require(cfg.data.image_size % m.downsample == 0,
+                f"data.image_size={cfg.data.image_size} is not divisible by "
+                f"model.downsample={m.downsample}")
+        require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
+        return
+    m = cfg.model
+    require(m.num_heads % m.num_kv_heads == 0,
+            f"model.num_heads={m.num_heads} is not a multiple of "
+            f"model.num_kv_heads={m.num_kv_heads}")
+    require(m.head_dim % 8 == 0,
+            f"model.head_dim={m.head_dim} must be a multiple of 8 (1D + 2D RoPE sections)")
+    tp = mesh["tensor"]
+    for key in ("num_heads", "num_kv_heads", "mlp_dim"):
+        require(m[key] % tp == 0, f"model.{key}={m[key]} does not divide over mesh tensor={tp}")
+    require(m.d_model % mesh["fsdp"] == 0,
+            f"model.d_model={m.d_model} does not divide over mesh fsdp={mesh['fsdp']}")
+    require(m.dtype in ("float32", "bfloat16"),
+            f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+    require(set(cfg.loss.modality_weights) <= {"text", "image"},
+            f"loss.modality_weights has unknown modalities: {sorted(cfg.loss.modality_weights)}")

@@ -1,0 +1,57 @@
+"""Config groups shared by every recipe in configs/ (documented in docs/configs.md)."""
+
+from ml_collections import ConfigDict
+
+
+def train_defaults(**overrides) -> ConfigDict:
+    t = ConfigDict(dict(
+        steps=1000,             # optimizer steps
+        global_batch=16,        # rows (joint) or images (tokenizer) per step, all hosts
+        grad_accum=1,           # micro-batches per step; global_batch % grad_accum == 0
+        log_every=25,           # stdout / metrics.jsonl / TensorBoard cadence
+        checkpoint_every=500,   # steps between checkpoints (and one at the end)
+        keep_checkpoints=3,     # newest checkpoints kept on disk
+        eval_every=0,           # steps between eval-hook runs (0 = off)
+        sample_every=0,         # steps between sample-grid hook runs (0 = off)
+        profile_start=0,        # first step of a jax.profiler trace
+        profile_steps=0,        # trace length in steps (0 = no trace)
+    ))
+    t.update(overrides)
+    return t
+
+
+def optim_defaults(**overrides) -> ConfigDict:
+    o = ConfigDict(dict(
+        lr=1e-3,                # peak learning rate
+        warmup_steps=100,       # linear warmup, then cosine decay to lr * min_lr_ratio
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,       # AdamW decoupled decay
+        no_decay=r"(norm|scale|bias|embed)",  # regex on parameter paths: excluded from decay
+        freeze="",              # regex on parameter paths: frozen (no updates); "" = none
+        grad_clip=1.0,          # global-norm clipping (0 = off)
+        ema_decay=0.0,          # EMA of weights for eval/sampling (0 = off)
+    ))
+    o.update(overrides)
+    return o
+
+
+def mesh_defaults() -> ConfigDict:
+    # -1 = all remaining devices; the product must equal the device count
+    return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def data_defaults(**overrides) -> ConfigDict:
+    d = ConfigDict(dict(
+        source="synthetic",
+        seed=0,                 # seeds scenes, shuffling and caption templates
+        image_size=64,
+        max_objects=4,
+        p_word=0.3,             # probability that a scene renders a word
+        p_texture=0.3,          # probability of a textured background
+        cache_dir="runs/cache",  # image-token caches (keyed by tokenizer fingerprint)
+    ))
+    d.update(overrides)
+    return d

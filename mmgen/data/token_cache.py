@@ -1,0 +1,69 @@
+"""Image tokens of synthetic scenes, encoded once and stored beside their scenes.
+
+Encoding a scene costs a forward pass of the image tokenizer; a training run reads
+each scene many times, so tokens are computed once per (tokenizer, seed, split, N)
+and kept as an .npz of ints (no pickle) plus a JSON-lines file of scenes. Captions
+are NOT cached: each epoch draws a fresh template from the scene.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mmgen.data import synthetic
+
+EncodeFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B,H,W,3] -> int [B,h,w]
+
+
+def cache_path(root: str | Path, fingerprint: str, seed: int, split: str, num: int) -> Path:
+    return Path(root) / f"synthetic-{split}-s{seed}-n{num}-{fingerprint}"
+
+
+def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
+          batch: int = 256, scene_kwargs: dict | None = None, log=print) -> Path:
+    """Renders `num` scenes, encodes them and writes `path`/{tokens.npz,scenes.jsonl}."""
+    if (path / "done").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    scene_kwargs = scene_kwargs or {}
+    ids_chunks, scenes = [], []
+    start = time.time()
+    for lo in range(0, num, batch):
+        hi = min(num, lo + batch)
+        exs = [synthetic.example(i, seed, split, **scene_kwargs) for i in range(lo, hi)]
+        images = np.stack([e["image"] for e in exs])
+        ids_chunks.append(np.asarray(encode(images)).reshape(hi - lo, -1).astype(np.int32))
+        scenes += [e["scene"].to_json() for e in exs]
+        if log and (hi == num or (lo // batch) % 20 == 0):
+            log(f"token cache {split}: {hi}/{num} scenes encoded ({time.time() - start:.0f}s)")
+    tmp = path / "tokens.tmp.npz"
+    np.savez(tmp, image_ids=np.concatenate(ids_chunks))
+    tmp.rename(path / "tokens.npz")
+    with open(path / "scenes.jsonl", "w") as f:
+        for s in scenes:
+            f.write(json.dumps(s) + "\n")
+    (path / "done").write_text("ok\n")
+    return path
+
+
+class CachedScenes:
+    """A grain random-access source: index -> {"image_ids", "scene"}."""
+
+    def __init__(self, path: Path):
+        with np.load(Path(path) / "tokens.npz", allow_pickle=False) as z:
+            self.image_ids = z["image_ids"]
+        with open(Path(path) / "scenes.jsonl") as f:
+            self.scenes = [json.loads(line) for line in f]
+        if len(self.scenes) != len(self.image_ids):
+            raise ValueError(f"token cache {path} is inconsistent; delete it to rebuild")
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image_ids": self.image_ids[i], "scene": self.scenes[i]}

@@ -1,0 +1,86 @@
+"""Build models from configs and load trained runs: shared by train, sample and eval."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmgen.models.transformer import Transformer, TransformerConfig
+from mmgen.parallel.mesh import make_mesh
+from mmgen.tokenizers import layout as layout_lib
+from mmgen.tokenizers import text as text_tok
+from mmgen.tokenizers.image_autoencoder import ImageAutoencoder
+from mmgen.train.checkpoint import Checkpointer, read_metadata
+from mmgen.train.state import StateSpec
+
+
+def build_model_fn(cfg):
+    """rngs -> model, from a resolved config."""
+    if cfg.kind == "tokenizer":
+        m = cfg.model
+        return lambda rngs: ImageAutoencoder(
+            levels=tuple(m.levels), channels=m.channels, downsample=m.downsample,
+            num_res_blocks=m.num_res_blocks, rngs=rngs)
+    if cfg.kind == "joint":
+        return lambda rngs: Transformer(transformer_config(cfg), rngs=rngs)
+    raise ValueError(f"unknown kind {cfg.kind!r}")
+
+
+def transformer_config(cfg) -> TransformerConfig:
+    m = cfg.model
+    return TransformerConfig(
+        vocab_size=m.padded_vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+        mlp_dim=m.mlp_dim, rope_theta=m.rope_theta, dtype=m.dtype,
+        attention_impl=m.attention_impl)
+
+
+def load_run(workdir: str | Path, step: int | None = None, *, use_ema: bool = True):
+    """(model, cfg, layout, step) of a trained run directory, on the local devices."""
+    cfg, layout, step = read_metadata(workdir, step)
+    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    ckpt = Checkpointer(Path(workdir) / "checkpoints")
+    state, _ = ckpt.restore(step, spec.abstract_with_shardings())
+    ckpt.close()
+    params = state["ema"] if use_ema and "ema" in state else state["params"]
+    return spec.model(params), cfg, layout, step
+
+
+def tokenizer_layout(tok_model: ImageAutoencoder, tok_cfg) -> layout_lib.TokenLayout:
+    """The token layout implied by a trained image tokenizer. Its id hashes the weights:
+    a retrained tokenizer gives codes a new meaning, and the fingerprint changes."""
+    digest = hashlib.sha256()
+    for x in jax.tree.leaves(nnx.state(tok_model, nnx.Param)):
+        digest.update(np.asarray(x).tobytes())
+    m, size = tok_cfg.model, tok_cfg.data.image_size
+    grid = (size // m.downsample, size // m.downsample)
+    ident = f"fsq{list(m.levels)}-ds{m.downsample}-{size}px-{digest.hexdigest()[:12]}"
+    return layout_lib.TokenLayout(image_codes=math.prod(m.levels), image_grid=grid,
+                                  tokenizer_id=text_tok.TOKENIZER_ID, image_tokenizer_id=ident)
+
+
+class ImageCodec:
+    """uint8 images <-> image token ids with a trained tokenizer (jitted, batched)."""
+
+    def __init__(self, tokenizer_dir: str | Path):
+        self.model, self.cfg, _, self.step = load_run(tokenizer_dir, use_ema=True)
+        if self.cfg.kind != "tokenizer":
+            raise ValueError(f"{tokenizer_dir} is a {self.cfg.kind!r} run, not a tokenizer")
+        self.layout = tokenizer_layout(self.model, self.cfg)
+        graphdef, params = nnx.split(self.model)
+        self._encode = jax.jit(lambda x: nnx.merge(graphdef, params).encode_ids(x))
+        self._decode = jax.jit(lambda i: nnx.merge(graphdef, params).decode_ids(i))
+
+    def encode(self, images_uint8: np.ndarray) -> np.ndarray:
+        x = jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
+        return np.asarray(self._encode(x))
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        x = np.asarray(self._decode(jnp.asarray(ids, jnp.int32)))
+        return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

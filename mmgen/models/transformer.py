@@ -1,0 +1,139 @@
+"""The joint transformer: one decoder over interleaved text and image tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmgen.kernels.attention import attention
+from mmgen.models.layers import RMSNorm, SwiGLU, apply_rope, param, rope_angles
+from mmgen.parallel.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int          # padded embedding rows
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    dtype: str = "float32"   # compute dtype; parameters stay float32
+    attention_impl: str = "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.w_q_DHK = param(rngs, (D, H, K), ("embed", "heads", "head_dim"), fan_in=D)
+        self.w_k_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), fan_in=D)
+        self.w_v_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), fan_in=D)
+        self.w_o_HKD = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), fan_in=H * K,
+                             scale=(2 * cfg.num_layers) ** -0.5)
+        # QK-norm keeps attention logits bounded, which matters most at low precision.
+        self.q_norm = RMSNorm(K)
+        self.k_norm = RMSNorm(K)
+
+    def __call__(self, x_BLD, angles_BLP, batch, cache=None):
+        """Self-attention over the row, or, with `cache` (k/v [B,T,G,K] + segment and
+        span ids [B,T] of the whole buffer + write index), over the cache after
+        writing this chunk at `cache["index"]`. Returns (out, new k, new v)."""
+        dt = x_BLD.dtype
+        q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, self.w_q_DHK[...].astype(dt))
+        k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_k_DGK[...].astype(dt))
+        v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_v_DGK[...].astype(dt))
+        q_BLHK = apply_rope(self.q_norm(q_BLHK), angles_BLP)
+        k_BLGK = apply_rope(self.k_norm(k_BLGK), angles_BLP)
+        q_BLHK = constrain(q_BLHK, ("batch", "length", "heads", "head_dim"))
+        if cache is None:
+            kv_seg, kv_span, q_index = batch["segment_ids"], batch["span_ids"], None
+        else:
+            at = (0, cache["index"], 0, 0)
+            k_BLGK = jax.lax.dynamic_update_slice(cache["k"], k_BLGK.astype(cache["k"].dtype), at)
+            v_BLGK = jax.lax.dynamic_update_slice(cache["v"], v_BLGK.astype(cache["v"].dtype), at)
+            kv_seg, kv_span = cache["segment_ids"], cache["span_ids"]
+            B, L = x_BLD.shape[:2]
+            q_index = jnp.broadcast_to(cache["index"] + jnp.arange(L), (B, L))
+        out_BLHK = attention(
+            q_BLHK, k_BLGK.astype(dt), v_BLGK.astype(dt),
+            q_segment_ids_BQ=batch["segment_ids"], kv_segment_ids_BK=kv_seg,
+            q_span_ids_BQ=batch["span_ids"], kv_span_ids_BK=kv_span, q_index_BQ=q_index,
+            causal=True, impl=self.cfg.attention_impl,
+        )
+        out_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_o_HKD[...].astype(dt))
+        return out_BLD, k_BLGK, v_BLGK
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, num_layers=cfg.num_layers)
+
+    def __call__(self, x_BLD, angles_BLP, batch, cache=None):
+        attn_BLD, k, v = self.attn(self.attn_norm(x_BLD), angles_BLP, batch, cache)
+        x_BLD = x_BLD + attn_BLD
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return constrain(x_BLD, ("batch", "length", "embed")), k, v
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer; `__call__(batch)` returns float32 logits [B, L, V].
+
+    `batch` follows the schema in data/schema.py (tokens, segment_ids, positions,
+    rows, cols, span_ids); the model needs nothing else.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_VD = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model)),
+            out_sharding=("vocab", "embed"),
+        )
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model)
+        self.unembed_DV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                fan_in=cfg.d_model)
+
+    def hidden(self, batch: dict, cache: dict | None = None):
+        """Final hidden states [B, L, D]; with a KV cache also returns the updated cache."""
+        dt = jnp.dtype(self.cfg.dtype)
+        x_BLD = jnp.take(self.embed_VD[...], batch["tokens"], axis=0).astype(dt)
+        x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+        angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
+                                 self.cfg.head_dim, self.cfg.rope_theta)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else dict(cache, k=cache["k"][i], v=cache["v"][i])
+            x_BLD, k, v = block(x_BLD, angles_BLP, batch, layer_cache)
+            ks.append(k)
+            vs.append(v)
+        h_BLD = self.final_norm(x_BLD)
+        if cache is None:
+            return h_BLD
+        L = batch["tokens"].shape[1]
+        return h_BLD, dict(cache, k=jnp.stack(ks), v=jnp.stack(vs), index=cache["index"] + L)
+
+    def logits(self, h_BLD: jax.Array) -> jax.Array:
+        logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, self.unembed_DV[...].astype(h_BLD.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits_BLV, ("batch", "length", "vocab"))
+
+    def __call__(self, batch: dict) -> jax.Array:
+        return self.logits(self.hidden(batch))
+
+    def init_cache(self, segment_ids_BT: jax.Array, span_ids_BT: jax.Array) -> dict:
+        """An empty KV cache for a buffer whose segment/span ids are known up front."""
+        c = self.cfg
+        B, T = segment_ids_BT.shape
+        shape = (c.num_layers, B, T, c.num_kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+        return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32),
+                "segment_ids": segment_ids_BT, "span_ids": span_ids_BT}

@@ -1,0 +1,32 @@
+"""Image grids for sample sheets and TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N,H,W,3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] sheet."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    sheet = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        sheet[y:y + h, x:x + w] = img
+    return sheet
+
+
+def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(np.asarray(image, np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path

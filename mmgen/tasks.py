@@ -1,0 +1,80 @@
+"""What to train: the image tokenizer or the joint model, chosen by `cfg.kind`.
+
+A task bundles a model builder, a registered loss, a data stream and hooks; the
+one loop in train/loop.py runs any of them.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mmgen.data import pipeline, token_cache
+from mmgen.load import ImageCodec, build_model_fn
+from mmgen.tokenizers import layout as layout_lib
+from mmgen.train.hooks import Hook
+
+
+def synthetic_tokens(codec: ImageCodec, data_cfg, *, split: str, num: int, seed: int,
+                     log=print) -> token_cache.CachedScenes:
+    path = token_cache.cache_path(data_cfg.cache_dir, codec.layout.fingerprint, seed, split, num)
+    token_cache.build(path, codec.encode, num=num, seed=seed, split=split,
+                      scene_kwargs=pipeline.scene_kwargs(data_cfg), log=log)
+    return token_cache.CachedScenes(path)
+
+
+def per_host_batch(cfg) -> int:
+    return cfg.train.global_batch // jax.process_count()
+
+
+class TokenizerTask:
+    name = "image tokenizer"
+    loss = "autoencoder"
+    layout = None
+
+    def __init__(self, cfg, log=print):
+        self.cfg, self.log = cfg, log
+        self.build_model = build_model_fn(cfg)
+        self.tokens_per_batch = cfg.train.global_batch * cfg.data.image_size**2  # pixels
+
+    def data(self):
+        return pipeline.image_dataset(self.cfg.data, per_host_batch(self.cfg))
+
+    def hooks(self) -> list[Hook]:
+        from mmgen.eval.hooks import ReconstructionGridHook
+
+        return [ReconstructionGridHook(self.cfg.train.sample_every)]
+
+
+class JointTask:
+    name = "joint transformer"
+    loss = "next_token"
+
+    def __init__(self, cfg, log=print):
+        self.cfg, self.log = cfg, log
+        self.codec = ImageCodec(cfg.tokenizer.checkpoint)
+        self.layout = self.codec.layout
+        resolve_joint(cfg, self.layout)
+        self.build_model = build_model_fn(cfg)
+        self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
+
+    def data(self):
+        d = self.cfg.data
+        source = synthetic_tokens(self.codec, d, split="train", num=d.num_train_scenes,
+                                  seed=d.seed, log=self.log)
+        rows = pipeline.row_dataset(source, d, self.layout)
+        return pipeline.batches(rows, per_host_batch(self.cfg))
+
+    def hooks(self) -> list[Hook]:
+        from mmgen.eval.hooks import EvalHook, SampleGridHook
+
+        return [SampleGridHook(self.cfg.train.sample_every, self.codec),
+                EvalHook(self.cfg.train.eval_every, self.codec)]
+
+
+def resolve_joint(cfg, layout: layout_lib.TokenLayout) -> None:
+    """Fills the config keys derived from the tokenizer (stored in the checkpoint)."""
+    cfg.model.vocab_size = layout.vocab_size
+    cfg.model.padded_vocab_size = layout.padded_vocab_size()
+
+
+TASKS = {"tokenizer": TokenizerTask, "joint": JointTask}

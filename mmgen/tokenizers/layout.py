@@ -1,0 +1,127 @@
+"""Token-id layout: one vocabulary for every modality, and its fingerprint.
+
+    [0, 256)                       text bytes (byte-level tokenizer)
+    [256, 256 + len(SPECIALS))     special tokens
+    [image_offset, +image_codes)   image tokens (FSQ code indices)
+    ...                            later modalities, each a contiguous block
+
+The layout (plus whatever defines the image codes: FSQ levels, grid size) is
+hashed into a fingerprint stored in every checkpoint; train, sample and eval
+refuse to combine pieces whose fingerprints differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<res>")
+TEXT_VOCAB = 256
+# Modality ids: a registry, so a new modality is a registration, not an if/else.
+MODALITIES: dict[str, int] = {"pad": 0, "text": 1, "image": 2}
+
+
+def register_modality(name: str) -> int:
+    """Returns the id of `name`, adding it to the registry if new."""
+    if name not in MODALITIES:
+        MODALITIES[name] = max(MODALITIES.values()) + 1
+    return MODALITIES[name]
+
+
+class LayoutMismatchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    image_codes: int          # number of distinct image tokens (product of FSQ levels)
+    image_grid: tuple[int, int]  # tokens per image as (rows, cols)
+    tokenizer_id: str = "bytes-v1"  # text tokenizer identity
+    image_tokenizer_id: str = ""    # e.g. "fsq[8,5,5,5]/ds4/64px": what the codes mean
+
+    @property
+    def special_offset(self) -> int:
+        return TEXT_VOCAB
+
+    def special(self, name: str) -> int:
+        return self.special_offset + SPECIALS.index(name)
+
+    @property
+    def pad(self) -> int:
+        return self.special("<pad>")
+
+    @property
+    def bos(self) -> int:
+        return self.special("<bos>")
+
+    @property
+    def eos(self) -> int:
+        return self.special("<eos>")
+
+    @property
+    def boi(self) -> int:
+        return self.special("<boi>")
+
+    @property
+    def eoi(self) -> int:
+        return self.special("<eoi>")
+
+    @property
+    def res(self) -> int:
+        return self.special("<res>")
+
+    @property
+    def image_offset(self) -> int:
+        return self.special_offset + len(SPECIALS)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_offset + self.image_codes
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        """Embedding rows: rounded up so the vocab dimension shards and tiles well."""
+        return -(-self.vocab_size // multiple) * multiple
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_grid"] = list(self.image_grid)
+        d["specials"] = list(SPECIALS)
+        d["fingerprint"] = self.fingerprint
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TokenLayout:
+        layout = cls(
+            image_codes=int(d["image_codes"]),
+            image_grid=tuple(d["image_grid"]),
+            tokenizer_id=d["tokenizer_id"],
+            image_tokenizer_id=d["image_tokenizer_id"],
+        )
+        if list(d.get("specials", SPECIALS)) != list(SPECIALS):
+            raise LayoutMismatchError(f"special tokens differ: {d.get('specials')} vs {SPECIALS}")
+        if "fingerprint" in d and d["fingerprint"] != layout.fingerprint:
+            raise LayoutMismatchError("stored token-layout fingerprint does not match its fields")
+        return layout
+
+    @property
+    def fingerprint(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["image_grid"] = list(self.image_grid)
+        fields["specials"] = list(SPECIALS)
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_same(expected: TokenLayout, found: TokenLayout, what: str) -> None:
+    """Raises one clear line when two pieces disagree on the token layout."""
+    if expected.fingerprint != found.fingerprint:
+        raise LayoutMismatchError(
+            f"token layout of {what} ({found.fingerprint}: {found.image_tokenizer_id}, "
+            f"{found.tokenizer_id}) does not match ({expected.fingerprint}: "
+            f"{expected.image_tokenizer_id}, {expected.tokenizer_id})"
+        )

@@ -1,0 +1,82 @@
+"""Loop hooks: checkpointing, eval, sample grids and profiling plug in here instead of
+growing special cases in the loop. A hook runs every `every` steps and once at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class Context:
+    """What a hook may look at: read-only by convention, except `stop`."""
+
+    cfg: Any
+    workdir: Path
+    step: int
+    state: dict
+    spec: Any                 # train.state.StateSpec (graphdef, shardings, model())
+    writer: Any               # train.metrics.MetricWriter
+    data_iter: Any
+    layout: Any
+    stop: bool = False        # set by a hook to end the run after this step
+
+    def model(self, use_ema: bool = True):
+        params = self.state["ema"] if use_ema and "ema" in self.state else self.state["params"]
+        return self.spec.model(params)
+
+
+class Hook:
+    every: int = 0
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def __call__(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def end(self, ctx: Context) -> None:
+        """Called once after the last step; runs the hook unless it just ran."""
+        if not self.due(ctx.step):
+            self(ctx)
+
+
+class CheckpointHook(Hook):
+    def __init__(self, checkpointer, every: int):
+        self.checkpointer, self.every = checkpointer, every
+
+    def __call__(self, ctx: Context) -> None:
+        self.checkpointer.save(ctx.step, ctx.state, data_state=ctx.data_iter.get_state(),
+                               cfg=ctx.cfg, layout=ctx.layout)
+
+    def end(self, ctx: Context) -> None:
+        if self.checkpointer.latest_step() != ctx.step:
+            self(ctx)
+        self.checkpointer.wait()
+
+
+class ProfilerHook(Hook):
+    """Captures a jax.profiler trace for steps [start, start + num) into workdir/profile."""
+
+    def __init__(self, start: int, num: int):
+        self.start, self.num, self.active = start, num, False
+
+    def due(self, step: int) -> bool:
+        return self.num > 0 and step in (self.start, self.start + self.num)
+
+    def __call__(self, ctx: Context) -> None:
+        if not self.active and ctx.step == self.start:
+            jax.profiler.start_trace(str(ctx.workdir / "profile"))
+            self.active = True
+        elif self.active:
+            jax.block_until_ready(ctx.state)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def end(self, ctx: Context) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
