@@ -102,11 +102,16 @@ class Transformer(nnx.Module):
         self.unembed_DV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                 fan_in=cfg.d_model)
 
-    def hidden(self, batch: dict, cache: dict | None = None):
-        """Final hidden states [B, L, D]; with a KV cache also returns the updated cache."""
-        dt = jnp.dtype(self.cfg.dtype)
-        x_BLD = jnp.take(self.embed_VD[...], batch["tokens"], axis=0).astype(dt)
-        x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+    def embed(self, tokens_BL: jax.Array) -> jax.Array:
+        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x_BLD, ("batch", "length", "embed"))
+
+    def hidden(self, batch: dict, cache: dict | None = None, x_BLD: jax.Array | None = None):
+        """Final hidden states [B, L, D]; with a KV cache also returns the updated cache.
+
+        `x_BLD` replaces the token embeddings (tests differentiate through it)."""
+        if x_BLD is None:
+            x_BLD = self.embed(batch["tokens"])
         angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
                                  self.cfg.head_dim, self.cfg.rope_theta)
         ks, vs = [], []

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmgen.config import ConfigError, load_config, validate
+
+
+def test_overrides_apply_with_types(repo):
+    cfg = load_config(str(repo / "configs/tiny.py"), ["--config.optim.lr=1e-3",
+                                                      "--config.train.steps=7",
+                                                      "--config.model.dtype=bfloat16"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 7 and cfg.model.dtype == "bfloat16"
+
+
+def test_preset_arg(repo):
+    assert load_config(str(repo / "configs/tiny.py") + ":smoke").train.steps == 10
+
+
+def test_unknown_key_names_the_key_and_suggests(repo):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr"):
+        load_config(str(repo / "configs/tiny.py"), ["--config.optim.lrr=1"])
+
+
+def test_wrong_type_is_rejected(repo):
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(str(repo / "configs/tiny.py"), ["--config.train.steps=many"])
+
+
+@pytest.mark.parametrize("override, devices, message", [
+    ("model.num_kv_heads=3", 1, "num_kv_heads"),
+    ("train.global_batch=6", 4, "does not divide over mesh"),
+    ("train.grad_accum=5", 1, "not divisible by train.grad_accum"),
+    ("mesh.tensor=3", 4, "mesh"),
+    ("model.head_dim=12", 1, "head_dim"),
+])
+def test_impossible_shapes_fail_before_compiling(repo, override, devices, message):
+    cfg = load_config(str(repo / "configs/tiny.py"), [override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, devices)
+
+
+def test_cli_prints_one_line_error(repo, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "mmgen.cli", "train", "--config", "configs/tiny.py",
+         "--config.optim.lrr=1", "--workdir", str(tmp_path)],
+        cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if "mmgen train" in ln]
+    assert lines == ["mmgen train: error: unknown config key 'optim.lrr' (did you mean optim.lr?)"]
