@@ -18,7 +18,8 @@ def test_preset_arg(repo):
 
 
 def test_unknown_key_names_the_key_and_suggests(repo):
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr"):
+    match = r"unknown config key 'optim.lrr' \(did you mean optim.lr"
+    with pytest.raises(ConfigError, match=match):
         load_config(str(repo / "configs/tiny.py"), ["--config.optim.lrr=1"])
 
 

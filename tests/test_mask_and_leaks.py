@@ -79,7 +79,7 @@ def test_no_logit_with_loss_depends_on_its_target():
         if w[t] == 0:
             continue
         target = int(batch["tokens"][0, t + 1])
-        g = jax.grad(lambda x: logits_from_embeddings(x)[0, t, target])(x)
+        g = jax.grad(lambda x, t=t, target=target: logits_from_embeddings(x)[0, t, target])(x)
         assert float(jnp.abs(g[0, t + 1]).max()) == 0.0, f"logit {t} sees token {t + 1}"
         assert float(jnp.abs(g[0, t]).max()) > 0.0  # and it does see its own input
         checked += 1
