@@ -116,7 +116,8 @@ def test_resume_reproduces_uninterrupted_run_exactly(repo, runs, tmp_path):
 def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
     """A joint run refuses a tokenizer whose weights (hence codes) differ."""
     other = tmp_path / "other_tok"
-    _train(repo, "configs/tokenizer_tiny.py:smoke", other, f"--config.data.cache_dir={runs['cache']}")
+    _train(repo, "configs/tokenizer_tiny.py:smoke", other,
+           f"--config.data.cache_dir={runs['cache']}")
     rc = mmgen(["sample", "--checkpoint", str(runs["joint"]), "--prompt", "x", "--num", "1",
                 "--tokenizer", str(other), "--out", str(tmp_path / "x.png")])
     assert rc == 2
