@@ -64,8 +64,8 @@ def row_dataset(source, data_cfg, layout: TokenLayout, *, shuffle: bool = True,
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
+    if repeat:  # "forever" as a finite count: grain's lengths must fit in an index
+        ds = ds.repeat(2**40 // len(ds))
 
     def to_example(index: int, item: dict) -> dict:
         rng = np.random.default_rng([seed, index, 7])
