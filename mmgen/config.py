@@ -119,7 +119,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         mesh = resolve_axis_sizes(dict(cfg.mesh), num_devices)
     except MeshError as e:
         raise ConfigError(f"mesh: {e}") from None
+    require(cfg.data.source == "synthetic",
+            f"data.source={cfg.data.source!r}: only 'synthetic' is available so far")
     t = cfg.train
+    import jax
+
+    require(t.global_batch % jax.process_count() == 0,
+            f"train.global_batch={t.global_batch} does not divide over "
+            f"{jax.process_count()} processes")
     batch_shards = mesh["data"] * mesh["fsdp"]
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
@@ -139,6 +146,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                 f"data.image_size={cfg.data.image_size} is not divisible by "
                 f"model.downsample={m.downsample}")
         require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
+        require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
+                f"model.downsample={m.downsample} must be a power of 2")
         return
     m = cfg.model
     require(m.num_heads % m.num_kv_heads == 0,
@@ -151,7 +160,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(m[key] % tp == 0, f"model.{key}={m[key]} does not divide over mesh tensor={tp}")
     require(m.d_model % mesh["fsdp"] == 0,
             f"model.d_model={m.d_model} does not divide over mesh fsdp={mesh['fsdp']}")
+    from mmgen.kernels.attention import IMPLS
+
+    require(m.attention_impl in IMPLS,
+            f"model.attention_impl={m.attention_impl!r} is not one of {IMPLS}")
     require(m.dtype in ("float32", "bfloat16"),
             f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
-    require(set(cfg.loss.modality_weights) <= {"text", "image"},
-            f"loss.modality_weights has unknown modalities: {sorted(cfg.loss.modality_weights)}")
+    from mmgen.tokenizers.layout import MODALITIES
+
+    unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})
+    require(not unknown, f"loss.modality_weights has unknown modalities: {sorted(unknown)}")

@@ -29,7 +29,7 @@ def optim_defaults(**overrides) -> ConfigDict:
         b2=0.95,
         eps=1e-8,
         weight_decay=0.1,       # AdamW decoupled decay
-        no_decay=r"(norm|scale|bias|embed)",  # regex on parameter paths: excluded from decay
+        no_decay=r"(norm|bias|^embed_VD$)",  # regex on parameter paths: excluded from decay
         freeze="",              # regex on parameter paths: frozen (no updates); "" = none
         grad_clip=1.0,          # global-norm clipping (0 = off)
         ema_decay=0.0,          # EMA of weights for eval/sampling (0 = off)

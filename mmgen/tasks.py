@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 
+from mmgen.config import require
 from mmgen.data import pipeline, token_cache
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.tokenizers import layout as layout_lib
@@ -54,6 +55,14 @@ class JointTask:
         self.codec = ImageCodec(cfg.tokenizer.checkpoint)
         self.layout = self.codec.layout
         resolve_joint(cfg, self.layout)
+        tok_size = self.codec.cfg.data.image_size
+        require(cfg.data.image_size == tok_size,
+                f"data.image_size={cfg.data.image_size} differs from the tokenizer's {tok_size}")
+        need = cfg.data.examples_per_row * pipeline.max_example_length(self.layout)
+        require(cfg.data.seq_len >= need,
+                f"data.seq_len={cfg.data.seq_len} cannot hold data.examples_per_row="
+                f"{cfg.data.examples_per_row} examples of up to "
+                f"{pipeline.max_example_length(self.layout)} tokens (need {need})")
         self.build_model = build_model_fn(cfg)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 

@@ -17,8 +17,9 @@ _READ = dict(num_threads=2, prefetch_buffer_size=4)
 
 
 def scene_kwargs(data_cfg) -> dict:
-    return dict(max_objects=data_cfg.max_objects, p_word=data_cfg.p_word,
-                p_texture=data_cfg.p_texture)
+    """Keyword arguments of synthetic.example taken from the data config."""
+    return dict(size=data_cfg.image_size, max_objects=data_cfg.max_objects,
+                p_word=data_cfg.p_word, p_texture=data_cfg.p_texture)
 
 
 def _host_slice(ds: grain.MapDataset) -> grain.MapDataset:

@@ -344,11 +344,12 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return np.array(im, dtype=np.uint8)  # writable copy
 
 
-def example(index: int, seed: int, split: str = "train", **scene_kwargs) -> dict:
-    """{"scene", "image", "caption"}, a pure function of (seed, index, split)."""
+def example(index: int, seed: int, split: str = "train", size: int = 64,
+            **scene_kwargs) -> dict:
+    """{"scene", "image", "caption"}, a pure function of (seed, index, split, size)."""
     rng = np.random.default_rng([seed, index, SPLITS.index(split)])
     scene = sample_scene(rng, split=split, **scene_kwargs)
-    return {"scene": scene, "image": render(scene), "caption": caption(scene, rng)}
+    return {"scene": scene, "image": render(scene, size), "caption": caption(scene, rng)}
 
 
 def single_object_prompts(n: int, seed: int, split: str = "train") -> list[Scene]:

@@ -52,22 +52,35 @@ def sequence_losses(model, cfg, layout, source, batch_rows: int = 8) -> dict[str
     """Mean NLL per modality (nats per token) over every row built from `source`."""
     rows = pipeline.row_dataset(source, cfg.data, layout, shuffle=False, repeat=False)
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def sums(batch):
-        m = nnx.merge(graphdef, params)
-        _, metrics = next_token_loss(m, dict(batch, loss_norm=jnp.float32(1.0)), cfg)
-        return {k: v for k, v in metrics.items() if k.startswith(("nll_sum/", "count/"))}
-
+    sums = _loss_sums_fn(graphdef, cfg)
     total: dict[str, float] = {}
     for batch in rows.batch(batch_rows):  # last batch may be short: one extra compile
-        for k, v in sums(batch).items():
+        for k, v in sums(params, batch).items():
             total[k] = total.get(k, 0.0) + float(v)
     return summarise(total)
 
 
+def _loss_sums_fn(graphdef, cfg):
+    key = (graphdef, json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    if key not in _LOSS_SUMS:
+
+        @jax.jit
+        def sums(params, batch):
+            m = nnx.merge(graphdef, params)
+            _, metrics = next_token_loss(m, dict(batch, loss_norm=jnp.float32(1.0)), cfg)
+            return {k: v for k, v in metrics.items() if k.startswith(("nll_sum/", "count/"))}
+
+        _LOSS_SUMS[key] = sums
+    return _LOSS_SUMS[key]
+
+
+_LOSS_SUMS: dict = {}  # jitted loss sums per (model structure, config): weights are args
+
+
 def tokenizer_quality(codec: ImageCodec, num: int, seed: int = HELDOUT_SEED) -> dict:
-    images = np.stack([synthetic.example(i, seed, "heldout")["image"] for i in range(num)])
+    size = codec.cfg.data.image_size
+    images = np.stack([synthetic.example(i, seed, "heldout", size=size)["image"]
+                       for i in range(num)])
     ids = np.concatenate([codec.encode(images[i:i + 64]) for i in range(0, num, 64)])
     recon = np.concatenate([codec.decode(ids[i:i + 64]) for i in range(0, num, 64)])
     use = codebook_utilisation(ids, codec.layout.image_codes)

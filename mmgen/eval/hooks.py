@@ -20,8 +20,6 @@ class EvalHook(Hook):
         self.every, self.codec, self._source = every, codec, None
 
     def __call__(self, ctx: Context) -> None:
-        if self.every <= 0:
-            return
         if self._source is None:
             self._source = heldout_source(self.codec, ctx.cfg, ctx.cfg.eval.num_heldout_scenes)
         metrics = sequence_losses(ctx.model(), ctx.cfg, ctx.layout, self._source)
@@ -35,8 +33,6 @@ class SampleGridHook(Hook):
         self.every, self.codec = every, codec
 
     def __call__(self, ctx: Context) -> None:
-        if self.every <= 0:
-            return
         rng = np.random.default_rng(0)
         scenes = [synthetic.sample_scene(rng, num_objects=1 + i % 2) for i in range(GRID_PROMPTS)]
         prompts = [synthetic.caption(s, rng) for s in scenes]
@@ -55,9 +51,9 @@ class ReconstructionGridHook(Hook):
         self.every = every
 
     def __call__(self, ctx: Context) -> None:
-        if self.every <= 0:
-            return
-        images = np.stack([synthetic.example(i, 1234, "heldout")["image"] for i in range(8)])
+        size = ctx.cfg.data.image_size
+        images = np.stack([synthetic.example(i, 1234, "heldout", size=size)["image"]
+                           for i in range(8)])
         model = ctx.model()
         x = images.astype(np.float32) / 127.5 - 1.0
         recon, _ = model(x)

@@ -6,6 +6,7 @@ nothing and is never attended), so one jitted prefill + decode loop serves a bat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -51,20 +52,23 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
                        temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols]."""
     rows = image_prompt_rows(prompts, layout)
-    fn = _compiled_generate(model, layout, temperature, top_k)
-    ids = fn(jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()})
+    graphdef, params = nnx.split(model)
+    fn = _compiled_generate(graphdef, layout, float(temperature), int(top_k))
+    ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()})
     h, w = layout.image_grid
     return np.asarray(ids).reshape(len(prompts), h, w)
 
 
-def _compiled_generate(model, layout: TokenLayout, temperature: float, top_k: int):
-    graphdef, params = nnx.split(model)
+@functools.lru_cache(maxsize=8)
+def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k: int):
+    """One jitted prefill + decode loop per model structure and sampling setting; the
+    weights are arguments, so new weights (a later checkpoint) reuse the program."""
     n_img = layout.tokens_per_image
     h, w = layout.image_grid
     lo, hi = layout.image_offset, layout.image_offset + layout.image_codes
 
     @jax.jit
-    def run(key, prompt):
+    def run(params, key, prompt):
         m = nnx.merge(graphdef, params)
         N, P = prompt["tokens"].shape
         T = P + n_img

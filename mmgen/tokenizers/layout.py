@@ -38,7 +38,7 @@ class TokenLayout:
     image_codes: int          # number of distinct image tokens (product of FSQ levels)
     image_grid: tuple[int, int]  # tokens per image as (rows, cols)
     tokenizer_id: str = "bytes-v1"  # text tokenizer identity
-    image_tokenizer_id: str = ""    # e.g. "fsq[8,5,5,5]/ds4/64px": what the codes mean
+    image_tokenizer_id: str = ""  # what the codes mean, e.g. "fsq[8, 5, 5, 5]-ds4-64px-<hash>"
 
     @property
     def special_offset(self) -> int:

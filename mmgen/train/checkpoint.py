@@ -46,6 +46,11 @@ class Checkpointer:
         ))
         return out["state"], out["data"]
 
+    def layout(self, step: int) -> TokenLayout | None:
+        """The token layout stored with checkpoint `step` (None for tokenizer runs)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
+        return TokenLayout.from_json(out["layout"]) if out["layout"] else None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

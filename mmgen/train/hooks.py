@@ -39,8 +39,8 @@ class Hook:
         raise NotImplementedError
 
     def end(self, ctx: Context) -> None:
-        """Called once after the last step; runs the hook unless it just ran."""
-        if not self.due(ctx.step):
+        """Called once after the last step: runs an enabled hook unless it just ran."""
+        if self.every > 0 and not self.due(ctx.step):
             self(ctx)
 
 

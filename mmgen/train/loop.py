@@ -11,6 +11,7 @@ import numpy as np
 
 from mmgen.data.pipeline import to_global
 from mmgen.parallel.mesh import make_mesh
+from mmgen.tokenizers.layout import check_same
 from mmgen.train.checkpoint import Checkpointer
 from mmgen.train.hooks import CheckpointHook, Context, ProfilerHook
 from mmgen.train.metrics import MetricWriter, progress_line, summarise
@@ -51,6 +52,9 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
     data_iter = iter(task.data())
     start = ckpt.latest_step()
     if start is not None:
+        stored = ckpt.layout(start)
+        if task.layout is not None and stored is not None:
+            check_same(stored, task.layout, f"the tokenizer now at {cfg.tokenizer.checkpoint}")
         state, data_state = ckpt.restore(start, spec.abstract_with_shardings())
         data_iter.set_state(data_state)
         log(f"resumed from {ckpt.directory} at step {start}")
@@ -63,8 +67,9 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
     step_fn = make_train_step(spec, task.loss)
     sharding = batch_sharding(mesh)
     writer = MetricWriter(workdir)
-    hooks = [*task.hooks(), ProfilerHook(cfg.train.profile_start, cfg.train.profile_steps),
-             CheckpointHook(ckpt, cfg.train.checkpoint_every)]
+    # checkpoint first: after a preemption signal the save must not wait behind evals
+    hooks = [CheckpointHook(ckpt, cfg.train.checkpoint_every), *task.hooks(),
+             ProfilerHook(cfg.train.profile_start, cfg.train.profile_steps)]
     ctx = Context(cfg=cfg, workdir=workdir, step=start, state=state, spec=spec, writer=writer,
                   data_iter=data_iter, layout=task.layout)
     total = cfg.train.steps
