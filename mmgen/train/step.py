@@ -58,7 +58,7 @@ def make_train_step(spec: StateSpec, loss_name: str):
         if "ema" in state:
             d = cfg.optim.ema_decay
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        lr=lr_schedule(state["step"]), loss_tokens=norm)
         return new, metrics
 
