@@ -59,7 +59,8 @@ def cmd_sample(args) -> int:
     prompts = [args.prompt] * args.num
     log(f"sampling {args.num} image(s) of {layout.tokens_per_image} tokens from step {step}")
     ids = generate_image_ids(model, layout, prompts, seed=args.seed,
-                             temperature=args.temperature, top_k=args.top_k)
+                             temperature=args.temperature, top_k=args.top_k,
+                             cfg_scale=args.cfg)
     images = codec.decode(ids)
     grid = make_grid(images, cols=min(args.num, int(np.ceil(np.sqrt(args.num)))))
     out = save_png(grid, args.out, scale=args.scale)
@@ -94,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", default="grid.png")
     s.add_argument("--num", type=int, default=16, help="images to sample (one grid)")
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
+    s.add_argument("--cfg", type=float, default=5.0,
+                   help="classifier-free guidance scale for image tokens (1 = off)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--step", type=int, help="checkpoint step (default latest)")
     s.add_argument("--scale", type=int, default=1, help="integer upscaling of the PNG")

@@ -37,7 +37,8 @@ def transformer_config(cfg) -> TransformerConfig:
     return TransformerConfig(
         vocab_size=m.padded_vocab_size, d_model=m.d_model, num_layers=m.num_layers,
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim, rope_theta=m.rope_theta, dtype=m.dtype,
+        mlp_dim=m.mlp_dim, rope_theta=m.rope_theta, max_image_grid=m.max_image_grid,
+        dtype=m.dtype,
         attention_impl=m.attention_impl)
 
 

@@ -58,6 +58,10 @@ class JointTask:
         tok_size = self.codec.cfg.data.image_size
         require(cfg.data.image_size == tok_size,
                 f"data.image_size={cfg.data.image_size} differs from the tokenizer's {tok_size}")
+        grid = max(self.layout.image_grid)
+        require(cfg.model.max_image_grid == 0 or cfg.model.max_image_grid >= grid,
+                f"model.max_image_grid={cfg.model.max_image_grid} is smaller than the "
+                f"tokenizer's {grid}x{grid} grid (0 turns the embeddings off)")
         need = cfg.data.examples_per_row * pipeline.max_example_length(self.layout)
         require(cfg.data.seq_len >= need,
                 f"data.seq_len={cfg.data.seq_len} cannot hold data.examples_per_row="

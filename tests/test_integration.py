@@ -21,8 +21,8 @@ from mmgen.load import load_run
 
 pytestmark = pytest.mark.slow
 
-TOKENIZER_STEPS = 300
-JOINT_STEPS = 250
+TOKENIZER_STEPS = 1000  # half the demo's: codes good enough to condition on
+JOINT_STEPS = 1300      # the demo's joint run
 
 
 def _train(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
@@ -38,8 +38,7 @@ def runs(repo, tmp_path_factory) -> dict[str, Path]:
            f"--config.train.steps={TOKENIZER_STEPS}")
     _train(repo, "configs/tiny.py", root / "joint", cache,
            f"--config.tokenizer.checkpoint={root / 'tokenizer'}",
-           f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0",
-           "--config.data.num_train_scenes=4000")
+           f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0")
     return {"root": root, "tokenizer": root / "tokenizer", "joint": root / "joint",
             "cache": root / "cache"}
 
@@ -70,8 +69,12 @@ def test_eval_report_has_expected_keys(report):
                 "step"]:
         assert key in report, key
     assert report["step"] == JOINT_STEPS
-    assert 0.0 <= report["colour/match_rate"] <= 1.0
     assert np.isfinite(report["heldout/nll/image"])
+
+
+def test_sampled_colours_beat_chance(report):
+    """Chance is 1/8; the demo reaches >= 0.8 with the full tokenizer (docs/quickstart.md)."""
+    assert report["colour/match_rate"] >= 0.4, report["colour/match_rate"]
 
 
 def test_caption_conditions_the_image(report):

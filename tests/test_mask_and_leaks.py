@@ -69,7 +69,7 @@ def test_no_logit_with_loss_depends_on_its_target():
     model = _tiny_model()
     w = np.asarray(target_weights(batch, {"text": 1.0}))[0]
     assert w[3] == 0 and w[8] == 0  # targets inside spans never carry loss
-    x = model.embed(batch["tokens"])
+    x = model.embed(batch)
 
     def logits_from_embeddings(x_BLD):
         return model.logits(model.hidden(batch, x_BLD=x_BLD))

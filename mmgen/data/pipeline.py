@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mmgen.data import synthetic
-from mmgen.data.schema import FIELDS, Stream, check_no_loss_in_spans, pack_row
+from mmgen.data.schema import FIELDS, NULL_CAPTION, Stream, check_no_loss_in_spans, pack_row
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.layout import TokenLayout
 
@@ -72,8 +72,10 @@ def row_dataset(source, data_cfg, layout: TokenLayout, *, shuffle: bool = True,
         rng = np.random.default_rng([seed, index, 7])
         scene = synthetic.Scene.from_json(item["scene"])
         captioning = rng.random() < data_cfg.caption_task_fraction
-        return example_stream(item["image_ids"], synthetic.caption(scene, rng), layout,
-                              captioning)
+        text = synthetic.caption(scene, rng)
+        if not captioning and rng.random() < data_cfg.caption_dropout:
+            text = NULL_CAPTION  # teaches the unconditional image model used for guidance
+        return example_stream(item["image_ids"], text, layout, captioning)
 
     def to_row(examples: list[dict]) -> dict:
         row = pack_row(examples, length, layout.pad)

@@ -20,6 +20,10 @@ import numpy as np
 
 from mmgen.tokenizers.layout import MODALITIES, TokenLayout
 
+# The caption of unconditional examples (caption dropout) and of classifier-free
+# guidance's unconditional branch: one fixed null caption used identically by both.
+NULL_CAPTION = ""
+
 FIELDS = ("tokens", "segment_ids", "positions", "rows", "cols", "modality", "span_ids",
           "loss_weight")
 

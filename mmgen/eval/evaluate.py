@@ -89,14 +89,14 @@ def tokenizer_quality(codec: ImageCodec, num: int, seed: int = HELDOUT_SEED) -> 
 
 
 def colour_check(model, layout, codec: ImageCodec, num: int, *, temperature: float,
-                 top_k: int, seed: int = 0):
+                 top_k: int, cfg_scale: float, seed: int = 0):
     """Samples one image per single-object prompt of a seen composition and checks that
     the named colour dominates the object pixels. Returns (rate, images, prompts)."""
     scenes = synthetic.single_object_prompts(num, seed, "train")
     rng = np.random.default_rng(seed)
     prompts = [synthetic.caption(s, rng) for s in scenes]
     ids = generate_image_ids(model, layout, prompts, seed=seed, temperature=temperature,
-                             top_k=top_k)
+                             top_k=top_k, cfg_scale=cfg_scale)
     images = codec.decode(ids)
     return colour_match_rate(list(images), scenes), images, prompts
 
@@ -124,7 +124,8 @@ def evaluate(run_dir: str | Path, *, step: int | None = None, tokenizer_dir: str
         report[f"tokenizer/{k}"] = v
     log(f"eval: colour check on {e.num_colour_prompts} sampled images")
     rate, _, _ = colour_check(model, layout, codec, e.num_colour_prompts,
-                              temperature=e.temperature, top_k=e.top_k)
+                              temperature=e.temperature, top_k=e.top_k,
+                              cfg_scale=e.cfg_scale)
     report["colour/match_rate"] = rate
     report["colour/num_prompts"] = e.num_colour_prompts
     report["eval_seconds"] = time.time() - start

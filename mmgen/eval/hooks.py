@@ -36,8 +36,9 @@ class SampleGridHook(Hook):
         rng = np.random.default_rng(0)
         scenes = [synthetic.sample_scene(rng, num_objects=1 + i % 2) for i in range(GRID_PROMPTS)]
         prompts = [synthetic.caption(s, rng) for s in scenes]
+        e = ctx.cfg.eval
         ids = generate_image_ids(ctx.model(), ctx.layout, prompts, seed=ctx.step,
-                                 temperature=ctx.cfg.eval.temperature, top_k=ctx.cfg.eval.top_k)
+                                 temperature=e.temperature, top_k=e.top_k, cfg_scale=e.cfg_scale)
         truth = np.stack([synthetic.render(s) for s in scenes])
         grid = make_grid(np.concatenate([truth, self.codec.decode(ids)]), cols=GRID_PROMPTS)
         save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.data.schema import Stream
+from mmgen.data.schema import NULL_CAPTION, Stream
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.layout import TokenLayout
 
@@ -49,18 +49,28 @@ def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
 
 
 def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
-                       temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
-    """Samples each prompt's image tokens; returns code indices [N, rows, cols]."""
-    rows = image_prompt_rows(prompts, layout)
+                       temperature: float = 1.0, top_k: int = 0,
+                       cfg_scale: float = 1.0) -> np.ndarray:
+    """Samples each prompt's image tokens; returns code indices [N, rows, cols].
+
+    With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
+    which training shows with probability data.caption_dropout) runs beside each
+    prompt in the same batch, and image logits become u + s * (c - u).
+    """
+    guided = cfg_scale != 1.0
+    texts = list(prompts) + ([NULL_CAPTION] * len(prompts) if guided else [])
+    rows = image_prompt_rows(texts, layout)
     graphdef, params = nnx.split(model)
-    fn = _compiled_generate(graphdef, layout, float(temperature), int(top_k))
-    ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()})
+    fn = _compiled_generate(graphdef, layout, float(temperature), int(top_k), guided)
+    ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()},
+             jnp.float32(cfg_scale))
     h, w = layout.image_grid
     return np.asarray(ids).reshape(len(prompts), h, w)
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k: int):
+def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k: int,
+                       guided: bool):
     """One jitted prefill + decode loop per model structure and sampling setting; the
     weights are arguments, so new weights (a later checkpoint) reuse the program."""
     n_img = layout.tokens_per_image
@@ -68,7 +78,7 @@ def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k:
     lo, hi = layout.image_offset, layout.image_offset + layout.image_codes
 
     @jax.jit
-    def run(params, key, prompt):
+    def run(params, key, prompt, cfg_scale):
         m = nnx.merge(graphdef, params)
         N, P = prompt["tokens"].shape
         T = P + n_img
@@ -84,8 +94,13 @@ def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k:
             key, sub = jax.random.split(key)
             # an image span may only contain image ids
             vocab = jnp.arange(logits.shape[-1])
-            logits = jnp.where((vocab >= lo) & (vocab < hi), logits, -jnp.inf)
-            tok = sample_logits(sub, logits, temperature, top_k)
+            logits = jnp.where((vocab >= lo) & (vocab < hi), logits, -1e30)
+            if guided:  # rows [:n] conditional, [n:] null prompt; both follow one sample
+                cond, uncond = jnp.split(logits, 2)
+                tok = sample_logits(sub, uncond + cfg_scale * (cond - uncond), temperature, top_k)
+                tok = jnp.concatenate([tok, tok])
+            else:
+                tok = sample_logits(sub, logits, temperature, top_k)
             out = out.at[:, i].set(tok - lo)
             r, c = jnp.divmod(i, w)
             step = {
@@ -99,6 +114,6 @@ def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k:
 
         out = jnp.zeros((N, n_img), jnp.int32)
         _, _, _, out = jax.lax.fori_loop(0, n_img, body, (key, logits, cache, out))
-        return out
+        return out[: N // 2] if guided else out
 
     return run
