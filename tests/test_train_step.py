@@ -85,3 +85,11 @@ def test_loss_is_normalised_by_global_loss_tokens(repo):
     count = sum(float(m[f"count/{k}"]) for k in ("text", "image"))
     assert count == float(m["loss_tokens"]) > 0
     assert float(m["ce"]) == pytest.approx(per_token / count, rel=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32(repo):
+    """bf16 activations with f32 params: same first loss within bf16 rounding."""
+    _, m32 = _run(_cfg(repo), steps=1)
+    _, m16 = _run(_cfg(repo, "model.dtype=bfloat16"), steps=1)
+    a, b = float(m32[0]["loss"]), float(m16[0]["loss"])
+    assert np.isfinite(b) and abs(a - b) < 0.02 * a, (a, b)
