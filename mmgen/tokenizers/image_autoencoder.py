@@ -25,130 +25,157 @@ BIAS_AXES = ("conv_out",)
 NORM_AXES = ("norm",)
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs, dtype,
-          scale: float = 1.0) -> nnx.Conv:
-  init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-  return nnx.Conv(
-      cin, cout, (k, k), strides=(stride, stride), padding="SAME", dtype=dtype,
-      kernel_init=nnx.with_partitioning(init, KERNEL_AXES),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), BIAS_AXES),
-      rngs=rngs)
+def _conv(
+    cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs, dtype, scale: float = 1.0
+) -> nnx.Conv:
+    init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+    return nnx.Conv(
+        cin,
+        cout,
+        (k, k),
+        strides=(stride, stride),
+        padding="SAME",
+        dtype=dtype,
+        kernel_init=nnx.with_partitioning(init, KERNEL_AXES),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), BIAS_AXES),
+        rngs=rngs,
+    )
 
 
 def _norm(c: int, rngs: nnx.Rngs, dtype) -> nnx.RMSNorm:
-  # Per-pixel RMS norm over channels: no batch statistics, cheap, stable.
-  return nnx.RMSNorm(
-      c, dtype=dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), NORM_AXES),
-      rngs=rngs)
+    # Per-pixel RMS norm over channels: no batch statistics, cheap, stable.
+    return nnx.RMSNorm(
+        c,
+        dtype=dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), NORM_AXES),
+        rngs=rngs,
+    )
 
 
 class ResBlock(nnx.Module):
-  """x + conv(act(norm(conv(act(norm(x)))))), last conv zero-ish initialised."""
+    """x + conv(act(norm(conv(act(norm(x)))))), last conv zero-ish initialised."""
 
-  def __init__(self, c: int, rngs: nnx.Rngs, dtype):
-    self.norm1 = _norm(c, rngs, dtype)
-    self.conv1 = _conv(c, c, 3, 1, rngs, dtype)
-    self.norm2 = _norm(c, rngs, dtype)
-    self.conv2 = _conv(c, c, 3, 1, rngs, dtype, scale=0.1)
+    def __init__(self, c: int, rngs: nnx.Rngs, dtype):
+        self.norm1 = _norm(c, rngs, dtype)
+        self.conv1 = _conv(c, c, 3, 1, rngs, dtype)
+        self.norm2 = _norm(c, rngs, dtype)
+        self.conv2 = _conv(c, c, 3, 1, rngs, dtype, scale=0.1)
 
-  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    h_BHWC = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
-    h_BHWC = self.conv2(jax.nn.silu(self.norm2(h_BHWC)))
-    return x_BHWC + h_BHWC
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        h_BHWC = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
+        h_BHWC = self.conv2(jax.nn.silu(self.norm2(h_BHWC)))
+        return x_BHWC + h_BHWC
 
 
 def _pixel_shuffle(x_BHWC: jax.Array, r: int) -> jax.Array:
-  b, h, w, c = x_BHWC.shape
-  x = x_BHWC.reshape(b, h, w, r, r, c // (r * r))
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c // (r * r))
+    b, h, w, c = x_BHWC.shape
+    x = x_BHWC.reshape(b, h, w, r, r, c // (r * r))
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c // (r * r))
 
 
 class ImageAutoencoder(nnx.Module):
-  """Conv encoder -> FSQ -> conv decoder; `downsample` must be a power of 2."""
+    """Conv encoder -> FSQ -> conv decoder; `downsample` must be a power of 2."""
 
-  def __init__(self, *, levels: Sequence[int], channels: int, downsample: int,
-               num_res_blocks: int, rngs: nnx.Rngs, dtype=jnp.float32):
-    n_down = int(downsample).bit_length() - 1
-    if downsample < 1 or 2**n_down != downsample:
-      raise ValueError(f"downsample must be a power of 2, got {downsample}")
-    self.fsq = FSQ(levels)
-    self.downsample = downsample
-    self.dtype = dtype
-    # Thin layers at high resolution, `channels` at token resolution.
-    widths = [max(channels >> (n_down - i), 16) for i in range(n_down + 1)]
-    widths[-1] = channels
-    # Logical names are always attached; they are applied eagerly only when a
-    # mesh is set (otherwise the trainer applies them via jit out_shardings).
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    with nnx.use_eager_sharding(eager):
-      self.enc_in = _conv(3, widths[0], 3, 1, rngs, dtype) if n_down == 0 else None
-      self.downs = nnx.List([
-          _conv(3 if i == 0 else widths[i], widths[i + 1], 4, 2, rngs, dtype)
-          for i in range(n_down)])
-      self.enc_blocks = nnx.List([ResBlock(channels, rngs, dtype) for _ in range(num_res_blocks)])
-      self.enc_norm = _norm(channels, rngs, dtype)
-      self.to_code = _conv(channels, self.fsq.dim, 1, 1, rngs, dtype)
-      self.from_code = _conv(self.fsq.dim, channels, 3, 1, rngs, dtype)
-      self.dec_blocks = nnx.List([ResBlock(channels, rngs, dtype) for _ in range(num_res_blocks)])
-      self.ups = nnx.List([
-          _conv(widths[i + 1], 4 * widths[i], 3, 1, rngs, dtype)
-          for i in reversed(range(n_down))])
-      self.dec_norm = _norm(widths[0], rngs, dtype)
-      self.to_rgb = _conv(widths[0], 3, 3, 1, rngs, dtype)
+    def __init__(
+        self,
+        *,
+        levels: Sequence[int],
+        channels: int,
+        downsample: int,
+        num_res_blocks: int,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        n_down = int(downsample).bit_length() - 1
+        if downsample < 1 or 2**n_down != downsample:
+            raise ValueError(f"downsample must be a power of 2, got {downsample}")
+        self.fsq = FSQ(levels)
+        self.downsample = downsample
+        self.dtype = dtype
+        # Thin layers at high resolution, `channels` at token resolution.
+        widths = [max(channels >> (n_down - i), 16) for i in range(n_down + 1)]
+        widths[-1] = channels
+        # Logical names are always attached; they are applied eagerly only when a
+        # mesh is set (otherwise the trainer applies them via jit out_shardings).
+        eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+        with nnx.use_eager_sharding(eager):
+            self.enc_in = _conv(3, widths[0], 3, 1, rngs, dtype) if n_down == 0 else None
+            self.downs = nnx.List(
+                [
+                    _conv(3 if i == 0 else widths[i], widths[i + 1], 4, 2, rngs, dtype)
+                    for i in range(n_down)
+                ]
+            )
+            self.enc_blocks = nnx.List(
+                [ResBlock(channels, rngs, dtype) for _ in range(num_res_blocks)]
+            )
+            self.enc_norm = _norm(channels, rngs, dtype)
+            self.to_code = _conv(channels, self.fsq.dim, 1, 1, rngs, dtype)
+            self.from_code = _conv(self.fsq.dim, channels, 3, 1, rngs, dtype)
+            self.dec_blocks = nnx.List(
+                [ResBlock(channels, rngs, dtype) for _ in range(num_res_blocks)]
+            )
+            self.ups = nnx.List(
+                [
+                    _conv(widths[i + 1], 4 * widths[i], 3, 1, rngs, dtype)
+                    for i in reversed(range(n_down))
+                ]
+            )
+            self.dec_norm = _norm(widths[0], rngs, dtype)
+            self.to_rgb = _conv(widths[0], 3, 3, 1, rngs, dtype)
 
-  def encode(self, images_BHWC: jax.Array) -> jax.Array:
-    """Images in [-1, 1] -> quantised codes zhat_BhwC (straight-through)."""
-    x = images_BHWC.astype(self.dtype)
-    if self.enc_in is not None:
-      x = self.enc_in(x)
-    for i, down in enumerate(self.downs):
-      x = down(x if i == 0 else jax.nn.silu(x))
-    for block in self.enc_blocks:
-      x = block(x)
-    z_BhwC = self.to_code(jax.nn.silu(self.enc_norm(x)))
-    return self.fsq.quantize(z_BhwC.astype(jnp.float32))
+    def encode(self, images_BHWC: jax.Array) -> jax.Array:
+        """Images in [-1, 1] -> quantised codes zhat_BhwC (straight-through)."""
+        x = images_BHWC.astype(self.dtype)
+        if self.enc_in is not None:
+            x = self.enc_in(x)
+        for i, down in enumerate(self.downs):
+            x = down(x if i == 0 else jax.nn.silu(x))
+        for block in self.enc_blocks:
+            x = block(x)
+        z_BhwC = self.to_code(jax.nn.silu(self.enc_norm(x)))
+        return self.fsq.quantize(z_BhwC.astype(jnp.float32))
 
-  def encode_ids(self, images_BHWC: jax.Array) -> jax.Array:
-    """Images in [-1, 1] -> int32 code ids [B, H/ds, W/ds]."""
-    return self.fsq.codes_to_indices(self.encode(images_BHWC))
+    def encode_ids(self, images_BHWC: jax.Array) -> jax.Array:
+        """Images in [-1, 1] -> int32 code ids [B, H/ds, W/ds]."""
+        return self.fsq.codes_to_indices(self.encode(images_BHWC))
 
-  def decode(self, zhat_BhwC: jax.Array) -> jax.Array:
-    """Quantised codes -> images in ~[-1, 1] (float32)."""
-    x = self.from_code(zhat_BhwC.astype(self.dtype))
-    for block in self.dec_blocks:
-      x = block(x)
-    for up in self.ups:
-      x = _pixel_shuffle(up(jax.nn.silu(x)), 2)
-    x = self.to_rgb(jax.nn.silu(self.dec_norm(x)))
-    return x.astype(jnp.float32)
+    def decode(self, zhat_BhwC: jax.Array) -> jax.Array:
+        """Quantised codes -> images in ~[-1, 1] (float32)."""
+        x = self.from_code(zhat_BhwC.astype(self.dtype))
+        for block in self.dec_blocks:
+            x = block(x)
+        for up in self.ups:
+            x = _pixel_shuffle(up(jax.nn.silu(x)), 2)
+        x = self.to_rgb(jax.nn.silu(self.dec_norm(x)))
+        return x.astype(jnp.float32)
 
-  def decode_ids(self, ids_Bhw: jax.Array) -> jax.Array:
-    return self.decode(self.fsq.indices_to_codes(ids_Bhw))
+    def decode_ids(self, ids_Bhw: jax.Array) -> jax.Array:
+        return self.decode(self.fsq.indices_to_codes(ids_Bhw))
 
-  def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    zhat_BhwC = self.encode(images_BHWC)
-    return self.decode(zhat_BhwC), self.fsq.codes_to_indices(zhat_BhwC)
+    def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        zhat_BhwC = self.encode(images_BHWC)
+        return self.decode(zhat_BhwC), self.fsq.codes_to_indices(zhat_BhwC)
 
 
 def images_to_unit(images_BHWC: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1]."""
-  return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
 
 
 def autoencoder_loss(model: ImageAutoencoder, batch: dict) -> tuple[jax.Array, dict]:
-  """Reconstruction loss on batch["images"] (uint8 [B, H, W, 3]).
+    """Reconstruction loss on batch["images"] (uint8 [B, H, W, 3]).
 
-  L1 + MSE: L1 keeps gradients alive on small errors (sharp edges, thin
-  strokes of rendered words) while MSE matches the PSNR we report.
-  """
-  x_BHWC = images_to_unit(batch["images"])
-  recon_BHWC, _ = model(x_BHWC)
-  err = recon_BHWC - x_BHWC
-  mse = jnp.mean(jnp.square(err))
-  l1 = jnp.mean(jnp.abs(err))
-  loss = l1 + mse
-  # PSNR on the [0, 1] scale: an error of e in [-1, 1] is e/2 there.
-  mse01 = jnp.mean(jnp.square(jnp.clip(recon_BHWC, -1, 1) - x_BHWC)) / 4
-  psnr = -10.0 * jnp.log10(jnp.maximum(mse01, 1e-10))
-  return loss, {"loss": loss, "mse": mse, "l1": l1, "psnr": psnr}
+    L1 + MSE: L1 keeps gradients alive on small errors (sharp edges, thin
+    strokes of rendered words) while MSE matches the PSNR we report.
+    """
+    x_BHWC = images_to_unit(batch["images"])
+    recon_BHWC, _ = model(x_BHWC)
+    err = recon_BHWC - x_BHWC
+    mse = jnp.mean(jnp.square(err))
+    l1 = jnp.mean(jnp.abs(err))
+    loss = l1 + mse
+    # PSNR on the [0, 1] scale: an error of e in [-1, 1] is e/2 there.
+    mse01 = jnp.mean(jnp.square(jnp.clip(recon_BHWC, -1, 1) - x_BHWC)) / 4
+    psnr = -10.0 * jnp.log10(jnp.maximum(mse01, 1e-10))
+    return loss, {"loss": loss, "mse": mse, "l1": l1, "psnr": psnr}

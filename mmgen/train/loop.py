@@ -95,9 +95,14 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"non-finite loss at step {step}")
                 t_window, wait_window, steps_window = time.time(), 0.0, 0
+            ran_hook = False
             for hook in hooks:
                 if hook.due(step):
                     hook(ctx)
+                    ran_hook = True
+            if ran_hook:  # evals and grids are not training throughput
+                jax.block_until_ready(ctx.state)
+                t_window, wait_window, steps_window = time.time(), 0.0, 0
             if stop.raised or ctx.stop:
                 break
         for hook in hooks:
