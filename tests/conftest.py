@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mmgen.cli import main as mmgen
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Reuse compiled programs across tests and runs (same cache the CLI uses).
@@ -23,3 +25,25 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+TOKENIZER_STEPS = 1000  # half the demo's: codes good enough to condition on
+JOINT_STEPS = 1300      # the demo's joint run
+
+
+def train_run(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
+    rc = mmgen(["train", "--config", str(repo / config), "--workdir", str(workdir), *overrides])
+    assert rc == 0
+
+
+@pytest.fixture(scope="session")
+def runs(repo, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    cache = f"--config.data.cache_dir={root / 'cache'}"
+    train_run(repo, "configs/tokenizer_tiny.py", root / "tokenizer", cache,
+              f"--config.train.steps={TOKENIZER_STEPS}")
+    train_run(repo, "configs/tiny.py", root / "joint", cache,
+              f"--config.tokenizer.checkpoint={root / 'tokenizer'}",
+              f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0")
+    return {"root": root, "tokenizer": root / "tokenizer", "joint": root / "joint",
+            "cache": root / "cache"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import JOINT_STEPS, train_run
 from flax import nnx
 from PIL import Image
 
@@ -20,28 +21,6 @@ from mmgen.cli import main as mmgen
 from mmgen.load import load_run
 
 pytestmark = pytest.mark.slow
-
-TOKENIZER_STEPS = 1000  # half the demo's: codes good enough to condition on
-JOINT_STEPS = 1300      # the demo's joint run
-
-
-def _train(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
-    rc = mmgen(["train", "--config", str(repo / config), "--workdir", str(workdir), *overrides])
-    assert rc == 0
-
-
-@pytest.fixture(scope="session")
-def runs(repo, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    cache = f"--config.data.cache_dir={root / 'cache'}"
-    _train(repo, "configs/tokenizer_tiny.py", root / "tokenizer", cache,
-           f"--config.train.steps={TOKENIZER_STEPS}")
-    _train(repo, "configs/tiny.py", root / "joint", cache,
-           f"--config.tokenizer.checkpoint={root / 'tokenizer'}",
-           f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0")
-    return {"root": root, "tokenizer": root / "tokenizer", "joint": root / "joint",
-            "cache": root / "cache"}
-
 
 @pytest.fixture(scope="session")
 def report(runs) -> dict:
@@ -101,12 +80,12 @@ def test_resume_reproduces_uninterrupted_run_exactly(repo, runs, tmp_path):
               "--config.train.log_every=1", "--config.train.checkpoint_every=3",
               "--config.data.num_train_scenes=512", "--config.train.sample_every=0"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _train(repo, "configs/tiny.py:smoke", full, *common)
+    train_run(repo, "configs/tiny.py:smoke", full, *common)
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
-    _train(repo, "configs/tiny.py:smoke", resumed, *common)
+    train_run(repo, "configs/tiny.py:smoke", resumed, *common)
     a, b = _losses(full), _losses(resumed)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
@@ -119,7 +98,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(repo, runs, tmp_path):
 def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
     """A joint run refuses a tokenizer whose weights (hence codes) differ."""
     other = tmp_path / "other_tok"
-    _train(repo, "configs/tokenizer_tiny.py:smoke", other,
+    train_run(repo, "configs/tokenizer_tiny.py:smoke", other,
            f"--config.data.cache_dir={runs['cache']}")
     rc = mmgen(["sample", "--checkpoint", str(runs["joint"]), "--prompt", "x", "--num", "1",
                 "--tokenizer", str(other), "--out", str(tmp_path / "x.png")])

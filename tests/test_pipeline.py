@@ -26,7 +26,8 @@ def source(tmp_path_factory):
 
 def data_cfg(**kw):
     d = ConfigDict(dict(seed=0, seq_len=2 * pipeline.max_example_length(LAYOUT),
-                        examples_per_row=2, caption_task_fraction=0.5, max_objects=4,
+                        examples_per_row=2, caption_task_fraction=0.5, caption_dropout=0.1,
+                        image_size=64, max_objects=4,
                         p_word=0.3, p_texture=0.3))
     d.update(kw)
     return d
