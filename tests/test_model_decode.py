@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from mmgen.models.transformer import Transformer, TransformerConfig
-from mmgen.sample.generate import generate_image_ids, image_prompt_rows
+from mmgen.sample.generate import generate_captions, generate_image_ids, image_prompt_rows
 from mmgen.tokenizers.layout import TokenLayout
 
 LAYOUT = TokenLayout(image_codes=16, image_grid=(2, 3), image_tokenizer_id="test")
@@ -49,3 +49,28 @@ def test_generation_is_deterministic_and_in_image_range():
     assert a.shape == (2, 2, 3) and a.min() >= 0 and a.max() < 16
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_cached_decode_with_prompt_image_span_matches_full_forward():
+    """A prompt image is a bidirectional span in the cache too (captioning, editing)."""
+    model = _model()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 16, (2, 3)) for _ in range(2)]
+    rows = image_prompt_rows(["make it red", "x"], LAYOUT, prompt_images=images)
+    assert (rows["span_ids"] > 0).sum() == 2 * 6
+    N, P = rows["tokens"].shape
+    full = {k: jnp.asarray(v) for k, v in rows.items()}
+    want = np.asarray(model(full))
+    cache = model.init_cache(full["segment_ids"], full["span_ids"])
+    h, cache = model.hidden({k: v[:, :P - 1] for k, v in full.items()}, cache)
+    h_last, _ = model.hidden({k: v[:, P - 1:] for k, v in full.items()}, cache)
+    np.testing.assert_allclose(np.asarray(model.logits(h_last))[:, 0], want[:, -1],
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_captions_are_text_and_deterministic():
+    model = _model()
+    images = [np.arange(6).reshape(2, 3), np.zeros((2, 3), int)]
+    a = generate_captions(model, LAYOUT, images, max_bytes=10)
+    b = generate_captions(model, LAYOUT, images, max_bytes=10)
+    assert a == b and len(a) == 2 and all(isinstance(c, str) and len(c) <= 10 * 4 for c in a)

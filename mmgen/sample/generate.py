@@ -1,7 +1,9 @@
-"""Text -> image token generation with a KV cache.
+"""Generation with a KV cache: text -> image tokens, image (+ text) -> image tokens
+(editing), and image -> text (captioning).
 
 Prompts of different lengths are left-padded with segment id 0 (padding attends to
 nothing and is never attended), so one jitted prefill + decode loop serves a batch.
+A prompt image is a bidirectional span, exactly as in training.
 """
 
 from __future__ import annotations
@@ -16,26 +18,42 @@ from flax import nnx
 
 from mmgen.data.schema import NULL_CAPTION, Stream
 from mmgen.tokenizers import text as text_tok
-from mmgen.tokenizers.layout import TokenLayout
+from mmgen.tokenizers.layout import TEXT_VOCAB, TokenLayout
+
+_ROW_FIELDS = ("tokens", "positions", "rows", "cols", "span_ids")
 
 
-def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout) -> dict[str, np.ndarray]:
-    """`<bos> prompt <boi> <res>` per prompt, left-padded into a batch [N, P]."""
-    streams = []
-    for p in prompts:
-        s = Stream(layout).special("<bos>").text(text_tok.encode(p))
-        s.special("<boi>").special("<res>", "image")
-        streams.append(s.arrays())
+def left_pad(streams: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """Stream arrays -> one batch [N, P], left-padded with segment id 0."""
     P = max(len(s["tokens"]) for s in streams)
-    out = {k: np.zeros((len(prompts), P), np.int32) for k in ("tokens", "positions", "rows",
-                                                               "cols", "segment_ids", "span_ids")}
-    out["tokens"][:] = layout.pad
+    out = {k: np.zeros((len(streams), P), np.int32) for k in (*_ROW_FIELDS, "segment_ids")}
+    out["tokens"][:] = pad_id
     for i, s in enumerate(streams):
         n = len(s["tokens"])
-        for k in ("tokens", "positions", "rows", "cols", "span_ids"):
+        for k in _ROW_FIELDS:
             out[k][i, P - n:] = s[k]
         out["segment_ids"][i, P - n:] = 1
     return out
+
+
+def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
+                      prompt_images: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """`<bos> [prompt image] text <boi> <res>` per prompt, left-padded into [N, P]."""
+    streams = []
+    for i, p in enumerate(prompts):
+        s = Stream(layout).special("<bos>")
+        if prompt_images is not None:
+            s.image(prompt_images[i], generate=False)
+        s.text(text_tok.encode(p)).special("<boi>").special("<res>", "image")
+        streams.append(s.arrays())
+    return left_pad(streams, layout.pad)
+
+
+def caption_prompt_rows(images: Sequence[np.ndarray], layout: TokenLayout) -> dict:
+    """`<bos> <boi> <res> [image as a bidirectional span] <eoi>` per image."""
+    streams = [Stream(layout).special("<bos>").image(img, generate=False).arrays()
+               for img in images]
+    return left_pad(streams, layout.pad)
 
 
 def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
@@ -49,71 +67,103 @@ def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
 
 
 def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
-                       temperature: float = 1.0, top_k: int = 0,
-                       cfg_scale: float = 1.0) -> np.ndarray:
+                       temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0,
+                       prompt_images: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols].
 
     With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
     which training shows with probability data.caption_dropout) runs beside each
-    prompt in the same batch, and image logits become u + s * (c - u).
+    prompt in the same batch, and image logits become u + s * (c - u). With
+    `prompt_images` (editing) the null branch keeps the image and drops the text.
     """
     guided = cfg_scale != 1.0
     texts = list(prompts) + ([NULL_CAPTION] * len(prompts) if guided else [])
-    rows = image_prompt_rows(texts, layout)
+    images = None
+    if prompt_images is not None:
+        images = list(prompt_images) * (2 if guided else 1)
+    rows = image_prompt_rows(texts, layout, images)
     graphdef, params = nnx.split(model)
-    fn = _compiled_generate(graphdef, layout, float(temperature), int(top_k), guided)
+    fn = _compiled_decode(graphdef, layout, "image", layout.tokens_per_image,
+                          float(temperature), int(top_k), guided)
     ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()},
              jnp.float32(cfg_scale))
     h, w = layout.image_grid
     return np.asarray(ids).reshape(len(prompts), h, w)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_generate(graphdef, layout: TokenLayout, temperature: float, top_k: int,
-                       guided: bool):
-    """One jitted prefill + decode loop per model structure and sampling setting; the
-    weights are arguments, so new weights (a later checkpoint) reuse the program."""
-    n_img = layout.tokens_per_image
-    h, w = layout.image_grid
-    lo, hi = layout.image_offset, layout.image_offset + layout.image_codes
+def generate_captions(model, layout: TokenLayout, images_ids: Sequence[np.ndarray], *,
+                      max_bytes: int, seed: int = 0, temperature: float = 0.0) -> list[str]:
+    """Captions for images given as token ids (greedy by default); stops at <eos>."""
+    rows = caption_prompt_rows(images_ids, layout)
+    graphdef, params = nnx.split(model)
+    fn = _compiled_decode(graphdef, layout, "text", max_bytes + 1, float(temperature), 0, False)
+    out = np.asarray(fn(params, jax.random.key(seed),
+                        {k: jnp.asarray(v) for k, v in rows.items()}, jnp.float32(1.0)))
+    captions = []
+    for row in out:
+        ends = np.nonzero(row == layout.eos)[0]
+        captions.append(text_tok.decode(row[: ends[0]] if len(ends) else row))
+    return captions
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_decode(graphdef, layout: TokenLayout, kind: str, n_steps: int,
+                     temperature: float, top_k: int, guided: bool):
+    """One jitted prefill + decode loop per model structure, output kind and sampling
+    setting; weights are arguments, so a later checkpoint reuses the program.
+
+    kind "image": exactly the image's token count of image ids, 2D grid positions.
+    kind "text": byte ids or <eos>; returns raw ids (the image offset is not removed).
+    """
+    w = layout.image_grid[1]
+    if kind == "image":
+        lo, hi, offset = layout.image_offset, layout.image_offset + layout.image_codes, \
+            layout.image_offset
+    else:
+        lo, hi, offset = 0, TEXT_VOCAB, 0
+
+    def allowed(vocab):
+        ok = (vocab >= lo) & (vocab < hi)
+        return ok | (vocab == layout.eos) if kind == "text" else ok
 
     @jax.jit
     def run(params, key, prompt, cfg_scale):
         m = nnx.merge(graphdef, params)
         N, P = prompt["tokens"].shape
-        T = P + n_img
-        seg = jnp.concatenate([prompt["segment_ids"], jnp.ones((N, n_img), jnp.int32)], 1)
-        cache = m.init_cache(seg, jnp.zeros((N, T), jnp.int32))
+        seg = jnp.concatenate([prompt["segment_ids"], jnp.ones((N, n_steps), jnp.int32)], 1)
+        span = jnp.concatenate([prompt["span_ids"], jnp.zeros((N, n_steps), jnp.int32)], 1)
+        cache = m.init_cache(seg, span)
         h_BPD, cache = m.hidden(prompt, cache)
-        # the first image token is predicted at the last prompt position (<res>)
+        # the first new token is predicted at the last prompt position
         logits = m.logits(h_BPD[:, -1:])[:, 0]
         start_pos = prompt["positions"][:, -1] + 1
 
         def body(i, carry):
             key, logits, cache, out = carry
             key, sub = jax.random.split(key)
-            # an image span may only contain image ids
-            vocab = jnp.arange(logits.shape[-1])
-            logits = jnp.where((vocab >= lo) & (vocab < hi), logits, -1e30)
+            logits = jnp.where(allowed(jnp.arange(logits.shape[-1])), logits, -1e30)
             if guided:  # rows [:n] conditional, [n:] null prompt; both follow one sample
                 cond, uncond = jnp.split(logits, 2)
                 tok = sample_logits(sub, uncond + cfg_scale * (cond - uncond), temperature, top_k)
                 tok = jnp.concatenate([tok, tok])
             else:
                 tok = sample_logits(sub, logits, temperature, top_k)
-            out = out.at[:, i].set(tok - lo)
-            r, c = jnp.divmod(i, w)
+            out = out.at[:, i].set(tok - offset)
+            if kind == "image":
+                r, c = jnp.divmod(i, w)
+                rows, cols = jnp.full((N, 1), r + 1), jnp.full((N, 1), c + 1)
+            else:
+                rows = cols = jnp.zeros((N, 1), jnp.int32)
             step = {
                 "tokens": tok[:, None], "positions": (start_pos + i)[:, None],
-                "rows": jnp.full((N, 1), r + 1), "cols": jnp.full((N, 1), c + 1),
-                "segment_ids": jnp.ones((N, 1), jnp.int32),
+                "rows": rows, "cols": cols, "segment_ids": jnp.ones((N, 1), jnp.int32),
                 "span_ids": jnp.zeros((N, 1), jnp.int32),
             }
             h_B1D, cache = m.hidden(step, cache)
             return key, m.logits(h_B1D)[:, 0], cache, out
 
-        out = jnp.zeros((N, n_img), jnp.int32)
-        _, _, _, out = jax.lax.fori_loop(0, n_img, body, (key, logits, cache, out))
+        out = jnp.zeros((N, n_steps), jnp.int32)
+        _, _, _, out = jax.lax.fori_loop(0, n_steps, body, (key, logits, cache, out))
         return out[: N // 2] if guided else out
 
     return run
