@@ -49,6 +49,8 @@ def get_config(arg=None) -> ConfigDict:
     c.eval = ConfigDict(dict(
         num_heldout_scenes=256,   # held-out compositions for validation loss
         num_colour_prompts=64,    # single-object prompts for the colour check
+        num_per_category=500,     # prompts per category of the scenes/text/caption/edit suites
+        hook_suites="loss",       # suites the training eval hook runs (comma-separated)
         temperature=0.8,
         top_k=0,                  # 0 = no top-k truncation
         cfg_scale=5.0,            # classifier-free guidance for image tokens (1 = off)
@@ -61,4 +63,5 @@ def get_config(arg=None) -> ConfigDict:
         c.train.sample_every = 0
         c.eval.num_heldout_scenes = 32
         c.eval.num_colour_prompts = 8
+        c.eval.num_per_category = 8
     return c

@@ -69,13 +69,17 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mmgen.eval.evaluate import evaluate, write_report
+    from mmgen.eval import report as report_lib
+    from mmgen.eval.evaluate import evaluate
 
-    report = evaluate(args.checkpoint, step=args.step, tokenizer_dir=args.tokenizer, log=log)
-    out = write_report(report, args.out)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    report, examples = evaluate(args.checkpoint, suites=suites, num=args.num, step=args.step,
+                                tokenizer_dir=args.tokenizer, log=log)
+    command = "mmgen " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
+    out = report_lib.write(report, examples, args.out, command)
     for k, v in sorted(report.items()):
         log(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
-    log(f"wrote {out}")
+    log(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
 
 
@@ -105,9 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="evaluate a joint-model checkpoint")
+    e = sub.add_parser("eval", help="evaluate a joint-model checkpoint",
+                       description="Runs eval suites; writes OUT/report.json, OUT/report.md "
+                       "and example grids. Suites: loss, tokenizer, colour, scenes, text, "
+                       "caption, edit (see docs/eval.md).")
     e.add_argument("--checkpoint", required=True, help="joint-model run directory")
-    e.add_argument("--out", default="report.json")
+    e.add_argument("--out", default="eval_report", help="output directory")
+    e.add_argument("--suite", default="all",
+                   help="all, or a comma-separated list of suites (default all)")
+    e.add_argument("--num", type=int,
+                   help="prompts per category of the generative suites scenes, text, caption "
+                   "and edit (default eval.num_per_category = 500)")
     e.add_argument("--step", type=int, help="checkpoint step (default latest)")
     e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     e.set_defaults(fn=cmd_eval)

@@ -28,10 +28,10 @@ $mmgen sample --checkpoint "$out/joint" --prompt "a large red circle in the cent
   --num 16 --scale 2 --out "$out/grid.png"
 
 stamp "4/4 evaluating"
-$mmgen eval --checkpoint "$out/joint" --out "$out/report.json"
+$mmgen eval --checkpoint "$out/joint" --num 64 --out "$out/eval"
 
 stamp "done. Outputs:"
 echo "  tokenizer run:      $out/tokenizer  (checkpoints/, metrics.jsonl, tb/)"
 echo "  joint model run:    $out/joint      (checkpoints/, metrics.jsonl, tb/, samples/)"
 echo "  sample grid:        $out/grid.png"
-echo "  eval report:        $out/report.json"
+echo "  eval report:        $out/eval/report.json, $out/eval/report.md (+ example grids)"

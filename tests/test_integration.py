@@ -18,15 +18,17 @@ from flax import nnx
 from PIL import Image
 
 from mmgen.cli import main as mmgen
+from mmgen.eval.scene_checker import CATEGORIES
 from mmgen.load import load_run
 
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def report(runs) -> dict:
-    out = runs["root"] / "report.json"
-    assert mmgen(["eval", "--checkpoint", str(runs["joint"]), "--out", str(out)]) == 0
-    return json.loads(out.read_text())
+    out = runs["root"] / "eval"
+    assert mmgen(["eval", "--checkpoint", str(runs["joint"]), "--num", "16",
+                  "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -42,13 +44,20 @@ def test_training_reduces_loss(runs):
 
 
 def test_eval_report_has_expected_keys(report):
-    for key in ["heldout/nll/text", "heldout/nll/image", "heldout_shuffled_captions/nll/image",
-                "tokenizer/psnr", "tokenizer/codebook_used_fraction",
+    for key in ["loss/nll/text", "loss/nll/image", "loss/shuffled_captions/nll/image",
+                "loss/caption_gain/image", "loss/image_bits_per_dim",
+                "tokenizer/psnr", "tokenizer/ssim", "tokenizer/codebook_used_fraction",
                 "tokenizer/codebook_perplexity", "colour/match_rate", "layout_fingerprint",
-                "step"]:
+                "step", "scenes/overall", "text/exact_word", "text/char_error_rate",
+                "caption/parse_rate", "caption/exact_scene", "caption/colour_shape_f1",
+                "edit/applied", "edit/preserved", "edit/exact",
+                *(f"scenes/{c}" for c in CATEGORIES if c != "text")]:
         assert key in report, key
-    assert report["step"] == JOINT_STEPS
-    assert np.isfinite(report["heldout/nll/image"])
+    assert report["step"] == JOINT_STEPS and report["num/scenes"] == 16
+    assert np.isfinite(report["loss/nll/image"])
+    for k, v in report.items():
+        if k.startswith(("scenes/", "text/exact", "caption/", "edit/", "colour/")):
+            assert 0.0 <= v <= 1.0, (k, v)
 
 
 def test_sampled_colours_beat_chance(report):
@@ -58,7 +67,7 @@ def test_sampled_colours_beat_chance(report):
 
 def test_caption_conditions_the_image(report):
     """Image tokens are predicted better with their own caption than with another's."""
-    gain = report["heldout_shuffled_captions/nll/image"] - report["heldout/nll/image"]
+    gain = report["loss/shuffled_captions/nll/image"] - report["loss/nll/image"]
     assert gain >= 0.05, f"true captions beat shuffled ones by only {gain:.4f} nats/token"
 
 
@@ -104,3 +113,24 @@ def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
                 "--tokenizer", str(other), "--out", str(tmp_path / "x.png")])
     assert rc == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_eval_is_deterministic_and_writes_markdown(runs, report, tmp_path):
+    """Same checkpoint, same seeds: the same numbers (a second run of three suites)."""
+    out = tmp_path / "again"
+    assert mmgen(["eval", "--checkpoint", str(runs["joint"]), "--suite", "scenes,text,colour",
+                  "--num", "16", "--out", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    for k, v in again.items():
+        if k.startswith(("scenes/", "text/", "colour/")):
+            assert v == report[k], k
+    md = (runs["root"] / "eval" / "report.md").read_text()
+    assert "| `scenes/overall` |" in md and "](scenes_single_object_" in md
+    pngs = [p.name for p in (runs["root"] / "eval").glob("*.png")]
+    assert any(n.startswith("scenes_") for n in pngs)
+
+
+def test_unknown_suite_is_one_line_error(runs, tmp_path, capsys):
+    rc = mmgen(["eval", "--checkpoint", str(runs["joint"]), "--suite", "scenes,vibes",
+                "--out", str(tmp_path)])
+    assert rc == 2 and "unknown eval suites ['vibes']" in capsys.readouterr().err

@@ -1,9 +1,10 @@
-"""Checkpoint evaluation: held-out losses per modality, tokenizer quality, colour check."""
+"""Checkpoint evaluation: run suites, collect one flat report."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -11,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen.config import ConfigError
 from mmgen.data import pipeline, synthetic, token_cache
 from mmgen.eval.colour import colour_match_rate
-from mmgen.eval.image_metrics import codebook_utilisation, psnr
 from mmgen.load import ImageCodec, load_run
-from mmgen.sample.generate import generate_image_ids
 from mmgen.tokenizers.layout import check_same
 from mmgen.train.losses import next_token_loss
 from mmgen.train.metrics import summarise
@@ -60,6 +60,9 @@ def sequence_losses(model, cfg, layout, source, batch_rows: int = 8) -> dict[str
     return summarise(total)
 
 
+_LOSS_SUMS: dict = {}  # jitted loss sums per (model structure, config): weights are args
+
+
 def _loss_sums_fn(graphdef, cfg):
     key = (graphdef, json.dumps(cfg.to_dict(), sort_keys=True, default=str))
     if key not in _LOSS_SUMS:
@@ -74,69 +77,59 @@ def _loss_sums_fn(graphdef, cfg):
     return _LOSS_SUMS[key]
 
 
-_LOSS_SUMS: dict = {}  # jitted loss sums per (model structure, config): weights are args
-
-
-def tokenizer_quality(codec: ImageCodec, num: int, seed: int = HELDOUT_SEED) -> dict:
-    size = codec.cfg.data.image_size
-    images = np.stack([synthetic.example(i, seed, "heldout", size=size)["image"]
-                       for i in range(num)])
-    ids = np.concatenate([codec.encode(images[i:i + 64]) for i in range(0, num, 64)])
-    recon = np.concatenate([codec.decode(ids[i:i + 64]) for i in range(0, num, 64)])
-    use = codebook_utilisation(ids, codec.layout.image_codes)
-    return {"psnr": psnr(images, recon), "codebook_used_fraction": use["used_fraction"],
-            "codebook_perplexity": use["perplexity"]}
-
-
-def colour_check(model, layout, codec: ImageCodec, num: int, *, temperature: float,
-                 top_k: int, cfg_scale: float, seed: int = 0):
-    """Samples one image per single-object prompt of a seen composition and checks that
+def colour_check(ctx, num: int, seed: int = 0):
+    """Samples one image per single-object prompt of a SEEN composition and checks that
     the named colour dominates the object pixels. Returns (rate, images, prompts)."""
+    from mmgen.eval.suites import _sample_images
+
     scenes = synthetic.single_object_prompts(num, seed, "train")
     rng = np.random.default_rng(seed)
     prompts = [synthetic.caption(s, rng) for s in scenes]
-    ids = generate_image_ids(model, layout, prompts, seed=seed, temperature=temperature,
-                             top_k=top_k, cfg_scale=cfg_scale)
-    images = codec.decode(ids)
-    return colour_match_rate(list(images), scenes), images, prompts
+    images = _sample_images(ctx, prompts)
+    return colour_match_rate(list(images), scenes), images, prompts, scenes
 
 
-def evaluate(run_dir: str | Path, *, step: int | None = None, tokenizer_dir: str | None = None,
-             log=print) -> dict:
-    """Every metric of the skeleton's eval, as a flat JSON-able dict."""
+GENERATIVE = ("scenes", "text", "caption", "edit")  # suites that `--num` sizes
+
+
+def default_num(cfg, suite: str, num: int | None = None) -> int:
+    """Items a suite evaluates: `num` for the generative suites when given, else the
+    config's eval.* sizes (loss/tokenizer: num_heldout_scenes, colour: num_colour_prompts)."""
+    e = cfg.eval
+    if num and suite in GENERATIVE:
+        return num
+    return {"loss": e.num_heldout_scenes, "tokenizer": e.num_heldout_scenes,
+            "colour": e.num_colour_prompts}.get(suite, e.num_per_category)
+
+
+def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int | None = None,
+             step: int | None = None, tokenizer_dir: str | None = None, log=print):
+    """Runs `suites` on a joint-model checkpoint: (flat JSON-able report, examples by suite)."""
+    from mmgen.eval.suites import SUITES, EvalContext
+
     start = time.time()
+    names = list(SUITES) if "all" in suites else list(suites)
+    unknown = set(names) - set(SUITES)
+    if unknown:
+        raise ConfigError(f"unknown eval suites {sorted(unknown)}; known: {list(SUITES)}")
     model, cfg, layout, step = load_run(run_dir, step)
     if cfg.kind != "joint":
-        raise ValueError(f"{run_dir} is a {cfg.kind!r} run; mmgen eval needs a joint model run")
-    codec = ImageCodec(tokenizer_dir or cfg.tokenizer.checkpoint)
-    check_same(layout, codec.layout, f"tokenizer {tokenizer_dir or cfg.tokenizer.checkpoint}")
-    e = cfg.eval
+        raise ConfigError(f"{run_dir} is a {cfg.kind!r} run; mmgen eval needs a joint model run")
+    tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
+    codec = ImageCodec(tok_dir)
+    check_same(layout, codec.layout, f"tokenizer {tok_dir}")
+    ctx = EvalContext(model=model, cfg=cfg, layout=layout, codec=codec, log=log)
     report: dict = {"checkpoint": str(run_dir), "step": step,
-                    "layout_fingerprint": layout.fingerprint}
-    log(f"eval: held-out losses on {e.num_heldout_scenes} scenes")
-    source = heldout_source(codec, cfg, e.num_heldout_scenes, log=log)
-    for k, v in sequence_losses(model, cfg, layout, source).items():
-        report[f"heldout/{k}"] = v
-    shuffled = sequence_losses(model, cfg, layout, ShuffledCaptions(source))
-    report["heldout_shuffled_captions/nll/image"] = shuffled["nll/image"]
-    log("eval: tokenizer reconstruction")
-    for k, v in tokenizer_quality(codec, e.num_heldout_scenes).items():
-        report[f"tokenizer/{k}"] = v
-    log(f"eval: colour check on {e.num_colour_prompts} sampled images")
-    rate, _, _ = colour_check(model, layout, codec, e.num_colour_prompts,
-                              temperature=e.temperature, top_k=e.top_k,
-                              cfg_scale=e.cfg_scale)
-    report["colour/match_rate"] = rate
-    report["colour/num_prompts"] = e.num_colour_prompts
-    report["eval_seconds"] = time.time() - start
-    return report
-
-
-def write_report(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-
+                    "layout_fingerprint": layout.fingerprint, "suites": names}
+    examples = {}
+    for name in names:
+        n = default_num(cfg, name, num)
+        t0 = time.time()
+        log(f"eval suite {name} (num={n})")
+        result = SUITES[name](ctx, n)
+        report.update(result.metrics)
+        report[f"num/{name}"] = n
+        report[f"seconds/{name}"] = round(time.time() - t0, 1)
+        examples[name] = result.examples
+    report["eval_seconds"] = round(time.time() - start, 1)
+    return report, examples

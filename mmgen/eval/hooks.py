@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from mmgen.data import synthetic
-from mmgen.eval.evaluate import heldout_source, sequence_losses
 from mmgen.sample.generate import generate_image_ids
 from mmgen.sample.grid import make_grid, save_png
 from mmgen.train.hooks import Context, Hook
@@ -14,16 +13,20 @@ GRID_PROMPTS = 8
 
 
 class EvalHook(Hook):
-    """Held-out losses per modality, written as `eval/...` scalars."""
+    """Runs the suites in `eval.hook_suites` on the current weights; `eval/...` scalars."""
 
     def __init__(self, every: int, codec):
-        self.every, self.codec, self._source = every, codec, None
+        self.every, self.codec = every, codec
 
     def __call__(self, ctx: Context) -> None:
-        if self._source is None:
-            self._source = heldout_source(self.codec, ctx.cfg, ctx.cfg.eval.num_heldout_scenes)
-        metrics = sequence_losses(ctx.model(), ctx.cfg, ctx.layout, self._source)
-        ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in metrics.items()})
+        from mmgen.eval.evaluate import default_num
+        from mmgen.eval.suites import SUITES, EvalContext
+
+        ectx = EvalContext(model=ctx.model(), cfg=ctx.cfg, layout=ctx.layout, codec=self.codec,
+                           log=lambda *_: None)
+        for name in [s.strip() for s in ctx.cfg.eval.hook_suites.split(",") if s.strip()]:
+            result = SUITES[name](ectx, default_num(ctx.cfg, name))
+            ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in result.metrics.items()})
 
 
 class SampleGridHook(Hook):

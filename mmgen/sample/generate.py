@@ -23,9 +23,13 @@ from mmgen.tokenizers.layout import TEXT_VOCAB, TokenLayout
 _ROW_FIELDS = ("tokens", "positions", "rows", "cols", "span_ids")
 
 
-def left_pad(streams: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
-    """Stream arrays -> one batch [N, P], left-padded with segment id 0."""
-    P = max(len(s["tokens"]) for s in streams)
+def left_pad(streams: Sequence[dict[str, np.ndarray]], pad_id: int,
+             min_len: int = 0) -> dict[str, np.ndarray]:
+    """Stream arrays -> one batch [N, P >= min_len], left-padded with segment id 0.
+
+    A fixed `min_len` keeps the shape, hence the compiled program, the same across
+    batches of different prompts."""
+    P = max(min_len, *(len(s["tokens"]) for s in streams))
     out = {k: np.zeros((len(streams), P), np.int32) for k in (*_ROW_FIELDS, "segment_ids")}
     out["tokens"][:] = pad_id
     for i, s in enumerate(streams):
@@ -37,7 +41,8 @@ def left_pad(streams: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str,
 
 
 def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
-                      prompt_images: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                      prompt_images: Sequence[np.ndarray] | None = None,
+                      min_len: int = 0) -> dict[str, np.ndarray]:
     """`<bos> [prompt image] text <boi> <res>` per prompt, left-padded into [N, P]."""
     streams = []
     for i, p in enumerate(prompts):
@@ -46,7 +51,7 @@ def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
             s.image(prompt_images[i], generate=False)
         s.text(text_tok.encode(p)).special("<boi>").special("<res>", "image")
         streams.append(s.arrays())
-    return left_pad(streams, layout.pad)
+    return left_pad(streams, layout.pad, min_len)
 
 
 def caption_prompt_rows(images: Sequence[np.ndarray], layout: TokenLayout) -> dict:
@@ -68,7 +73,8 @@ def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
 
 def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
                        temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0,
-                       prompt_images: Sequence[np.ndarray] | None = None) -> np.ndarray:
+                       prompt_images: Sequence[np.ndarray] | None = None,
+                       min_prompt_len: int = 0) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols].
 
     With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
@@ -81,7 +87,7 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
     images = None
     if prompt_images is not None:
         images = list(prompt_images) * (2 if guided else 1)
-    rows = image_prompt_rows(texts, layout, images)
+    rows = image_prompt_rows(texts, layout, images, min_prompt_len)
     graphdef, params = nnx.split(model)
     fn = _compiled_decode(graphdef, layout, "image", layout.tokens_per_image,
                           float(temperature), int(top_k), guided)

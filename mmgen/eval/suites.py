@@ -1,0 +1,245 @@
+"""Eval suites: each turns a checkpoint into metrics and a few example images.
+
+A suite is `fn(ctx, num) -> SuiteResult`, registered in SUITES; `mmgen eval --suite`
+runs any subset. Adding a suite is writing one function here (see docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from mmgen.data import edits, synthetic
+from mmgen.eval import scene_checker
+from mmgen.eval.image_metrics import codebook_utilisation, psnr, ssim
+
+HELDOUT_SEED = 1234  # held-out prompts use their own seed, never the training one
+BATCH = 64           # prompts per generation batch (one compiled shape)
+
+
+@dataclasses.dataclass
+class EvalContext:
+    model: object
+    cfg: object
+    layout: object
+    codec: object      # load.ImageCodec
+    log: Callable[[str], None] = print
+
+
+@dataclasses.dataclass
+class Example:
+    """One evaluated item, for best/worst grids in the report."""
+
+    category: str
+    prompt: str
+    image: np.ndarray
+    ok: bool
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    metrics: dict[str, float]
+    examples: list[Example] = dataclasses.field(default_factory=list)
+
+
+SUITES: dict[str, Callable[[EvalContext, int], SuiteResult]] = {}
+
+
+def register_suite(name: str):
+    def wrap(fn):
+        SUITES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _sample_images(ctx: EvalContext, prompts: list[str], prompt_images=None) -> np.ndarray:
+    """Generates one image per prompt in fixed-shape batches; uint8 [N, H, W, 3]."""
+    from mmgen.sample.generate import generate_image_ids
+
+    e = ctx.cfg.eval
+    min_len = 3 + synthetic.MAX_CAPTION_BYTES + (0 if prompt_images is None
+                                                  else ctx.layout.tokens_per_image + 3)
+    out = []
+    for lo in range(0, len(prompts), BATCH):
+        chunk = prompts[lo:lo + BATCH]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (BATCH - n)  # same shape every batch
+        images = None
+        if prompt_images is not None:
+            images = list(prompt_images[lo:lo + BATCH])
+            images += [images[-1]] * (BATCH - n)
+        ids = generate_image_ids(ctx.model, ctx.layout, chunk, seed=lo, temperature=e.temperature,
+                                 top_k=e.top_k, cfg_scale=e.cfg_scale, prompt_images=images,
+                                 min_prompt_len=min_len)
+        out.append(ctx.codec.decode(ids[:n]))
+        ctx.log(f"  generated {min(lo + BATCH, len(prompts))}/{len(prompts)}")
+    return np.concatenate(out)
+
+
+def _captions(scenes, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [synthetic.caption(s, rng) for s in scenes]
+
+
+@register_suite("scenes")
+def scenes_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """GenEval-style categories on held-out compositions, scored by the scene checker."""
+    metrics, examples = {}, []
+    categories = [c for c in scene_checker.CATEGORIES if c != "text"]
+    for cat in categories:
+        scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, "heldout")
+        prompts = _captions(scenes, HELDOUT_SEED)
+        ctx.log(f"scenes/{cat}: {num} prompts")
+        images = _sample_images(ctx, prompts)
+        oks = [scene_checker.check(im, s, cat) for im, s in zip(images, scenes, strict=True)]
+        metrics[f"scenes/{cat}"] = float(np.mean(oks))
+        examples += [Example(cat, p, im, ok) for p, im, ok in zip(prompts, images, oks,
+                                                                  strict=True)]
+    metrics["scenes/overall"] = float(np.mean([metrics[f"scenes/{c}"] for c in categories]))
+    return SuiteResult(metrics, examples)
+
+
+@register_suite("text")
+def text_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Rendered words: exact-word accuracy and character error rate."""
+    scenes = scene_checker.category_scenes("text", num, HELDOUT_SEED, "heldout")
+    prompts = _captions(scenes, HELDOUT_SEED)
+    ctx.log(f"text: {num} prompts")
+    images = _sample_images(ctx, prompts)
+    words = [scene_checker.read_word(im) for im in images]
+    exact = [w == s.word for w, s in zip(words, scenes, strict=True)]
+    cer = [scene_checker.char_error_rate(w, s.word) for w, s in zip(words, scenes, strict=True)]
+    return SuiteResult({"text/exact_word": float(np.mean(exact)),
+                        "text/char_error_rate": float(np.mean(cer))},
+                       [Example("text", p, im, ok)
+                        for p, im, ok in zip(prompts, images, exact, strict=True)])
+
+
+def _objects(objs) -> list[tuple]:
+    return sorted((o.colour, o.shape, o.size, o.position) for o in objs)
+
+
+@register_suite("caption")
+def caption_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Image -> caption on held-out scenes: does the caption parse back to the scene?"""
+    from mmgen.sample.generate import generate_captions
+
+    rng = np.random.default_rng([HELDOUT_SEED, 5])
+    scenes = [synthetic.sample_scene(rng, split="heldout", p_texture=0.0) for _ in range(num)]
+    images = np.stack([synthetic.render(s, ctx.cfg.data.image_size) for s in scenes])
+    ctx.log(f"caption: {num} images")
+    captions: list[str] = []
+    for lo in range(0, num, BATCH):
+        ids = ctx.codec.encode(images[lo:lo + BATCH])
+        captions += generate_captions(ctx.model, ctx.layout, list(ids),
+                                      max_bytes=synthetic.MAX_CAPTION_BYTES)
+    parsed = [synthetic.parse_caption(c) for c in captions]
+    exact, pairs_f1 = [], []
+    for p, s in zip(parsed, scenes, strict=True):
+        if p is None:
+            exact.append(False)
+            pairs_f1.append(0.0)
+            continue
+        exact.append(_objects(p["objects"]) == _objects(s.objects) and p["word"] == s.word)
+        got = {(o.colour, o.shape) for o in p["objects"]}
+        want = {(o.colour, o.shape) for o in s.objects}
+        tp = len(got & want)
+        pairs_f1.append(2 * tp / (len(got) + len(want)) if got or want else 1.0)
+    return SuiteResult({"caption/parse_rate": float(np.mean([p is not None for p in parsed])),
+                        "caption/exact_scene": float(np.mean(exact)),
+                        "caption/colour_shape_f1": float(np.mean(pairs_f1))},
+                       [Example("caption", c, im, ok)
+                        for c, im, ok in zip(captions, images, exact, strict=True)])
+
+
+def _found(dets, o) -> bool:
+    return any((d.colour, d.shape, d.position) == (o.colour, o.shape, o.position) for d in dets)
+
+
+@register_suite("edit")
+def edit_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Image + instruction -> image on held-out edit pairs: edit applied, rest unchanged."""
+    pairs = [edits.edit_pair(i, HELDOUT_SEED, "heldout") for i in range(num)]
+    size = ctx.cfg.data.image_size
+    sources = ctx.codec.encode(np.stack([synthetic.render(p["source"], size) for p in pairs]))
+    ctx.log(f"edit: {num} pairs")
+    images = _sample_images(ctx, [p["instruction"] for p in pairs], list(sources))
+    applied, kept = [], []
+    for im, p in zip(images, pairs, strict=True):
+        dets = scene_checker.detect_objects(im)
+        tgt, src, changed = p["target"], p["source"], p["changed"]
+        if p["kind"] == "change_word":
+            applied.append(scene_checker.read_word(im) == tgt.word)
+        elif p["kind"] == "remove":
+            gone = [o for o in src.objects if o not in tgt.objects]
+            applied.append(not any(_found(dets, o) for o in gone))
+        else:
+            applied.append(_found(dets, changed))
+        rest = [o for o in tgt.objects if o != changed]
+        kept.append(all(_found(dets, o) for o in rest))
+    exact = [a and k for a, k in zip(applied, kept, strict=True)]
+    metrics = {"edit/applied": float(np.mean(applied)), "edit/preserved": float(np.mean(kept)),
+               "edit/exact": float(np.mean(exact))}
+    return SuiteResult(metrics, [Example("edit", p["instruction"], im, ok)
+                                 for p, im, ok in zip(pairs, images, exact, strict=True)])
+
+
+@register_suite("tokenizer")
+def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Reconstruction quality of the image tokenizer on held-out renders."""
+    size = ctx.cfg.data.image_size
+    images = np.stack([synthetic.example(i, HELDOUT_SEED, "heldout", size=size)["image"]
+                       for i in range(num)])
+    ids = np.concatenate([ctx.codec.encode(images[i:i + BATCH]) for i in range(0, num, BATCH)])
+    recon = np.concatenate([ctx.codec.decode(ids[i:i + BATCH]) for i in range(0, num, BATCH)])
+    use = codebook_utilisation(ids, ctx.layout.image_codes)
+    metrics = {"tokenizer/psnr": psnr(images, recon), "tokenizer/ssim": ssim(images, recon),
+               "tokenizer/codebook_used_fraction": use["used_fraction"],
+               "tokenizer/codebook_perplexity": use["perplexity"]}
+    # The checker on reconstructions of ground truth: the best score any generator that
+    # goes through this tokenizer can reach, per category.
+    for cat in scene_checker.CATEGORIES:
+        scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, "heldout")
+        truth = np.stack([synthetic.render(s, size) for s in scenes])
+        rec = np.concatenate([ctx.codec.decode(ctx.codec.encode(truth[i:i + BATCH]))
+                              for i in range(0, num, BATCH)])
+        metrics[f"tokenizer/checker_ceiling/{cat}"] = scene_checker.score(rec, scenes, cat)
+    return SuiteResult(metrics,
+                       [Example("tokenizer", "", np.concatenate([a, b], 1), True)
+                        for a, b in zip(images[:8], recon[:8], strict=True)])
+
+
+@register_suite("loss")
+def loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Per-modality NLL on held-out scenes, with true and with shuffled captions."""
+    from mmgen.eval.evaluate import ShuffledCaptions, heldout_source, sequence_losses
+
+    source = heldout_source(ctx.codec, ctx.cfg, num, log=ctx.log)
+    true = sequence_losses(ctx.model, ctx.cfg, ctx.layout, source)
+    shuffled = sequence_losses(ctx.model, ctx.cfg, ctx.layout, ShuffledCaptions(source))
+    m = {f"loss/nll/{k.split('/', 1)[1]}": v for k, v in true.items() if k.startswith("nll/")}
+    m["loss/shuffled_captions/nll/image"] = shuffled["nll/image"]
+    m["loss/caption_gain/image"] = shuffled["nll/image"] - true["nll/image"]
+    # bits per dimension: nats per image -> bits per colour channel of each pixel
+    size = ctx.cfg.data.image_size
+    m["loss/image_bits_per_dim"] = (true["nll/image"] * ctx.layout.tokens_per_image
+                                    / (size * size * 3) / math.log(2))
+    return SuiteResult(m)
+
+
+@register_suite("colour")
+def colour_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Seen single-object compositions: does the named colour dominate the object?"""
+    from mmgen.eval.colour import dominant_object_colour
+    from mmgen.eval.evaluate import colour_check
+
+    rate, images, prompts, scenes = colour_check(ctx, num)
+    oks = [dominant_object_colour(im) == s.objects[0].colour for im, s in zip(images, scenes,
+                                                                                strict=True)]
+    return SuiteResult({"colour/match_rate": rate},
+                       [Example("colour", p, im, ok) for p, im, ok in zip(prompts, images, oks,
+                                                                          strict=True)])
