@@ -98,8 +98,9 @@ def default_num(cfg, suite: str, num: int | None = None) -> int:
     e = cfg.eval
     if num and suite in GENERATIVE:
         return num
+    # .get: checkpoints written before a key existed still evaluate
     return {"loss": e.num_heldout_scenes, "tokenizer": e.num_heldout_scenes,
-            "colour": e.num_colour_prompts}.get(suite, e.num_per_category)
+            "colour": e.num_colour_prompts}.get(suite, e.get("num_per_category", 500))
 
 
 def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int | None = None,
