@@ -23,11 +23,13 @@ from mmgen.load import load_run
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="session")
 def report(runs) -> dict:
     out = runs["root"] / "eval"
-    assert mmgen(["eval", "--checkpoint", str(runs["joint"]), "--num", "16",
-                  "--out", str(out)]) == 0
+    assert (
+        mmgen(["eval", "--checkpoint", str(runs["joint"]), "--num", "16", "--out", str(out)]) == 0
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -44,14 +46,30 @@ def test_training_reduces_loss(runs):
 
 
 def test_eval_report_has_expected_keys(report):
-    for key in ["loss/nll/text", "loss/nll/image", "loss/shuffled_captions/nll/image",
-                "loss/caption_gain/image", "loss/image_bits_per_dim",
-                "tokenizer/psnr", "tokenizer/ssim", "tokenizer/codebook_used_fraction",
-                "tokenizer/codebook_perplexity", "colour/match_rate", "layout_fingerprint",
-                "step", "scenes/overall", "text/exact_word", "text/char_error_rate",
-                "caption/parse_rate", "caption/exact_scene", "caption/colour_shape_f1",
-                "edit/applied", "edit/preserved", "edit/exact",
-                *(f"scenes/{c}" for c in CATEGORIES if c != "text")]:
+    for key in [
+        "loss/nll/text",
+        "loss/nll/image",
+        "loss/shuffled_captions/nll/image",
+        "loss/caption_gain/image",
+        "loss/image_bits_per_dim",
+        "tokenizer/psnr",
+        "tokenizer/ssim",
+        "tokenizer/codebook_used_fraction",
+        "tokenizer/codebook_perplexity",
+        "colour/match_rate",
+        "layout_fingerprint",
+        "step",
+        "scenes/overall",
+        "text/exact_word",
+        "text/char_error_rate",
+        "caption/parse_rate",
+        "caption/exact_scene",
+        "caption/colour_shape_f1",
+        "edit/applied",
+        "edit/preserved",
+        "edit/exact",
+        *(f"scenes/{c}" for c in CATEGORIES if c != "text"),
+    ]:
         assert key in report, key
     assert report["step"] == JOINT_STEPS and report["num/scenes"] == 16
     assert np.isfinite(report["loss/nll/image"])
@@ -73,8 +91,21 @@ def test_caption_conditions_the_image(report):
 
 def test_sample_writes_png_of_expected_size(runs, tmp_path):
     out = tmp_path / "grid.png"
-    rc = mmgen(["sample", "--checkpoint", str(runs["joint"]), "--prompt", "two red circles",
-                "--num", "4", "--out", str(out), "--seed", "1"])
+    rc = mmgen(
+        [
+            "sample",
+            "--checkpoint",
+            str(runs["joint"]),
+            "--prompt",
+            "two red circles",
+            "--num",
+            "4",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     img = Image.open(out)
     # 2x2 grid of 64 px images with 2 px borders
@@ -84,10 +115,15 @@ def test_sample_writes_png_of_expected_size(runs, tmp_path):
 
 def test_resume_reproduces_uninterrupted_run_exactly(repo, runs, tmp_path):
     """Stop after step 3 (keep only that checkpoint), resume to 6: same losses, same params."""
-    common = [f"--config.tokenizer.checkpoint={runs['tokenizer']}",
-              f"--config.data.cache_dir={runs['cache']}", "--config.train.steps=6",
-              "--config.train.log_every=1", "--config.train.checkpoint_every=3",
-              "--config.data.num_train_scenes=512", "--config.train.sample_every=0"]
+    common = [
+        f"--config.tokenizer.checkpoint={runs['tokenizer']}",
+        f"--config.data.cache_dir={runs['cache']}",
+        "--config.train.steps=6",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=3",
+        "--config.data.num_train_scenes=512",
+        "--config.train.sample_every=0",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train_run(repo, "configs/tiny.py:smoke", full, *common)
     shutil.copytree(full, resumed)
@@ -107,10 +143,24 @@ def test_resume_reproduces_uninterrupted_run_exactly(repo, runs, tmp_path):
 def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
     """A joint run refuses a tokenizer whose weights (hence codes) differ."""
     other = tmp_path / "other_tok"
-    train_run(repo, "configs/tokenizer_tiny.py:smoke", other,
-           f"--config.data.cache_dir={runs['cache']}")
-    rc = mmgen(["sample", "--checkpoint", str(runs["joint"]), "--prompt", "x", "--num", "1",
-                "--tokenizer", str(other), "--out", str(tmp_path / "x.png")])
+    train_run(
+        repo, "configs/tokenizer_tiny.py:smoke", other, f"--config.data.cache_dir={runs['cache']}"
+    )
+    rc = mmgen(
+        [
+            "sample",
+            "--checkpoint",
+            str(runs["joint"]),
+            "--prompt",
+            "x",
+            "--num",
+            "1",
+            "--tokenizer",
+            str(other),
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     assert rc == 2
     assert "does not match" in capsys.readouterr().err
 
@@ -118,8 +168,22 @@ def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
 def test_eval_is_deterministic_and_writes_markdown(runs, report, tmp_path):
     """Same checkpoint, same seeds: the same numbers (a second run of three suites)."""
     out = tmp_path / "again"
-    assert mmgen(["eval", "--checkpoint", str(runs["joint"]), "--suite", "scenes,text,colour",
-                  "--num", "16", "--out", str(out)]) == 0
+    assert (
+        mmgen(
+            [
+                "eval",
+                "--checkpoint",
+                str(runs["joint"]),
+                "--suite",
+                "scenes,text,colour",
+                "--num",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     again = json.loads((out / "report.json").read_text())
     for k, v in again.items():
         if k.startswith(("scenes/", "text/", "colour/")):
@@ -131,6 +195,33 @@ def test_eval_is_deterministic_and_writes_markdown(runs, report, tmp_path):
 
 
 def test_unknown_suite_is_one_line_error(runs, tmp_path, capsys):
-    rc = mmgen(["eval", "--checkpoint", str(runs["joint"]), "--suite", "scenes,vibes",
-                "--out", str(tmp_path)])
+    rc = mmgen(
+        [
+            "eval",
+            "--checkpoint",
+            str(runs["joint"]),
+            "--suite",
+            "scenes,vibes",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2 and "unknown eval suites ['vibes']" in capsys.readouterr().err
+
+
+def test_eval_hook_logs_scalars_during_training(repo, runs, tmp_path):
+    work = tmp_path / "hooked"
+    train_run(
+        repo,
+        "configs/tiny.py:smoke",
+        work,
+        f"--config.tokenizer.checkpoint={runs['tokenizer']}",
+        f"--config.data.cache_dir={runs['cache']}",
+        "--config.train.eval_every=5",
+        "--config.eval.hook_suites=loss,colour",
+    )
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/loss/nll/image" in r}
+    assert sorted(evals) == [5, 10]
+    assert all(0.0 <= r["eval/colour/match_rate"] <= 1.0 for r in evals.values())
+    assert list((work / "tb").glob("events.out.tfevents.*"))
