@@ -3,17 +3,21 @@
 import numpy as np
 
 
+def _float_batches(a_uint8, b_uint8) -> tuple[np.ndarray, np.ndarray]:
+    """Two equal-shape image batches as float64 [B, H, W, C] (a single image gets B=1)."""
+    a = np.asarray(a_uint8, np.float64)
+    b = np.asarray(b_uint8, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    return (a[None], b[None]) if a.ndim == 3 else (a, b)
+
+
 def psnr(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
     """Mean over images of per-image PSNR in dB; images uint8 [B, H, W, 3].
 
     Identical images give +inf for that image (and so for the mean).
     """
-    a = np.asarray(a_uint8, np.float64)
-    b = np.asarray(b_uint8, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    if a.ndim == 3:
-        a, b = a[None], b[None]
+    a, b = _float_batches(a_uint8, b_uint8)
     mse_B = np.mean(np.square(a - b).reshape(a.shape[0], -1), axis=1)
     with np.errstate(divide="ignore"):
         psnr_B = 10.0 * np.log10(255.0**2 / mse_B)
@@ -35,12 +39,7 @@ def _gaussian_filter(x_BHWC: np.ndarray, sigma: float = 1.5, radius: int = 5) ->
 def ssim(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
     """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1=0.01, K2=0.03), averaged
     over pixels, channels and images; images uint8 [B, H, W, 3]."""
-    a = np.asarray(a_uint8, np.float64)
-    b = np.asarray(b_uint8, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    if a.ndim == 3:
-        a, b = a[None], b[None]
+    a, b = _float_batches(a_uint8, b_uint8)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mu_a, mu_b = _gaussian_filter(a), _gaussian_filter(b)
     var_a = _gaussian_filter(a * a) - mu_a**2
