@@ -69,10 +69,13 @@ def test_eval_report_has_expected_keys(report):
         "edit/preserved",
         "edit/exact",
         *(f"scenes/{c}" for c in CATEGORIES if c != "text"),
+        *(f"tokenizer/checker_ceiling/{c}" for c in CATEGORIES),
     ]:
         assert key in report, key
     assert report["step"] == JOINT_STEPS and report["num/scenes"] == 16
     assert np.isfinite(report["loss/nll/image"])
+    # reconstructions of ground truth keep what the checker needs: the generators' ceiling
+    assert report["tokenizer/checker_ceiling/single_object"] >= 0.8
     for k, v in report.items():
         if k.startswith(("scenes/", "text/exact", "caption/", "edit/", "colour/")):
             assert 0.0 <= v <= 1.0, (k, v)
