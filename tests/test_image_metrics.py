@@ -33,3 +33,12 @@ def test_psnr_and_shape_errors():
     assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / 16**2))
     with pytest.raises(ValueError, match="shape mismatch"):
         ssim(a, b[:1])
+
+
+def test_real_photos_for_the_optional_photo_metrics():
+    pytest.importorskip("skimage")  # the optional `photos` extra (installed by the test extra)
+    from mmgen.eval.suites import PHOTOS, real_photos
+
+    photos = real_photos(64)
+    assert photos.shape == (len(PHOTOS), 64, 64, 3) and photos.dtype == np.uint8
+    assert photos.std() > 20  # real content, not blank

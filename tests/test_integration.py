@@ -70,6 +70,8 @@ def test_eval_report_has_expected_keys(report):
         "edit/exact",
         *(f"scenes/{c}" for c in CATEGORIES if c != "text"),
         *(f"tokenizer/checker_ceiling/{c}" for c in CATEGORIES),
+        "tokenizer/photo_psnr",  # the test extra installs the optional `photos` extra
+        "tokenizer/photo_ssim",
     ]:
         assert key in report, key
     assert report["step"] == JOINT_STEPS and report["num/scenes"] == 16

@@ -208,9 +208,36 @@ def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
         rec = np.concatenate([ctx.codec.decode(ctx.codec.encode(truth[i:i + BATCH]))
                               for i in range(0, num, BATCH)])
         metrics[f"tokenizer/checker_ceiling/{cat}"] = scene_checker.score(rec, scenes, cat)
+    photos = real_photos(size)
+    if photos is not None:  # optional extra: real photographs, far from the training data
+        rec = ctx.codec.decode(ctx.codec.encode(photos))
+        metrics["tokenizer/photo_psnr"] = psnr(photos, rec)
+        metrics["tokenizer/photo_ssim"] = ssim(photos, rec)
     return SuiteResult(metrics,
                        [Example("tokenizer", "", np.concatenate([a, b], 1), True)
                         for a, b in zip(images[:8], recon[:8], strict=True)])
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel")
+
+
+def real_photos(size: int) -> np.ndarray | None:
+    """scikit-image's bundled photos (the `photos` extra), centre-cropped and resized to
+    `size`; None when scikit-image is not installed. No download is ever attempted."""
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    from PIL import Image
+
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(data, name)()[..., :3])
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        out.append(np.asarray(img.resize((size, size), Image.BICUBIC), np.uint8))
+    return np.stack(out)
 
 
 @register_suite("loss")
