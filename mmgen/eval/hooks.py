@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from mmgen.data import synthetic
+from mmgen.eval.evaluate import default_num
+from mmgen.eval.suites import SUITES, EvalContext
 from mmgen.sample.generate import generate_image_ids
 from mmgen.sample.grid import make_grid, save_png
 from mmgen.train.hooks import Context, Hook
@@ -19,9 +21,6 @@ class EvalHook(Hook):
         self.every, self.codec = every, codec
 
     def __call__(self, ctx: Context) -> None:
-        from mmgen.eval.evaluate import default_num
-        from mmgen.eval.suites import SUITES, EvalContext
-
         ectx = EvalContext(model=ctx.model(), cfg=ctx.cfg, layout=ctx.layout, codec=self.codec,
                            log=lambda *_: None)
         for name in [s.strip() for s in ctx.cfg.eval.hook_suites.split(",") if s.strip()]:

@@ -11,12 +11,15 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
 
 from mmgen.data import edits, synthetic
 from mmgen.eval import scene_checker
+from mmgen.eval.colour import colour_match_rate, dominant_object_colour
+from mmgen.eval.heldout import HELDOUT_SEED, ShuffledCaptions, heldout_source, sequence_losses
 from mmgen.eval.image_metrics import codebook_utilisation, psnr, ssim
+from mmgen.sample.generate import generate_captions, generate_image_ids
 
-HELDOUT_SEED = 1234  # held-out prompts use their own seed, never the training one
 BATCH = 64           # prompts per generation batch (one compiled shape)
 
 
@@ -58,8 +61,6 @@ def register_suite(name: str):
 
 def _sample_images(ctx: EvalContext, prompts: list[str], prompt_images=None) -> np.ndarray:
     """Generates one image per prompt in fixed-shape batches; uint8 [N, H, W, 3]."""
-    from mmgen.sample.generate import generate_image_ids
-
     e = ctx.cfg.eval
     min_len = 3 + synthetic.MAX_CAPTION_BYTES + (0 if prompt_images is None
                                                   else ctx.layout.tokens_per_image + 3)
@@ -126,8 +127,6 @@ def _objects(objs) -> list[tuple]:
 @register_suite("caption")
 def caption_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Image -> caption on held-out scenes: does the caption parse back to the scene?"""
-    from mmgen.sample.generate import generate_captions
-
     rng = np.random.default_rng([HELDOUT_SEED, 5])
     scenes = [synthetic.sample_scene(rng, split="heldout", p_texture=0.0) for _ in range(num)]
     images = np.stack([synthetic.render(s, ctx.cfg.data.image_size) for s in scenes])
@@ -228,8 +227,6 @@ def real_photos(size: int) -> np.ndarray | None:
         from skimage import data
     except ImportError:
         return None
-    from PIL import Image
-
     out = []
     for name in PHOTOS:
         img = Image.fromarray(getattr(data, name)()[..., :3])
@@ -243,8 +240,6 @@ def real_photos(size: int) -> np.ndarray | None:
 @register_suite("loss")
 def loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Per-modality NLL on held-out scenes, with true and with shuffled captions."""
-    from mmgen.eval.evaluate import ShuffledCaptions, heldout_source, sequence_losses
-
     source = heldout_source(ctx.codec, ctx.cfg, num, log=ctx.log)
     true = sequence_losses(ctx.model, ctx.cfg, ctx.layout, source)
     shuffled = sequence_losses(ctx.model, ctx.cfg, ctx.layout, ShuffledCaptions(source))
@@ -260,13 +255,13 @@ def loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
 
 @register_suite("colour")
 def colour_suite(ctx: EvalContext, num: int) -> SuiteResult:
-    """Seen single-object compositions: does the named colour dominate the object?"""
-    from mmgen.eval.colour import dominant_object_colour
-    from mmgen.eval.evaluate import colour_check
-
-    rate, images, prompts, scenes = colour_check(ctx, num)
-    oks = [dominant_object_colour(im) == s.objects[0].colour for im, s in zip(images, scenes,
-                                                                                strict=True)]
-    return SuiteResult({"colour/match_rate": rate},
-                       [Example("colour", p, im, ok) for p, im, ok in zip(prompts, images, oks,
-                                                                          strict=True)])
+    """Seen single-object compositions (issue 3's check): one sample per prompt; does the
+    named colour dominate the object pixels?"""
+    scenes = synthetic.single_object_prompts(num, 0, "train")
+    prompts = _captions(scenes, 0)
+    images = _sample_images(ctx, prompts)
+    oks = [dominant_object_colour(im) == s.objects[0].colour
+           for im, s in zip(images, scenes, strict=True)]
+    return SuiteResult({"colour/match_rate": colour_match_rate(list(images), scenes)},
+                       [Example("colour", p, im, ok)
+                        for p, im, ok in zip(prompts, images, oks, strict=True)])

@@ -1,0 +1,70 @@
+"""Held-out sequences: token caches of held-out scenes and their per-modality losses."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmgen.data import pipeline, token_cache
+from mmgen.load import ImageCodec
+from mmgen.train.losses import next_token_loss
+from mmgen.train.metrics import summarise
+
+HELDOUT_SEED = 1234  # held-out scenes are drawn with their own seed, never the training one
+
+
+class ShuffledCaptions:
+    """A token source whose scene descriptions are rotated by one: each image is paired
+    with another scene's caption, to measure how much the caption informs the image."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.source[i])
+        item["scene"] = self.source[(i + 1) % len(self.source)]["scene"]
+        return item
+
+
+def heldout_source(codec: ImageCodec, cfg, num: int, log=print):
+    d = cfg.data
+    path = token_cache.cache_path(d.cache_dir, codec.layout.fingerprint, HELDOUT_SEED,
+                                  "heldout", num)
+    token_cache.build(path, codec.encode, num=num, seed=HELDOUT_SEED, split="heldout",
+                      scene_kwargs=pipeline.scene_kwargs(d), log=log)
+    return token_cache.CachedScenes(path)
+
+
+def sequence_losses(model, cfg, layout, source, batch_rows: int = 8) -> dict[str, float]:
+    """Mean NLL per modality (nats per token) over every row built from `source`."""
+    rows = pipeline.row_dataset(source, cfg.data, layout, shuffle=False, repeat=False)
+    graphdef, params = nnx.split(model)
+    sums = _loss_sums_fn(graphdef, cfg)
+    total: dict[str, float] = {}
+    for batch in rows.batch(batch_rows):  # last batch may be short: one extra compile
+        for k, v in sums(params, batch).items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return summarise(total)
+
+
+_LOSS_SUMS: dict = {}  # jitted loss sums per (model structure, config): weights are args
+
+
+def _loss_sums_fn(graphdef, cfg):
+    key = (graphdef, json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    if key not in _LOSS_SUMS:
+
+        @jax.jit
+        def sums(params, batch):
+            m = nnx.merge(graphdef, params)
+            _, metrics = next_token_loss(m, dict(batch, loss_norm=jnp.float32(1.0)), cfg)
+            return {k: v for k, v in metrics.items() if k.startswith(("nll_sum/", "count/"))}
+
+        _LOSS_SUMS[key] = sums
+    return _LOSS_SUMS[key]
