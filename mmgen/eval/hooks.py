@@ -23,9 +23,10 @@ class EvalHook(Hook):
     def __call__(self, ctx: Context) -> None:
         ectx = EvalContext(model=ctx.model(), cfg=ctx.cfg, layout=ctx.layout, codec=self.codec,
                            log=lambda *_: None)
+        metrics = {}
         for name in [s.strip() for s in ctx.cfg.eval.hook_suites.split(",") if s.strip()]:
-            result = SUITES[name](ectx, default_num(ctx.cfg, name))
-            ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in result.metrics.items()})
+            metrics.update(SUITES[name](ectx, default_num(ctx.cfg, name)).metrics)
+        ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in metrics.items()})
 
 
 class SampleGridHook(Hook):
