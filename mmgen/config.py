@@ -170,3 +170,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
     unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})
     require(not unknown, f"loss.modality_weights has unknown modalities: {sorted(unknown)}")
+    from mmgen.eval.suites import SUITES
+
+    hook = {x.strip() for x in cfg.eval.get("hook_suites", "").split(",") if x.strip()}
+    require(hook <= set(SUITES),
+            f"eval.hook_suites has unknown suites {sorted(hook - set(SUITES))}; "
+            f"known: {list(SUITES)}")

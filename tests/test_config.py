@@ -34,6 +34,7 @@ def test_wrong_type_is_rejected(repo):
     ("train.grad_accum=5", 1, "not divisible by train.grad_accum"),
     ("mesh.tensor=3", 4, "mesh"),
     ("model.head_dim=12", 1, "head_dim"),
+    ("eval.hook_suites=loss,vibes", 1, "unknown suites"),
 ])
 def test_impossible_shapes_fail_before_compiling(repo, override, devices, message):
     cfg = load_config(str(repo / "configs/tiny.py"), [override])
