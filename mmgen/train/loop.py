@@ -106,7 +106,9 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
             if stop.raised or ctx.stop:
                 break
         for hook in hooks:
-            hook.end(ctx)
+            # after a stop signal, save and leave: no evals or grids in the grace period
+            if not stop.raised or isinstance(hook, (CheckpointHook, ProfilerHook)):
+                hook.end(ctx)
     ckpt.close()
     writer.close()
     return last
