@@ -230,3 +230,43 @@ def test_eval_hook_logs_scalars_during_training(repo, runs, tmp_path):
     assert sorted(evals) == [5, 10]
     assert all(0.0 <= r["eval/colour/match_rate"] <= 1.0 for r in evals.values())
     assert list((work / "tb").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_saves_at_the_next_step_and_resume_continues(repo, runs, tmp_path):
+    """A real training process gets SIGTERM: it checkpoints at a step boundary and exits 0;
+    the same command then resumes from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "term"
+    cmd = [sys.executable, "-m", "mmgen.cli", "train", "--config",
+           str(repo / "configs/tiny.py:smoke"), "--workdir", str(work),
+           f"--config.tokenizer.checkpoint={runs['tokenizer']}",
+           f"--config.data.cache_dir={runs['cache']}", "--config.train.steps=100000",
+           "--config.train.log_every=1", "--config.train.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "training never reached step 3"
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-2000:]
+    assert "saving a checkpoint at the next step boundary" in out
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 100
+    train_run(repo, "configs/tiny.py:smoke", work,
+              f"--config.tokenizer.checkpoint={runs['tokenizer']}",
+              f"--config.data.cache_dir={runs['cache']}", f"--config.train.steps={saved[0] + 2}",
+              "--config.train.log_every=1")
+    steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [saved[0] + 1, saved[0] + 2]
