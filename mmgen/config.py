@@ -111,6 +111,8 @@ def require(condition: bool, message: str) -> None:
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks shapes against each other and the device mesh; one line per failure."""
+    import jax
+
     from mmgen.parallel.mesh import MeshError, resolve_axis_sizes
 
     require(cfg.get("kind") in ("tokenizer", "joint"),
@@ -122,8 +124,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     require(cfg.data.source == "synthetic",
             f"data.source={cfg.data.source!r}: only 'synthetic' is available so far")
     t = cfg.train
-    import jax
-
     require(t.global_batch % jax.process_count() == 0,
             f"train.global_batch={t.global_batch} does not divide over "
             f"{jax.process_count()} processes")
