@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mmgen.data import synthetic
-from mmgen.data.schema import FIELDS, NULL_CAPTION, Stream, check_no_loss_in_spans, pack_row
+from mmgen.data.schema import NULL_CAPTION, Stream, check_no_loss_in_spans, pack_row
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.layout import TokenLayout
 
@@ -96,5 +96,3 @@ def to_global(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     """Assembles the global batch from each process's slice."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
-
-__all__ = ["FIELDS", "batches", "image_dataset", "row_dataset", "to_global"]
