@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -15,7 +14,7 @@ from mmgen.models.transformer import Transformer, TransformerConfig
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
-from mmgen.tokenizers.image_autoencoder import ImageAutoencoder
+from mmgen.tokenizers.image_autoencoder import ImageAutoencoder, images_to_unit, unit_to_images
 from mmgen.train.checkpoint import Checkpointer, read_metadata
 from mmgen.train.state import StateSpec
 
@@ -67,7 +66,12 @@ def tokenizer_layout(tok_model: ImageAutoencoder, tok_cfg) -> layout_lib.TokenLa
 
 
 class ImageCodec:
-    """uint8 images <-> image token ids with a trained tokenizer (jitted, batched)."""
+    """uint8 images <-> image token ids with a trained tokenizer.
+
+    Any number of images is processed in zero-padded chunks of CHUNK, so one compiled
+    program serves every call whatever its batch size."""
+
+    CHUNK = 64
 
     def __init__(self, tokenizer_dir: str | Path):
         self.model, self.cfg, _, self.step = load_run(tokenizer_dir, use_ema=True)
@@ -75,13 +79,25 @@ class ImageCodec:
             raise ValueError(f"{tokenizer_dir} is a {self.cfg.kind!r} run, not a tokenizer")
         self.layout = tokenizer_layout(self.model, self.cfg)
         graphdef, params = nnx.split(self.model)
-        self._encode = jax.jit(lambda x: nnx.merge(graphdef, params).encode_ids(x))
+        self._encode = jax.jit(
+            lambda x: nnx.merge(graphdef, params).encode_ids(images_to_unit(x)))
         self._decode = jax.jit(lambda i: nnx.merge(graphdef, params).decode_ids(i))
 
+    def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        outs = []
+        for lo in range(0, len(x), self.CHUNK):
+            chunk = x[lo:lo + self.CHUNK]
+            pad = self.CHUNK - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(np.asarray(fn(chunk))[:self.CHUNK - pad])
+        return np.concatenate(outs)
+
     def encode(self, images_uint8: np.ndarray) -> np.ndarray:
-        x = jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
-        return np.asarray(self._encode(x))
+        """uint8 [N, H, W, 3] -> int32 code ids [N, h, w]."""
+        return self._chunked(self._encode, np.asarray(images_uint8, np.uint8))
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        x = np.asarray(self._decode(jnp.asarray(ids, jnp.int32)))
-        return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        """Code ids [N, h, w] -> uint8 images [N, H, W, 3]."""
+        return unit_to_images(self._chunked(self._decode, np.asarray(ids, np.int32)))

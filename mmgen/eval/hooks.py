@@ -9,6 +9,7 @@ from mmgen.eval.evaluate import default_num
 from mmgen.eval.suites import SUITES, EvalContext
 from mmgen.sample.generate import generate_image_ids
 from mmgen.sample.grid import make_grid, save_png
+from mmgen.tokenizers.image_autoencoder import images_to_unit, unit_to_images
 from mmgen.train.hooks import Context, Hook
 
 GRID_PROMPTS = 8
@@ -58,10 +59,7 @@ class ReconstructionGridHook(Hook):
         size = ctx.cfg.data.image_size
         images = np.stack([synthetic.example(i, 1234, "heldout", size=size)["image"]
                            for i in range(8)])
-        model = ctx.model()
-        x = images.astype(np.float32) / 127.5 - 1.0
-        recon, _ = model(x)
-        recon = np.clip(np.round((np.asarray(recon) + 1) * 127.5), 0, 255).astype(np.uint8)
+        recon = unit_to_images(ctx.model()(images_to_unit(images))[0])
         grid = make_grid(np.concatenate([images, recon]), cols=8)
         save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)
         ctx.writer.image(ctx.step, "reconstructions", grid)

@@ -131,10 +131,10 @@ def caption_suite(ctx: EvalContext, num: int) -> SuiteResult:
     scenes = [synthetic.sample_scene(rng, split="heldout", p_texture=0.0) for _ in range(num)]
     images = np.stack([synthetic.render(s, ctx.cfg.data.image_size) for s in scenes])
     ctx.log(f"caption: {num} images")
+    ids = ctx.codec.encode(images)
     captions: list[str] = []
     for lo in range(0, num, BATCH):
-        ids = ctx.codec.encode(images[lo:lo + BATCH])
-        captions += generate_captions(ctx.model, ctx.layout, list(ids),
+        captions += generate_captions(ctx.model, ctx.layout, list(ids[lo:lo + BATCH]),
                                       max_bytes=synthetic.MAX_CAPTION_BYTES)
     parsed = [synthetic.parse_caption(c) for c in captions]
     exact, pairs_f1 = [], []
@@ -193,8 +193,8 @@ def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
     size = ctx.cfg.data.image_size
     images = np.stack([synthetic.example(i, HELDOUT_SEED, "heldout", size=size)["image"]
                        for i in range(num)])
-    ids = np.concatenate([ctx.codec.encode(images[i:i + BATCH]) for i in range(0, num, BATCH)])
-    recon = np.concatenate([ctx.codec.decode(ids[i:i + BATCH]) for i in range(0, num, BATCH)])
+    ids = ctx.codec.encode(images)
+    recon = ctx.codec.decode(ids)
     use = codebook_utilisation(ids, ctx.layout.image_codes)
     metrics = {"tokenizer/psnr": psnr(images, recon), "tokenizer/ssim": ssim(images, recon),
                "tokenizer/codebook_used_fraction": use["used_fraction"],
@@ -204,8 +204,7 @@ def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
     for cat in scene_checker.CATEGORIES:
         scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, "heldout")
         truth = np.stack([synthetic.render(s, size) for s in scenes])
-        rec = np.concatenate([ctx.codec.decode(ctx.codec.encode(truth[i:i + BATCH]))
-                              for i in range(0, num, BATCH)])
+        rec = ctx.codec.decode(ctx.codec.encode(truth))
         metrics[f"tokenizer/checker_ceiling/{cat}"] = scene_checker.score(rec, scenes, cat)
     photos = real_photos(size)
     if photos is not None:  # optional extra: real photographs, far from the training data

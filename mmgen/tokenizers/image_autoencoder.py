@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mmgen.tokenizers.fsq import FSQ
@@ -161,6 +162,11 @@ class ImageAutoencoder(nnx.Module):
 def images_to_unit(images_BHWC: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
+
+
+def unit_to_images(x_BHWC) -> np.ndarray:
+    """Model output in ~[-1, 1] -> uint8 [0, 255] on the host (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(x_BHWC) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def autoencoder_loss(model: ImageAutoencoder, batch: dict) -> tuple[jax.Array, dict]:
