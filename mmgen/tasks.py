@@ -62,11 +62,8 @@ class JointTask:
         require(cfg.model.max_image_grid == 0 or cfg.model.max_image_grid >= grid,
                 f"model.max_image_grid={cfg.model.max_image_grid} is smaller than the "
                 f"tokenizer's {grid}x{grid} grid (0 turns the embeddings off)")
-        need = cfg.data.examples_per_row * pipeline.max_example_length(self.layout)
-        require(cfg.data.seq_len >= need,
-                f"data.seq_len={cfg.data.seq_len} cannot hold data.examples_per_row="
-                f"{cfg.data.examples_per_row} examples of up to "
-                f"{pipeline.max_example_length(self.layout)} tokens (need {need})")
+        problem = pipeline.row_length_problem(cfg.data, self.layout)
+        require(problem is None, problem)
         self.build_model = build_model_fn(cfg)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 

@@ -52,15 +52,23 @@ def max_example_length(layout: TokenLayout) -> int:
     return 1 + synthetic.MAX_CAPTION_BYTES + 3 + layout.tokens_per_image + 1
 
 
+def row_length_problem(data_cfg, layout: TokenLayout) -> str | None:
+    """Why rows of data.seq_len cannot hold data.examples_per_row examples, or None."""
+    longest = max_example_length(layout)
+    need = data_cfg.examples_per_row * longest
+    if data_cfg.seq_len >= need:
+        return None
+    return (f"data.seq_len={data_cfg.seq_len} cannot hold data.examples_per_row="
+            f"{data_cfg.examples_per_row} examples of up to {longest} tokens (need {need})")
+
+
 def row_dataset(source, data_cfg, layout: TokenLayout, *, shuffle: bool = True,
                 repeat: bool = True) -> grain.MapDataset:
     """Packed rows (dicts of [L] arrays) from a source of {"image_ids", "scene"}."""
     length, k = data_cfg.seq_len, data_cfg.examples_per_row
-    if k * max_example_length(layout) > length:
-        raise ValueError(
-            f"data.seq_len={length} cannot hold data.examples_per_row={k} examples of up "
-            f"to {max_example_length(layout)} tokens"
-        )
+    problem = row_length_problem(data_cfg, layout)
+    if problem:
+        raise ValueError(problem)
     seed = data_cfg.seed
     ds = grain.MapDataset.source(source)
     if shuffle:
