@@ -6,7 +6,13 @@
 
 from ml_collections import ConfigDict
 
-from mmgen.config_groups import data_defaults, mesh_defaults, optim_defaults, train_defaults
+from mmgen.config_groups import (
+    data_defaults,
+    init_defaults,
+    mesh_defaults,
+    optim_defaults,
+    train_defaults,
+)
 
 
 def get_config(arg=None) -> ConfigDict:
@@ -25,6 +31,10 @@ def get_config(arg=None) -> ConfigDict:
         max_image_grid=16,      # learned absolute row/col embeddings up to 16x16 (0 = off)
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
         attention_impl="xla",
+        # switches for models imported from an LLM (mmgen import-llama, docs/export.md):
+        qk_norm=True,           # RMSNorm on queries and keys (Llama: False)
+        norm_eps=1e-6,          # RMSNorm epsilon (Llama: its rms_norm_eps)
+        rope="mm",              # "mm": own frequency ladders; "mrope": LLM RoPE on text
         vocab_size=0,           # derived from the tokenizer's layout (do not set)
         padded_vocab_size=0,    # derived: vocab_size rounded up to a multiple of 128
     ))
@@ -56,6 +66,7 @@ def get_config(arg=None) -> ConfigDict:
         cfg_scale=5.0,            # classifier-free guidance for image tokens (1 = off)
     ))
     c.mesh = mesh_defaults()
+    c.init = init_defaults()
     if arg == "smoke":  # seconds, for tests
         c.data.num_train_scenes = 512
         c.train.steps = 10

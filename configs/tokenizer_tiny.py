@@ -5,7 +5,13 @@
 
 from ml_collections import ConfigDict
 
-from mmgen.config_groups import data_defaults, mesh_defaults, optim_defaults, train_defaults
+from mmgen.config_groups import (
+    data_defaults,
+    init_defaults,
+    mesh_defaults,
+    optim_defaults,
+    train_defaults,
+)
 
 
 def get_config(arg=None) -> ConfigDict:
@@ -24,6 +30,7 @@ def get_config(arg=None) -> ConfigDict:
     c.train = train_defaults(steps=2000, global_batch=16, log_every=200, checkpoint_every=1000,
                              sample_every=1000)
     c.mesh = mesh_defaults()
+    c.init = init_defaults()
     if arg == "smoke":  # a few steps, for tests
         c.train.steps = 20
         c.train.log_every = 10

@@ -1,4 +1,4 @@
-"""`mmgen <verb>`: train | sample | eval."""
+"""`mmgen <verb>`: train | sample | eval | export | import-llama."""
 
 from __future__ import annotations
 
@@ -30,13 +30,24 @@ def cmd_train(args) -> int:
     from mmgen.config import load_config, validate
     from mmgen.tasks import TASKS
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"--config.train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
     validate(cfg, jax.device_count())
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    from mmgen.train.loop import train
+    from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train
+    from mmgen.train.step import NonFiniteError
 
     task = TASKS[cfg.kind](cfg, log=log)
-    final = train(cfg, workdir, task, log=log)
+    try:
+        final = train(cfg, workdir, task, log=log)
+    except Preempted as e:
+        log(f"preempted: {e} (exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
+    except NonFiniteError as e:
+        print(f"mmgen train: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     log(f"done: checkpoints in {Path(workdir) / 'checkpoints'}, metrics in "
         f"{Path(workdir) / 'metrics.jsonl'}, TensorBoard logs in {Path(workdir) / 'tb'}")
     if final:
@@ -83,6 +94,43 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _report_export(out: Path) -> None:
+    from mmgen.export import WEIGHTS, read_info
+
+    info = read_info(out)
+    files = ", ".join(f.name for f in sorted(out.iterdir()) if f.suffix == ".json")
+    log(f"wrote {out / WEIGHTS}: {info['tensors']} tensors, {info['parameters']:,} parameters, "
+        f"{info['bytes']:,} bytes ({info['dtype']}); metadata {files}")
+
+
+def cmd_export(args) -> int:
+    from mmgen.export import ExportError, export_run
+
+    try:
+        out = export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
+                         use_ema=not args.no_ema)
+    except ExportError as e:
+        print(f"mmgen export: error: {e}", file=sys.stderr)
+        return 2
+    _report_export(out)
+    return 0
+
+
+def cmd_import_llama(args) -> int:
+    from mmgen.convert.llama import import_llama
+    from mmgen.export import ExportError
+
+    try:
+        out = import_llama(args.hf, args.out, tokenizer_dir=args.tokenizer,
+                           base_config=args.base_config, dtype=args.dtype,
+                           max_image_grid=args.max_image_grid, seed=args.seed)
+    except ExportError as e:
+        print(f"mmgen import-llama: error: {e}", file=sys.stderr)
+        return 2
+    _report_export(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -92,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "holds checkpoints. Override any key with --config.KEY=VALUE.")
     t.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
     t.add_argument("--workdir", help="run directory (default runs/CONFIG_NAME)")
+    t.add_argument("--resume", help="latest (default) | latest_valid | none | STEP; "
+                   "same as --config.train.resume (see docs/checkpoints.md)")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a text prompt")
@@ -123,6 +173,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="checkpoint step (default latest)")
     e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="export a checkpoint's weights as safetensors",
+                       description="Writes OUT/model.safetensors, config.json, layout.json "
+                       "and export.json (see docs/export.md); sample and eval accept OUT "
+                       "as --checkpoint.")
+    x.add_argument("--checkpoint", required=True, help="run directory (or an export)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--step", type=int, help="checkpoint step (default latest)")
+    x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of floating tensors (default float32)")
+    x.add_argument("--no-ema", action="store_true",
+                   help="export the raw weights even if the run keeps an EMA")
+    x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import-llama", help="import a Hugging Face Llama checkpoint",
+                       description="Converts a Llama-family safetensors checkpoint into an "
+                       "mmgen export whose vocabulary adds mmgen's specials and the image "
+                       "codes of TOKENIZER (see docs/export.md).")
+    m.add_argument("--hf", required=True, help="directory with config.json + *.safetensors")
+    m.add_argument("--tokenizer", required=True, help="mmgen image-tokenizer run directory")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--base-config", default="configs/tiny.py",
+                   help="config whose non-model groups the import uses (default "
+                   "configs/tiny.py)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--max-image-grid", type=int, default=0,
+                   help="add zero-initialised absolute row/col embeddings up to this grid "
+                   "(default 0 = off)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
+    m.set_defaults(fn=cmd_import_llama)
     return p
 
 
@@ -135,12 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     from mmgen.config import ConfigError
+    from mmgen.export import ExportError
     from mmgen.tokenizers.layout import LayoutMismatchError
+    from mmgen.train.checkpoint import CheckpointError
 
     _setup_jax()
     try:
         return args.fn(args)
-    except (ConfigError, LayoutMismatchError, FileNotFoundError) as e:
+    except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
+            ExportError) as e:
         print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -130,6 +130,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     batch_shards = mesh["data"] * mesh["fsdp"]
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    require(t.nonfinite in ("stop", "skip"),
+            f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
+    from mmgen.train.checkpoint import RESUME_MODES
+
+    require(str(t.resume) in RESUME_MODES or str(t.resume).isdigit(),
+            f"train.resume must be one of {RESUME_MODES} or a step number, got {t.resume!r}")
+    require(t.keep_checkpoints >= 1,
+            f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(t.global_batch % t.grad_accum == 0,
             f"train.global_batch={t.global_batch} is not divisible by "
             f"train.grad_accum={t.grad_accum}")
@@ -166,6 +174,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
             f"model.attention_impl={m.attention_impl!r} is not one of {IMPLS}")
     require(m.dtype in ("float32", "bfloat16"),
             f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+    from mmgen.models.layers import ROPE_KINDS
+
+    require(m.get("rope", "mm") in ROPE_KINDS,
+            f"model.rope must be one of {ROPE_KINDS}, got {m.get('rope')!r}")
+    require(m.get("norm_eps", 1e-6) > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     from mmgen.tokenizers.layout import MODALITIES
 
     unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})

@@ -11,6 +11,10 @@ def train_defaults(**overrides) -> ConfigDict:
         log_every=25,           # stdout / metrics.jsonl / TensorBoard cadence
         checkpoint_every=500,   # steps between checkpoints (and one at the end)
         keep_checkpoints=3,     # newest checkpoints kept on disk
+        keep_every=0,           # also keep every checkpoint whose step divides by this (0 = off)
+        resume="latest",        # latest | latest_valid | none | STEP (see docs/checkpoints.md)
+        nonfinite="stop",       # non-finite loss/grad norm: "stop" (exit 3) or "skip" the update
+        max_nonfinite=20,       # with "skip": stop once more steps than this were skipped
         eval_every=0,           # steps between eval-hook runs (0 = off)
         sample_every=0,         # steps between sample-grid hook runs (0 = off)
         profile_start=0,        # first step of a jax.profiler trace
@@ -55,3 +59,11 @@ def data_defaults(**overrides) -> ConfigDict:
     ))
     d.update(overrides)
     return d
+
+
+def init_defaults() -> ConfigDict:
+    # fine-tuning: start from another run's params (fresh optimizer, step 0)
+    return ConfigDict(dict(
+        checkpoint="",          # run directory or exported directory ("" = random init)
+        step=-1,                # checkpoint step of a run directory (-1 = latest)
+    ))

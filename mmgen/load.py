@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mmgen import export
 from mmgen.models.transformer import Transformer, TransformerConfig
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers import layout as layout_lib
@@ -38,17 +39,56 @@ def transformer_config(cfg) -> TransformerConfig:
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
         mlp_dim=m.mlp_dim, rope_theta=m.rope_theta, max_image_grid=m.max_image_grid,
         dtype=m.dtype,
-        attention_impl=m.attention_impl)
+        attention_impl=m.attention_impl,
+        # .get: configs saved before these switches existed mean today's defaults
+        qk_norm=m.get("qk_norm", True), norm_eps=m.get("norm_eps", 1e-6),
+        rope=m.get("rope", "mm"))
+
+
+def read_run_metadata(path: str | Path, step: int | None = None):
+    """(config, layout or None, step) of a run directory's latest (or given) checkpoint,
+    or of an exported directory (mmgen/export.py; its step is the one it was exported
+    from, 0 for imported weights)."""
+    if export.is_exported(path):
+        cfg, layout = export.read_config(path)
+        exported_step = int(export.read_info(path).get("source", {}).get("step", 0))
+        if step is not None and step != exported_step:
+            raise FileNotFoundError(f"{path} is an export of step {exported_step}, "
+                                    f"not step {step}")
+        return cfg, layout, exported_step
+    if not (Path(path) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path} is neither a run directory (no checkpoints/) nor an "
+                                f"export (no {export.WEIGHTS} + {export.CONFIG})")
+    return read_metadata(path, step)
+
+
+def restore_params(path: str | Path, step: int | None = None, *, use_ema: bool = True):
+    """(spec, params, cfg, layout, step, source) of a run or exported directory, placed on
+    the local devices; `spec.model(params)` is the model. `source` says where the weights
+    came from (exports record it). An export holds one set of weights, so `use_ema`
+    applies to run directories only."""
+    cfg, layout, step = read_run_metadata(path, step)
+    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    abstract = spec.abstract_with_shardings()
+    if export.is_exported(path):
+        _, _, flat = export.read_exported(path)
+        params = export.params_from_flat(flat, abstract["params"], source=f"export {path}")
+        source = dict(export.read_info(path).get("source", {}), export=str(path))
+        return spec, params, cfg, layout, step, source
+    ckpt = Checkpointer(Path(path) / "checkpoints")
+    try:
+        state, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    ema = use_ema and "ema" in state
+    source = {"run": str(path), "step": step, "weights": "ema" if ema else "params"}
+    return spec, state["ema"] if ema else state["params"], cfg, layout, step, source
 
 
 def load_run(workdir: str | Path, step: int | None = None, *, use_ema: bool = True):
-    """(model, cfg, layout, step) of a trained run directory, on the local devices."""
-    cfg, layout, step = read_metadata(workdir, step)
-    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
-    ckpt = Checkpointer(Path(workdir) / "checkpoints")
-    state, _ = ckpt.restore(step, spec.abstract_with_shardings())
-    ckpt.close()
-    params = state["ema"] if use_ema and "ema" in state else state["params"]
+    """(model, cfg, layout, step) of a trained run directory or an exported directory,
+    on the local devices."""
+    spec, params, cfg, layout, step, _ = restore_params(workdir, step, use_ema=use_ema)
     return spec.model(params), cfg, layout, step
 
 

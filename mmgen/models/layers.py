@@ -32,19 +32,45 @@ class RMSNorm(nnx.Module):
         return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
 
 
-def rope_angles(positions_BL: jax.Array, rows_BL: jax.Array, cols_BL: jax.Array,
-                head_dim: int, theta: float) -> jax.Array:
-    """Rotation angles [B, L, head_dim/2] for multimodal RoPE.
+ROPE_KINDS = ("mm", "mrope")
 
-    Half of the rotary pairs follow the 1D stream position (every token); a quarter
-    follow the image row and a quarter the image column. Text has row = col = 0, so
-    those pairs do not rotate and text sees plain 1D RoPE, while image tokens also
-    get their relative 2D offsets directly.
-    """
+
+def rope_sections(head_dim: int) -> tuple[int, int, int]:
+    """Rotary pairs following (position, row, col): half, then a quarter each."""
     pairs = head_dim // 2
     n_t = pairs // 2
     n_h = (pairs - n_t) // 2
-    n_w = pairs - n_t - n_h
+    return n_t, n_h, pairs - n_t - n_h
+
+
+def rope_angles(positions_BL: jax.Array, rows_BL: jax.Array, cols_BL: jax.Array,
+                head_dim: int, theta: float, kind: str = "mm") -> jax.Array:
+    """Rotation angles [B, L, head_dim/2] for multimodal RoPE.
+
+    Half of the rotary pairs follow the 1D stream position (every token); a quarter
+    follow the image row and a quarter the image column (`rope_sections`).
+
+    kind "mm": each section has its own frequency ladder theta**(-j/n) and the row/col
+    pairs rotate by row/col alone. Text has row = col = 0, so those pairs do not rotate.
+
+    kind "mrope" (Qwen2-VL style, for models imported from a 1D-RoPE LLM): every pair j
+    keeps the LLM's frequency theta**(-2j/head_dim); the first section rotates by the
+    position, the second by position + row, the third by position + col. Text has
+    row = col = 0, so every pair follows the position and text gets exactly the LLM's
+    RoPE; image tokens add their 2D offsets on top of it.
+    """
+    n_t, n_h, n_w = rope_sections(head_dim)
+    if kind == "mrope":
+        # integer sums first: for text the float angles equal the LLM's exactly
+        pos_BLP = jnp.concatenate([
+            jnp.broadcast_to(positions_BL[..., None], (*positions_BL.shape, n_t)),
+            jnp.broadcast_to((positions_BL + rows_BL)[..., None], (*positions_BL.shape, n_h)),
+            jnp.broadcast_to((positions_BL + cols_BL)[..., None], (*positions_BL.shape, n_w)),
+        ], axis=-1).astype(jnp.float32)
+        inv_freq_P = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        return pos_BLP * inv_freq_P
+    if kind != "mm":
+        raise ValueError(f"unknown rope kind {kind!r}; known: {ROPE_KINDS}")
 
     def freqs(n):
         return 1.0 / (theta ** (jnp.arange(n, dtype=jnp.float32) / max(n, 1)))

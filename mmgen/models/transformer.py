@@ -26,6 +26,11 @@ class TransformerConfig:
     max_image_grid: int = 0  # > 0: learned absolute row/col embeddings for image tokens
     dtype: str = "float32"   # compute dtype; parameters stay float32
     attention_impl: str = "xla"
+    # Switches that let a model imported from a Llama-family LLM compute exactly what
+    # the LLM computes on text (mmgen/convert/llama.py); defaults are mmgen's own model.
+    qk_norm: bool = True     # RMSNorm on queries and keys (Llama has none)
+    norm_eps: float = 1e-6   # epsilon of every RMSNorm (Llama: rms_norm_eps)
+    rope: str = "mm"         # "mm" | "mrope": see layers.rope_angles
 
 
 class Attention(nnx.Module):
@@ -37,9 +42,10 @@ class Attention(nnx.Module):
         self.w_v_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), fan_in=D)
         self.w_o_HKD = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), fan_in=H * K,
                              scale=(2 * cfg.num_layers) ** -0.5)
-        # QK-norm keeps attention logits bounded, which matters most at low precision.
-        self.q_norm = RMSNorm(K)
-        self.k_norm = RMSNorm(K)
+        if cfg.qk_norm:
+            # QK-norm keeps attention logits bounded, which matters most at low precision.
+            self.q_norm = RMSNorm(K, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(K, eps=cfg.norm_eps)
 
     def __call__(self, x_BLD, angles_BLP, batch, cache=None):
         """Self-attention over the row, or, with `cache` (k/v [B,T,G,K] + segment and
@@ -49,8 +55,10 @@ class Attention(nnx.Module):
         q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, self.w_q_DHK[...].astype(dt))
         k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_k_DGK[...].astype(dt))
         v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_v_DGK[...].astype(dt))
-        q_BLHK = apply_rope(self.q_norm(q_BLHK), angles_BLP)
-        k_BLGK = apply_rope(self.k_norm(k_BLGK), angles_BLP)
+        if self.cfg.qk_norm:
+            q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+        q_BLHK = apply_rope(q_BLHK, angles_BLP)
+        k_BLGK = apply_rope(k_BLGK, angles_BLP)
         q_BLHK = constrain(q_BLHK, ("batch", "length", "heads", "head_dim"))
         if cache is None:
             kv_seg, kv_span, q_index = batch["segment_ids"], batch["span_ids"], None
@@ -73,9 +81,9 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, num_layers=cfg.num_layers)
 
     def __call__(self, x_BLD, angles_BLP, batch, cache=None):
@@ -106,7 +114,7 @@ class Transformer(nnx.Module):
             self.row_embed_GD = nnx.Param(jnp.zeros(shape), out_sharding=(None, "embed"))
             self.col_embed_GD = nnx.Param(jnp.zeros(shape), out_sharding=(None, "embed"))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.d_model)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.unembed_DV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                 fan_in=cfg.d_model)
 
@@ -129,7 +137,7 @@ class Transformer(nnx.Module):
         if x_BLD is None:
             x_BLD = self.embed(batch)
         angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
-                                 self.cfg.head_dim, self.cfg.rope_theta)
+                                 self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else dict(cache, k=cache["k"][i], v=cache["v"][i])

@@ -61,6 +61,8 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
     """NamedShardings for an nnx.State (or any pytree of nnx Variables) from logical names."""
 
     def one(x):
+        if isinstance(x, nnx.Variable) and not hasattr(x.get_value(), "shape"):
+            return x  # e.g. optax's MaskedNode: the moment slot of a frozen parameter
         names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
         spec = logical_to_spec(names, mesh)
         if isinstance(x, nnx.Variable):

@@ -18,7 +18,7 @@ from flax import nnx
 
 from mmgen.data.schema import NULL_CAPTION, Stream
 from mmgen.tokenizers import text as text_tok
-from mmgen.tokenizers.layout import TEXT_VOCAB, TokenLayout
+from mmgen.tokenizers.layout import TokenLayout
 
 _ROW_FIELDS = ("tokens", "positions", "rows", "cols", "span_ids")
 
@@ -119,14 +119,15 @@ def _compiled_decode(graphdef, layout: TokenLayout, kind: str, n_steps: int,
     setting; weights are arguments, so a later checkpoint reuses the program.
 
     kind "image": exactly the image's token count of image ids, 2D grid positions.
-    kind "text": byte ids or <eos>; returns raw ids (the image offset is not removed).
+    kind "text": text ids (below `layout.text_vocab`) or <eos>; returns raw ids (the image
+    offset is not removed).
     """
     w = layout.image_grid[1]
     if kind == "image":
         lo, hi, offset = layout.image_offset, layout.image_offset + layout.image_codes, \
             layout.image_offset
     else:
-        lo, hi, offset = 0, TEXT_VOCAB, 0
+        lo, hi, offset = 0, layout.text_vocab, 0
 
     def allowed(vocab):
         ok = (vocab >= lo) & (vocab < hi)

@@ -1,7 +1,8 @@
 """Token-id layout: one vocabulary for every modality, and its fingerprint.
 
-    [0, 256)                       text bytes (byte-level tokenizer)
-    [256, 256 + len(SPECIALS))     special tokens
+    [0, text_vocab)                text tokens: bytes (256, the byte-level tokenizer) or
+                                   an imported LLM's subword vocabulary
+    [text_vocab, +len(SPECIALS))   special tokens
     [image_offset, +image_codes)   image tokens (FSQ code indices)
     ...                            later modalities, each a contiguous block
 
@@ -17,7 +18,7 @@ import hashlib
 import json
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<res>")
-TEXT_VOCAB = 256
+TEXT_VOCAB = 256  # the byte-level tokenizer's text range, the default `text_vocab`
 # Modality ids: a registry, so a new modality is a registration, not an if/else.
 MODALITIES: dict[str, int] = {"pad": 0, "text": 1, "image": 2}
 
@@ -39,10 +40,11 @@ class TokenLayout:
     image_grid: tuple[int, int]  # tokens per image as (rows, cols)
     tokenizer_id: str = "bytes-v1"  # text tokenizer identity
     image_tokenizer_id: str = ""  # what the codes mean, e.g. "fsq[8, 5, 5, 5]-ds4-64px-<hash>"
+    text_vocab: int = TEXT_VOCAB  # text ids [0, text_vocab); an imported LLM's vocab_size
 
     @property
     def special_offset(self) -> int:
-        return TEXT_VOCAB
+        return self.text_vocab
 
     def special(self, name: str) -> int:
         return self.special_offset + SPECIALS.index(name)
@@ -87,12 +89,18 @@ class TokenLayout:
         """Embedding rows: rounded up so the vocab dimension shards and tiles well."""
         return -(-self.vocab_size // multiple) * multiple
 
-    def to_json(self) -> dict:
+    def _fields(self) -> dict:
+        """The JSON-able fields. `text_vocab` appears only when it is not the byte range,
+        so layouts from before it existed keep their JSON and fingerprint."""
         d = dataclasses.asdict(self)
         d["image_grid"] = list(self.image_grid)
+        if self.text_vocab == TEXT_VOCAB:
+            del d["text_vocab"]
         d["specials"] = list(SPECIALS)
-        d["fingerprint"] = self.fingerprint
         return d
+
+    def to_json(self) -> dict:
+        return dict(self._fields(), fingerprint=self.fingerprint)
 
     @classmethod
     def from_json(cls, d: dict) -> TokenLayout:
@@ -101,6 +109,7 @@ class TokenLayout:
             image_grid=tuple(d["image_grid"]),
             tokenizer_id=d["tokenizer_id"],
             image_tokenizer_id=d["image_tokenizer_id"],
+            text_vocab=int(d.get("text_vocab", TEXT_VOCAB)),
         )
         if list(d.get("specials", SPECIALS)) != list(SPECIALS):
             raise LayoutMismatchError(f"special tokens differ: {d.get('specials')} vs {SPECIALS}")
@@ -110,10 +119,7 @@ class TokenLayout:
 
     @property
     def fingerprint(self) -> str:
-        fields = dataclasses.asdict(self)
-        fields["image_grid"] = list(self.image_grid)
-        fields["specials"] = list(SPECIALS)
-        blob = json.dumps(fields, sort_keys=True).encode()
+        blob = json.dumps(self._fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -22,6 +22,8 @@ class Context:
     writer: Any               # train.metrics.MetricWriter
     data_iter: Any
     layout: Any
+    mesh: Any = None
+    metrics: dict = dataclasses.field(default_factory=dict)  # last logged metrics
     stop: bool = False        # set by a hook to end the run after this step
 
     def model(self, use_ema: bool = True):
@@ -49,8 +51,22 @@ class CheckpointHook(Hook):
         self.checkpointer, self.every = checkpointer, every
 
     def __call__(self, ctx: Context) -> None:
+        from mmgen.train.step import check_health
+
+        check_health(ctx.state, ctx.cfg)  # never checkpoint past a "stop" non-finite step
+        meta = {
+            "metrics": ctx.metrics,
+            "mesh": dict(ctx.mesh.shape) if ctx.mesh is not None else {},
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+            # the train step draws no randomness; these seeds plus the data-iterator
+            # state determine everything random that follows
+            "seed": ctx.cfg.seed,
+            "data_seed": ctx.cfg.data.get("seed"),
+            "jax_version": jax.__version__,
+        }
         self.checkpointer.save(ctx.step, ctx.state, data_state=ctx.data_iter.get_state(),
-                               cfg=ctx.cfg, layout=ctx.layout)
+                               cfg=ctx.cfg, layout=ctx.layout, meta=meta)
 
     def end(self, ctx: Context) -> None:
         if self.checkpointer.latest_step() != ctx.step:

@@ -2,38 +2,78 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mmgen.data.pipeline import to_global
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers.layout import check_same
-from mmgen.train.checkpoint import Checkpointer
+from mmgen.train.checkpoint import Checkpointer, choose_resume_step
 from mmgen.train.hooks import CheckpointHook, Context, ProfilerHook
 from mmgen.train.metrics import MetricWriter, progress_line, summarise
 from mmgen.train.state import StateSpec
-from mmgen.train.step import batch_sharding, make_train_step
+from mmgen.train.step import batch_sharding, check_health, make_train_step
+
+# Exit statuses of `mmgen train` (docs/checkpoints.md): 2 = config/usage error,
+# 3 = stopped on a non-finite loss, 75 (EX_TEMPFAIL) = preempted after a complete save:
+# rerun the same command to resume. A second signal exits at once with 128 + signum.
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+class Preempted(Exception):
+    """Raised by train() after a signal-triggered checkpoint has been fully written."""
+
+    def __init__(self, step: int, signum: int | None):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {step} "
+                         "is complete; rerun the same command to resume")
+        self.step = step
+
+
+class _StopSignal:
+    """Preemption notices. SIGTERM/SIGINT set a flag; the loop saves at the next step
+    boundary, waits for the save and exits. A second signal leaves at once: orbax only
+    renames a checkpoint into place once it is whole, so nothing is corrupted.
+
+    In a multi-process run JAX's coordination service owns SIGTERM and agrees on one step
+    for all processes (`reached_preemption_sync_point`); installing our own handler too
+    would race it, so we only ask JAX there.
+    """
 
     def __init__(self):
-        self.raised = False
+        self.signum: int | None = None
+        self._jax_sync = False
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        from jax._src import distributed
+
+        self._jax_sync = (jax.process_count() > 1
+                          and distributed.global_state.preemption_sync_manager is not None)
+        sigs = (signal.SIGINT,) if self._jax_sync else (signal.SIGTERM, signal.SIGINT)
+        self._old = {s: signal.signal(s, self._handle) for s in sigs}
         return self
 
     def _handle(self, signum, frame):
-        if self.raised:  # a second signal: leave now; orbax never exposes a partial save
-            raise KeyboardInterrupt
-        self.raised = True
+        if self.signum is not None:
+            print(f"signal {signum} again: exiting now without saving", flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
         print(f"signal {signum}: saving a checkpoint at the next step boundary", flush=True)
+
+    def raised(self, step: int) -> bool:
+        if self.signum is None and self._jax_sync:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM
+        return self.signum is not None
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -41,41 +81,81 @@ class _StopFlag:
 
 
 def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
-    """Trains `task` (see mmgen/tasks.py) under `cfg`, resuming from workdir if possible.
+    """Trains `task` (see mmgen/tasks.py) under `cfg`, resuming per `cfg.train.resume`.
 
-    Returns the last logged metrics.
+    Returns the last logged metrics. Raises Preempted after a signal-triggered save and
+    NonFiniteError under the "stop" policy; every exit path waits for pending saves.
     """
     workdir = Path(workdir)
     mesh = make_mesh(dict(cfg.mesh))
     spec = StateSpec(cfg, task.build_model, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    data_iter = iter(task.data())
-    start = ckpt.latest_step()
-    if start is not None:
-        stored = ckpt.layout(start)
-        if task.layout is not None and stored is not None:
-            check_same(stored, task.layout, f"the tokenizer now at {cfg.tokenizer.checkpoint}")
-        state, data_state = ckpt.restore(start, spec.abstract_with_shardings())
-        data_iter.set_state(data_state)
-        log(f"resumed from {ckpt.directory} at step {start}")
-    else:
-        start = 0
-        state = spec.init(cfg.seed)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                        keep_every=cfg.train.keep_every)
+    writer = None
+    try:
+        data_iter = iter(task.data())
+        start = choose_resume_step(ckpt, cfg.train.resume, log)
+        if start is not None:
+            stored = ckpt.layout(start)
+            if task.layout is not None and stored is not None:
+                check_same(stored, task.layout,
+                           f"the tokenizer now at {cfg.tokenizer.checkpoint}")
+            state, data_state = ckpt.restore(start, spec.abstract_with_shardings())
+            data_iter.set_state(data_state)
+            saved = ckpt.meta(start)
+            loss = saved.get("metrics", {}).get("loss")
+            log(f"resumed from {ckpt.directory} at step {start}"
+                + (f" (saved on mesh {saved['mesh']}, loss {loss:.4g})" if loss else ""))
+        else:
+            start = 0
+            state = init_state(cfg, spec, task, log)
+        writer = MetricWriter(workdir)
+        return _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, log)
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+
+def init_state(cfg, spec: StateSpec, task, log) -> dict:
+    """A fresh state: random init, or (fine-tuning) the params of `init.checkpoint`, a
+    run directory or an exported one, with a fresh optimizer state. The source's EMA
+    weights are used when it has them (they are what eval and sampling use)."""
+    state = spec.init(cfg.seed)
+    init = cfg.get("init") or {}
+    source = init.get("checkpoint", "")
+    if not source:
+        return state
+    from mmgen.export import flatten_params, params_from_flat
+    from mmgen.load import load_run
+
+    step = init.get("step", -1)
+    model, _, layout, step = load_run(source, None if step < 0 else step, use_ema=True)
+    if task.layout is not None and layout is not None:
+        check_same(task.layout, layout, f"init.checkpoint {source}")
+    flat = flatten_params(nnx.state(model, nnx.Param))
+    state["params"] = params_from_flat(flat, spec.abstract_with_shardings()["params"],
+                                       source=f"init.checkpoint {source}")
+    if "ema" in state:
+        state["ema"] = jax.tree.map(jnp.copy, state["params"])
+    log(f"initialised parameters from {source} (step {step})")
+    return state
+
+
+def _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, log):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     log(f"{task.name}: {n_params:,} parameters on {mesh.size} device(s) {dict(mesh.shape)}; "
         f"workdir {workdir}")
     step_fn = make_train_step(spec, task.loss)
     sharding = batch_sharding(mesh)
-    writer = MetricWriter(workdir)
     # checkpoint first: after a preemption signal the save must not wait behind evals
     hooks = [CheckpointHook(ckpt, cfg.train.checkpoint_every), *task.hooks(),
              ProfilerHook(cfg.train.profile_start, cfg.train.profile_steps)]
     ctx = Context(cfg=cfg, workdir=workdir, step=start, state=state, spec=spec, writer=writer,
-                  data_iter=data_iter, layout=task.layout)
+                  data_iter=data_iter, layout=task.layout, mesh=mesh)
     total = cfg.train.steps
-    last: dict[str, float] = {}
     t_window, wait_window, steps_window = time.time(), 0.0, 0
-    with _StopFlag() as stop, jax.set_mesh(mesh):
+    with _StopSignal() as stop, jax.set_mesh(mesh):
         for step in range(start + 1, total + 1):
             t0 = time.time()
             batch = to_global(next(data_iter), sharding)
@@ -83,17 +163,18 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
             ctx.state, raw = step_fn(ctx.state, batch)
             ctx.step = step
             steps_window += 1
-            if step % cfg.train.log_every == 0 or step == total or stop.raised:
-                last = summarise(raw)
+            stopping = stop.raised(step)
+            if step % cfg.train.log_every == 0 or step == total or stopping:
+                check_health(ctx.state, cfg)
+                metrics = summarise(raw)
                 dt = time.time() - t_window
                 rate = steps_window / dt
-                last.update(steps_per_s=rate, tokens_per_s=rate * task.tokens_per_batch,
-                            data_wait=wait_window / dt)
-                writer.scalars(step, last)
-                log(progress_line(step, total, last, tokens_per_s=last["tokens_per_s"],
-                                  data_wait=last["data_wait"], eta_s=(total - step) / rate))
-                if not np.isfinite(last["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {step}")
+                metrics.update(steps_per_s=rate, tokens_per_s=rate * task.tokens_per_batch,
+                               data_wait=wait_window / dt)
+                writer.scalars(step, metrics)
+                ctx.metrics = metrics
+                log(progress_line(step, total, metrics, tokens_per_s=metrics["tokens_per_s"],
+                                  data_wait=metrics["data_wait"], eta_s=(total - step) / rate))
                 t_window, wait_window, steps_window = time.time(), 0.0, 0
             ran_hook = False
             for hook in hooks:
@@ -103,12 +184,12 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
             if ran_hook:  # evals and grids are not training throughput
                 jax.block_until_ready(ctx.state)
                 t_window, wait_window, steps_window = time.time(), 0.0, 0
-            if stop.raised or ctx.stop:
+            if stopping or ctx.stop:
                 break
         for hook in hooks:
             # after a stop signal, save and leave: no evals or grids in the grace period
-            if not stop.raised or isinstance(hook, (CheckpointHook, ProfilerHook)):
+            if stop.signum is None or isinstance(hook, (CheckpointHook, ProfilerHook)):
                 hook.end(ctx)
-    ckpt.close()
-    writer.close()
-    return last
+    if stop.signum is not None:
+        raise Preempted(ctx.step, stop.signum)
+    return ctx.metrics

@@ -36,7 +36,10 @@ class StateSpec:
 
     def _init(self, key: jax.Array) -> dict:
         _, params = split_params(self.build_model(nnx.Rngs(key)))
-        state = {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        state = {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
+                 # non-finite steps seen (updates dropped) and the first one (-1 = none)
+                 "health": {"count": jnp.zeros((), jnp.int32),
+                            "first_step": jnp.full((), -1, jnp.int32)}}
         if self.cfg.optim.ema_decay > 0:
             state["ema"] = jax.tree.map(jnp.copy, params)
         return state

@@ -54,12 +54,15 @@ def make_train_step(spec: StateSpec, loss_name: str):
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
         updates, opt = spec.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"params": params, "opt": opt, "step": state["step"] + 1}
+        new = {"params": params, "opt": opt}
         if "ema" in state:
             d = cfg.optim.ema_decay
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       lr=lr_schedule(state["step"]), loss_tokens=norm)
+        grad_norm = optax.tree.norm(grads)
+        new, health = _guard_nonfinite(state, new, loss, grad_norm, cfg.train.nonfinite)
+        new["step"] = state["step"] + 1
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
+                       loss_tokens=norm, nonfinite_steps=health["count"])
         return new, metrics
 
     return jax.jit(
@@ -69,3 +72,43 @@ def make_train_step(spec: StateSpec, loss_name: str):
         donate_argnums=0,
     )
 
+
+
+def _guard_nonfinite(old: dict, new: dict, loss, grad_norm, policy: str):
+    """Drops a non-finite update: params, optimizer state and EMA stay those of the last
+    finite step. `health` counts such steps and remembers the first; with the "stop"
+    policy every later update is dropped too, so whatever the loop checkpoints before
+    it notices (it checks at log steps and before saves) is the last good state."""
+    health = old["health"]
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if policy == "skip" else finite & (health["first_step"] < 0)
+    kept = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new,
+                        {k: old[k] for k in new})
+    bad = ~finite
+    health = {
+        "count": health["count"] + bad.astype(jnp.int32),
+        "first_step": jnp.where(bad & (health["first_step"] < 0), old["step"] + 1,
+                                health["first_step"]),
+    }
+    return dict(kept, health=health), health
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def check_health(state: dict, cfg) -> None:
+    """Raises NonFiniteError (one line) when the non-finite policy says stop. Reads two
+    scalars, so the loop calls it only at log steps and before checkpoint saves."""
+    count = int(state["health"]["count"])
+    if count == 0:
+        return
+    first = int(state["health"]["first_step"])
+    if cfg.train.nonfinite == "stop":
+        raise NonFiniteError(
+            f"non-finite loss or gradient norm at step {first}; its update and all later "
+            "ones were dropped and no checkpoint was written after it (train.nonfinite=stop)")
+    if count > cfg.train.max_nonfinite:
+        raise NonFiniteError(
+            f"{count} non-finite steps (first at step {first}) exceed train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}; skipped updates were never applied")

@@ -1,0 +1,1 @@
+"""Importers that turn other frameworks' checkpoints into mmgen exports (docs/export.md)."""

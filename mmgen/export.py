@@ -1,0 +1,199 @@
+"""Pickle-free exports of trained weights: one safetensors file plus JSON metadata.
+
+An exported directory holds
+
+    model.safetensors  every parameter, named by its dotted path in the model
+                       (`embed_VD`, `blocks.0.attn.w_q_DHK`, `blocks.0.mlp.w_down_FD`,
+                       `final_norm.scale`, ...), floating tensors cast to one dtype
+    config.json        the resolved mmgen config (mmgen.config.to_json)
+    layout.json        the token layout (TokenLayout.to_json); absent for tokenizer runs
+    export.json        format version, dtype, tensor count and bytes, where the weights
+                       came from (run + step, or an imported LLM), jax/mmgen versions
+
+`mmgen.load.load_run` accepts such a directory wherever it accepts a run directory.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors reads as BF16)
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from mmgen.config import from_json, to_json
+from mmgen.tokenizers.layout import TokenLayout
+from mmgen.train.optimizer import param_path
+
+FORMAT = "mmgen-export"
+VERSION = 1
+WEIGHTS, CONFIG, LAYOUT, INFO = "model.safetensors", "config.json", "layout.json", "export.json"
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class ExportError(ValueError):
+    """Weights cannot be written or read as asked; the message is one line."""
+
+
+class ParamMismatchError(ExportError):
+    """Tensor names or shapes in a file do not match the model built from its config."""
+
+
+def tensor_name(path) -> str:
+    """'blocks.0.attn.w_q_DHK' from a jax key path into an nnx.State of Params."""
+    return param_path(path).replace("/", ".")
+
+
+def flatten_params(params: nnx.State) -> dict[str, np.ndarray]:
+    """Dotted name -> host numpy array, for every parameter."""
+    flat = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            # np.asarray would need the other hosts' shards; exports run single-process
+            raise ExportError(f"{tensor_name(path)} is not fully addressable: export from a "
+                              "single process")
+        flat[tensor_name(path)] = np.asarray(x)
+    return flat
+
+
+def _cast(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    if dtype not in DTYPES:
+        raise ExportError(f"export dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    out = {}
+    for name, x in flat.items():
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            y = x.astype(DTYPES[dtype])
+            # float16 tops out at 65504: an overflow would silently become inf
+            if not np.isfinite(y).all() and np.isfinite(x).all():
+                raise ExportError(f"{name} overflows {dtype} (max |x| = {np.abs(x).max():.4g})")
+            x = y
+        out[name] = np.ascontiguousarray(x)
+    return out
+
+
+def _mmgen_version() -> str:
+    try:
+        return importlib.metadata.version("mmgen")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
+               out_dir: str | Path, *, dtype: str = "float32",
+               source: dict | None = None) -> Path:
+    """Writes an exported directory from host arrays (see the module docstring)."""
+    out = Path(out_dir)
+    if (out / "checkpoints").exists():
+        raise ExportError(f"{out} is a run directory (it has checkpoints/); export elsewhere")
+    tensors = _cast(flat, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    # Old weights go first and new ones come last, renamed into place: a directory
+    # counts as exported (is_exported) only once its weights match its config.
+    (out / WEIGHTS).unlink(missing_ok=True)
+    (out / CONFIG).write_text(to_json(cfg))
+    if layout is not None:
+        (out / LAYOUT).write_text(json.dumps(layout.to_json(), indent=2))
+    elif (out / LAYOUT).exists():
+        (out / LAYOUT).unlink()
+    info = {
+        "format": FORMAT, "version": VERSION, "dtype": dtype,
+        "tensors": len(tensors), "parameters": int(sum(x.size for x in tensors.values())),
+        "bytes": int(sum(x.nbytes for x in tensors.values())),
+        "source": source or {}, "jax": jax.__version__, "mmgen": _mmgen_version(),
+    }
+    (out / INFO).write_text(json.dumps(info, indent=2))
+    tmp = out / (WEIGHTS + ".tmp")
+    safetensors.numpy.save_file(tensors, str(tmp),
+                                metadata={"format": FORMAT, "version": str(VERSION)})
+    os.replace(tmp, out / WEIGHTS)
+    return out
+
+
+def export_params(params: nnx.State, cfg, layout: TokenLayout | None, out_dir: str | Path, *,
+                  dtype: str = "float32", source: dict | None = None) -> Path:
+    """Exports an nnx.State of Params (a train state's "params" or "ema")."""
+    return write_flat(flatten_params(params), cfg, layout, out_dir, dtype=dtype, source=source)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
+               dtype: str = "float32", use_ema: bool = True) -> Path:
+    """Exports a run's latest (or given) checkpoint; the EMA weights when it has them
+    and `use_ema`. An exported directory can be re-exported (e.g. to another dtype)."""
+    from mmgen.load import restore_params  # mmgen.load imports this module
+
+    _, params, cfg, layout, step, source = restore_params(run_dir, step, use_ema=use_ema)
+    return export_params(params, cfg, layout, out_dir, dtype=dtype, source=source)
+
+
+def is_exported(path: str | Path) -> bool:
+    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
+
+
+def read_info(path: str | Path) -> dict:
+    """export.json ({} when absent, e.g. a directory assembled by hand)."""
+    f = Path(path) / INFO
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def read_config(path: str | Path):
+    """(config, layout or None) of an exported directory."""
+    if not is_exported(path):
+        raise FileNotFoundError(f"{path} is not an export (needs {WEIGHTS} and {CONFIG})")
+    info = read_info(path)
+    if info.get("version", VERSION) > VERSION:
+        raise ExportError(f"{path} has export format version {info['version']}; this mmgen "
+                          f"reads up to {VERSION}")
+    cfg = from_json((Path(path) / CONFIG).read_text())
+    layout_file = Path(path) / LAYOUT
+    layout = (TokenLayout.from_json(json.loads(layout_file.read_text()))
+              if layout_file.is_file() else None)
+    return cfg, layout
+
+
+def read_exported(path: str | Path):
+    """(config, layout or None, {name: numpy array}) of an exported directory."""
+    cfg, layout = read_config(path)
+    flat = safetensors.numpy.load_file(str(Path(path) / WEIGHTS))
+    return cfg, layout, flat
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def check_flat(flat: dict[str, np.ndarray], abstract_params: nnx.State, *, source: str) -> None:
+    """Raises ParamMismatchError (one line) unless names and shapes match exactly."""
+    want = {tensor_name(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    missing = sorted(set(want) - set(flat))
+    unexpected = sorted(set(flat) - set(want))
+    shapes = [f"{n}: file {tuple(flat[n].shape)} vs model {want[n]}"
+              for n in sorted(set(want) & set(flat)) if tuple(flat[n].shape) != want[n]]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing" + (f" ({_few(missing)})" if missing else ""),
+                 f"{len(unexpected)} unexpected" + (f" ({_few(unexpected)})" if unexpected
+                                                    else ""),
+                 f"{len(shapes)} shape mismatch" + ("es" if len(shapes) > 1 else "")
+                 + (f" ({_few(shapes)})" if shapes else "")]
+        raise ParamMismatchError(f"{source}: " + ", ".join(parts))
+
+
+def params_from_flat(flat: dict[str, np.ndarray], abstract_params: nnx.State, *,
+                     source: str) -> nnx.State:
+    """An nnx.State shaped like `abstract_params` (ShapeDtypeStructs, with or without a
+    sharding) holding the named arrays, cast to the model's dtypes and placed on the
+    shardings where given."""
+    check_flat(flat, abstract_params, source=source)
+
+    def one(path, a):
+        x = np.asarray(flat[tensor_name(path)]).astype(a.dtype)
+        sharding = getattr(a, "sharding", None)
+        return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params)

@@ -1,0 +1,402 @@
+"""Checkpoints never lose a run: kill -9, SIGTERM, truncated files, non-finite steps,
+retention, resume modes. Real training processes of the (fast) tokenizer config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmgen.cli import main as mmgen
+from mmgen.config import load_config
+from mmgen.load import load_run
+from mmgen.tasks import TokenizerTask
+from mmgen.train.checkpoint import MANIFEST, Checkpointer
+from mmgen.train.loop import EXIT_PREEMPTED, train
+from mmgen.train.losses import autoencoder_loss, register_loss
+from mmgen.train.step import NonFiniteError
+
+CONFIG = "configs/tokenizer_tiny.py"
+
+
+def _small(tmp: Path, *extra: str) -> list[str]:
+    """Overrides for a tokenizer run of a few hundred milliseconds per step or less."""
+    return ["--config.model.channels=16", "--config.model.num_res_blocks=1",
+            "--config.train.global_batch=8", "--config.train.log_every=1",
+            f"--config.data.cache_dir={tmp / 'cache'}", *extra]
+
+
+def _cmd(repo: Path, work: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "mmgen.cli", "train", "--config", str(repo / CONFIG),
+            "--workdir", str(work), *overrides]
+
+
+def _losses(work: Path) -> dict[int, float]:
+    """Last logged loss per step (a killed run may have logged a step twice)."""
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _params(work: Path) -> list[np.ndarray]:
+    model = load_run(work, use_ema=False)[0]
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def _popen(cmd, repo):
+    return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _read_until(proc, prefix: str, timeout: float = 300) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        if time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"never saw {prefix!r}:\n" + "".join(lines[-20:]))
+
+
+def _finish(proc, timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return out
+
+
+def _run(cmd, repo, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+
+
+# -- kill -9 and exact resume -------------------------------------------------------------
+
+def test_kill9_then_resume_matches_uninterrupted_run_bitwise(repo, tmp_path):
+    """N steps straight vs killed with SIGKILL mid-run and resumed with the same command:
+    identical parameters and identical logged losses for every step."""
+    steps = 40
+    args = _small(tmp_path, f"--config.train.steps={steps}", "--config.train.checkpoint_every=4",
+                  "--config.train.keep_checkpoints=2")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = _run(_cmd(repo, full, *args), repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    proc = _popen(_cmd(repo, killed, *args), repo)
+    _read_until(proc, "step 14/")
+    os.killpg(proc.pid, signal.SIGKILL)
+    _finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    r = _run(_cmd(repo, killed, *args), repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    resumed_at = [int(x.split("at step ")[1].split()[0]) for x in r.stdout.splitlines()
+                  if x.startswith("resumed from")]
+    assert resumed_at and 4 <= resumed_at[0] <= 12 and resumed_at[0] % 4 == 0, r.stdout[-2000:]
+
+    a, b = _losses(full), _losses(killed)
+    assert sorted(b) == list(range(1, steps + 1))
+    assert a == b  # every step, including those re-run after the kill
+    for x, y in zip(_params(full), _params(killed), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kill9_during_async_save_resumes_from_previous_complete_checkpoint(repo, tmp_path):
+    """SIGKILL right after a save starts (bigger model, so the async write takes a while):
+    the half-written checkpoint never becomes a step directory; resume uses the one before."""
+    work = tmp_path / "run"
+    args = _small(tmp_path, "--config.model.channels=96", "--config.model.num_res_blocks=2",
+                  "--config.train.global_batch=2", "--config.train.steps=100000",
+                  "--config.train.checkpoint_every=5", "--config.train.keep_checkpoints=5")
+    caught_mid_save = False
+    for _attempt in range(3):
+        shutil.rmtree(work, ignore_errors=True)
+        proc = _popen(_cmd(repo, work, *args), repo)
+        _read_until(proc, "step 6/")  # checkpoint 5 is complete, step 10 not yet
+        _read_until(proc, "step 10/")  # save of 10 starts right after this line
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        _finish(proc)
+        ckpt = work / "checkpoints"
+        leftovers = [p.name for p in ckpt.iterdir() if not p.name.isdigit()]
+        if not (ckpt / "10").exists() and any(n.startswith("10") for n in leftovers):
+            caught_mid_save = True
+            break
+    assert caught_mid_save, "never caught a save in flight"
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert steps[-1] == 5, steps
+    r = _run(_cmd(repo, work, *[a for a in args if "train.steps" not in a],
+                  "--config.train.steps=7"), repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "at step 5" in r.stdout
+    assert not any(p.name.startswith("10") for p in ckpt.iterdir())  # tmp dir cleaned up
+
+
+# -- SIGTERM ------------------------------------------------------------------------------
+
+def test_sigterm_saves_at_next_step_exits_75_and_resume_continues(repo, tmp_path):
+    work = tmp_path / "term"
+    args = _small(tmp_path, "--config.train.steps=100000",
+                  "--config.train.checkpoint_every=100000")
+    proc = _popen(_cmd(repo, work, *args), repo)
+    _read_until(proc, "step 3/")
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert proc.returncode == EXIT_PREEMPTED == 75, out[-2000:]
+    assert "saving a checkpoint at the next step boundary" in out
+    ckpt = Checkpointer(work / "checkpoints", read_only=True)
+    saved = ckpt.steps()
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    assert ckpt.problem(saved[0]) is None and (work / "checkpoints" / str(saved[0]) / MANIFEST)
+    assert ckpt.meta(saved[0])["metrics"]["loss"] > 0  # the metrics window rides along
+    r = _run(_cmd(repo, work, *args[:-2], f"--config.train.steps={saved[0] + 2}"), repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(_losses(work))[-2:] == [saved[0] + 1, saved[0] + 2]
+
+
+def test_second_signal_exits_at_once_and_latest_checkpoint_stays_good(repo, tmp_path):
+    work = tmp_path / "twice"
+    # a bigger model, so the preemption save is still being written when signal two lands
+    args = _small(tmp_path, "--config.model.channels=128", "--config.model.num_res_blocks=2",
+                  "--config.train.global_batch=2", "--config.train.steps=100000",
+                  "--config.train.checkpoint_every=4")
+    proc = _popen(_cmd(repo, work, *args), repo)
+    _read_until(proc, "step 9/")
+    proc.send_signal(signal.SIGTERM)
+    _read_until(proc, "signal 15: saving")
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "exiting now without saving" in out
+    ckpt = Checkpointer(work / "checkpoints", read_only=True)
+    latest = ckpt.latest_step()
+    assert latest is not None and latest % 4 == 0 and ckpt.problem(latest) is None
+    r = _run(_cmd(repo, work, *args[:-2], f"--config.train.steps={latest + 1}"), repo)
+    assert r.returncode == 0 and f"at step {latest}" in r.stdout, r.stderr[-2000:]
+
+
+# -- truncated checkpoints and resume modes ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def six_steps(repo, tmp_path_factory) -> Path:
+    """A run with checkpoints 3 and 6 (copied by each test that damages it)."""
+    root = tmp_path_factory.mktemp("six")
+    work = root / "run"
+    rc = mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                *_small(root, "--config.train.steps=6", "--config.train.checkpoint_every=3")])
+    assert rc == 0
+    return work
+
+
+def _largest_state_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _train_main(repo, work, tmp_path, *extra) -> int:
+    return mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                  *_small(tmp_path, "--config.train.steps=7", "--config.train.checkpoint_every=3",
+                          *extra)])
+
+
+def test_truncated_latest_fails_in_one_line_or_falls_back(repo, six_steps, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    victim = _largest_state_file(work / "checkpoints" / "6")
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    assert _train_main(repo, work, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    rel = victim.relative_to(work / "checkpoints" / "6")
+    assert "checkpoint 6" in err[0] and str(rel) in err[0] and "truncated" in err[0], err
+    assert _train_main(repo, work, tmp_path, "--config.train.resume=latest_valid") == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint 6" in out and "at step 3" in out
+    assert (next(work.glob("checkpoints_incomplete_*")) / "6" / "state").is_dir()
+
+
+def test_missing_item_is_named(repo, six_steps, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    shutil.rmtree(work / "checkpoints" / "6" / "data")
+    assert _train_main(repo, work, tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint 6" in err and "data" in err and "missing" in err and "\n" not in err
+
+
+def test_resume_step_moves_newer_checkpoints_aside(repo, six_steps, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                  "--resume=3", *_small(tmp_path, "--config.train.steps=4",
+                                        "--config.train.checkpoint_every=3")]) == 0
+    out = capsys.readouterr().out
+    assert "at step 3" in out and "moved checkpoints [6]" in out
+    aside = list(work.glob("checkpoints_after_3_*"))
+    assert len(aside) == 1 and (aside[0] / "6" / "state").is_dir()  # nothing deleted
+    assert Checkpointer(work / "checkpoints", read_only=True).steps() == [3, 4]
+
+
+def test_resume_none_refuses_existing_checkpoints(repo, six_steps, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    assert _train_main(repo, work, tmp_path, "--config.train.resume=none") == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_retention_keeps_latest_n_and_every_k(repo, tmp_path):
+    work = tmp_path / "keep"
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                  *_small(tmp_path, "--config.train.steps=10", "--config.train.checkpoint_every=2",
+                          "--config.train.keep_checkpoints=2",
+                          "--config.train.keep_every=4")]) == 0
+    assert Checkpointer(work / "checkpoints", read_only=True).steps() == [4, 8, 10]
+
+
+# -- non-finite steps ----------------------------------------------------------------------
+
+@register_loss("poisoned_autoencoder", norm=lambda batch, cfg: batch["images"].shape[0])
+def _poisoned_loss(model, batch, cfg):
+    # poison is 0 except on injected steps, where it is NaN: loss and gradients go NaN
+    loss, metrics = autoencoder_loss(model, batch, cfg)
+    return loss * (1.0 + jnp.sum(batch["poison"])), metrics
+
+
+class _PoisonedStream:
+    """Wraps a grain iterator, adding a `poison` field that is NaN at chosen steps."""
+
+    def __init__(self, inner, bad_steps):
+        self.inner, self.bad_steps, self.step = inner, set(bad_steps), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.step += 1
+        poison = np.full(len(batch["images"]), np.nan if self.step in self.bad_steps else 0.0,
+                         np.float32)
+        return dict(batch, poison=poison)
+
+    def get_state(self):
+        return {"inner": self.inner.get_state(), "step": self.step}
+
+    def set_state(self, state):
+        self.inner.set_state(state["inner"])
+        self.step = state["step"]
+
+
+class _PoisonedTask(TokenizerTask):
+    loss = "poisoned_autoencoder"
+
+    def __init__(self, cfg, bad_steps):
+        super().__init__(cfg, log=lambda *_: None)
+        self.bad_steps = bad_steps
+
+    def data(self):
+        return _PoisonedStream(iter(super().data()), self.bad_steps)
+
+    def hooks(self):
+        return []
+
+
+def _nan_cfg(repo, tmp_path, policy, *extra):
+    return load_config(str(repo / CONFIG), [
+        o.replace("--config.", "") for o in _small(
+            tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=4",
+            f"--config.train.nonfinite={policy}", *extra)])
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_last_good_checkpoint(repo, tmp_path):
+    cfg = _nan_cfg(repo, tmp_path, "stop", "--config.train.log_every=100")
+    work = tmp_path / "stop"
+    with pytest.raises(NonFiniteError, match="at step 6"):
+        train(cfg, work, _PoisonedTask(cfg, bad_steps=[6]), log=lambda *_: None)
+    ckpt = Checkpointer(work / "checkpoints", read_only=True)
+    assert ckpt.steps() == [4]  # the end-of-run save was refused
+    params = _params(work)
+    assert all(np.isfinite(p).all() for p in params)
+
+
+def test_nonfinite_skip_drops_the_update_and_counts_it(repo, tmp_path):
+    cfg = _nan_cfg(repo, tmp_path, "skip")
+    clean_cfg = _nan_cfg(repo, tmp_path, "skip")
+    work, clean = tmp_path / "skip", tmp_path / "clean"
+    last = train(cfg, work, _PoisonedTask(cfg, bad_steps=[3, 5]), log=lambda *_: None)
+    assert last["nonfinite_steps"] == 2
+    train(clean_cfg, clean, _PoisonedTask(clean_cfg, bad_steps=[]), log=lambda *_: None)
+    skipped, reference = _params(work), _params(clean)
+    assert all(np.isfinite(p).all() for p in skipped)
+    # the run went on training: not the same as the clean run, but not stuck at init
+    assert any(not np.array_equal(a, b) for a, b in zip(skipped, reference, strict=True))
+    losses = _losses(work)
+    assert np.isnan(losses[3]) and np.isnan(losses[5]) and np.isfinite(losses[8])
+    cfg.train.max_nonfinite = 1
+    with pytest.raises(NonFiniteError, match="exceed train.max_nonfinite=1"):
+        train(cfg, tmp_path / "cap", _PoisonedTask(cfg, bad_steps=[2, 3]), log=lambda *_: None)
+
+
+# -- restore onto another mesh -------------------------------------------------------------
+
+def _sharded(repo, runs, root, devices, *args) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(repo / "tests" / "reshard_run.py"), str(repo),
+                        str(runs["tokenizer"]), str(runs["cache"]), str(root), *args],
+                       env=env, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["devices"] == devices
+    return out
+
+
+@pytest.mark.slow
+def test_restore_onto_a_different_mesh_and_device_count(repo, runs, tmp_path):
+    """Saved on 8 devices as data=2 x fsdp=4; resumed as data=2 x fsdp=2 x tensor=2 on 8
+    devices and as fsdp=2 x tensor=2 on 4: orbax reshards params and optimizer state, and
+    the next step's loss matches the uninterrupted run (float32 reduction order only)."""
+    saved = _sharded(repo, runs, tmp_path, 8, "save")
+    shutil.copytree(tmp_path / "part", tmp_path / "part4")
+    on8 = _sharded(repo, runs, tmp_path, 8, "part", "2,2,2")["resumed"]
+    on4 = _sharded(repo, runs, tmp_path, 4, "part4", "1,2,2")["resumed"]
+    ref = saved["reference"]["5"]
+    for resumed in (on8, on4):
+        assert abs(resumed["5"] - ref) <= 1e-4 * ref, (resumed, saved)
+        assert resumed["4"] == saved["saved"]["4"]  # the log before the save is kept
+
+
+# -- fine-tuning init ----------------------------------------------------------------------
+
+def test_init_checkpoint_loads_params_and_refuses_mismatched_shapes(repo, six_steps, tmp_path,
+                                                                     capsys):
+    work = tmp_path / "ft"
+    # everything frozen: after training, the params must still be exactly the source's
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                  *_small(tmp_path, "--config.train.steps=2", "--config.optim.freeze=.*",
+                          f"--config.init.checkpoint={six_steps}")]) == 0
+    assert "initialised parameters from" in capsys.readouterr().out
+    for x, y in zip(_params(six_steps), _params(work), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(tmp_path / "bad"),
+                  *_small(tmp_path, "--config.train.steps=2", "--config.model.channels=24",
+                          f"--config.init.checkpoint={six_steps}")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "shape mismatch" in err and "\n" not in err, err

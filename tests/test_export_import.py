@@ -1,0 +1,326 @@
+"""Safetensors exports round-trip; a Llama checkpoint imports to the same logits on text."""
+
+import dataclasses
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from mmgen.cli import main as mmgen
+from mmgen.config import load_config
+from mmgen.convert.llama import ConvertError, import_llama
+from mmgen.export import (
+    ParamMismatchError,
+    export_params,
+    is_exported,
+    params_from_flat,
+    read_exported,
+    read_info,
+)
+from mmgen.load import build_model_fn, load_run
+from mmgen.parallel.mesh import make_mesh
+from mmgen.tasks import resolve_joint
+from mmgen.tokenizers.layout import TokenLayout
+from mmgen.train.state import StateSpec
+
+LAYOUT = TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t")
+IMAGE_LAYOUT = TokenLayout(image_codes=64, image_grid=(4, 4), image_tokenizer_id="test-fsq")
+
+
+def _text_batch(vocab: int, B: int = 2, L: int = 16, seed: int = 0) -> dict:
+    """Plain text rows per data/schema.py: one segment, positions 0..L-1, no image."""
+    tokens = np.random.default_rng(seed).integers(0, vocab, (B, L))
+    zeros = np.zeros((B, L), np.int32)
+    return {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.ones((B, L), jnp.int32),
+            "positions": jnp.asarray(np.tile(np.arange(L), (B, 1)), jnp.int32),
+            "rows": jnp.asarray(zeros), "cols": jnp.asarray(zeros),
+            "span_ids": jnp.asarray(zeros)}
+
+
+def _leaves(params) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.fixture(scope="module")
+def joint(repo):
+    cfg = load_config(str(repo / "configs/tiny.py:smoke"), [
+        "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.head_dim=8", "model.mlp_dim=64", "model.max_image_grid=4"])
+    resolve_joint(cfg, LAYOUT)
+    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    return cfg, spec, spec.init(0)
+
+
+def test_float32_export_round_trips_bit_exactly(joint, tmp_path):
+    cfg, spec, state = joint
+    out = export_params(state["params"], cfg, LAYOUT, tmp_path / "x",
+                        source={"run": "test", "step": 7})
+    assert is_exported(out) and not is_exported(tmp_path)
+    assert {f.name for f in out.iterdir()} == {"model.safetensors", "config.json",
+                                               "layout.json", "export.json"}
+    got_cfg, got_layout, flat = read_exported(out)
+    assert got_layout == LAYOUT and got_cfg.to_dict() == cfg.to_dict()
+    assert "blocks.1.attn.w_q_DHK" in flat and "embed_VD" in flat and "final_norm.scale" in flat
+    info = read_info(out)
+    assert info["dtype"] == "float32" and info["source"]["step"] == 7
+    assert info["tensors"] == len(flat)
+    back = params_from_flat(flat, spec.abstract_with_shardings()["params"], source="t")
+    want, got = _leaves(state["params"]), _leaves(back)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    model, _, layout, step = load_run(out)
+    assert layout == LAYOUT and step == 7
+    batch = _text_batch(LAYOUT.vocab_size)
+    np.testing.assert_array_equal(np.asarray(model(batch)),
+                                  np.asarray(spec.model(state["params"])(batch)))
+
+
+def test_bfloat16_export_is_bf16_on_disk_and_reads_back_rounded(joint, tmp_path):
+    cfg, spec, state = joint
+    out = export_params(state["params"], cfg, LAYOUT, tmp_path / "x", dtype="bfloat16")
+    raw = (out / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    _, _, flat = read_exported(out)
+    assert flat["embed_VD"].dtype == ml_dtypes.bfloat16
+    back = _leaves(params_from_flat(flat, spec.abstract["params"], source="t"))
+    for k, want in _leaves(state["params"]).items():
+        assert back[k].dtype == np.float32
+        # exactly the round-to-nearest bfloat16 value (8 significant bits), so within
+        # a relative 2**-8 of the float32 one
+        np.testing.assert_array_equal(back[k], want.astype(ml_dtypes.bfloat16).astype(np.float32))
+        np.testing.assert_allclose(back[k], want, rtol=2**-8, atol=0, err_msg=k)
+
+
+def test_mismatches_are_named_in_one_line(joint, tmp_path):
+    cfg, spec, state = joint
+    _, _, flat = read_exported(export_params(state["params"], cfg, LAYOUT, tmp_path / "x"))
+    abstract = spec.abstract["params"]
+    flat.pop("blocks.1.attn.w_q_DHK")
+    flat["embed_VD"] = np.zeros((256, 32), np.float32)
+    flat["extra.w"] = np.zeros(3, np.float32)
+    with pytest.raises(ParamMismatchError) as e:
+        params_from_flat(flat, abstract, source="export runs/x")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("export runs/x: 1 missing (blocks.1.attn.w_q_DHK)")
+    assert "1 unexpected (extra.w)" in msg
+    assert "1 shape mismatch (embed_VD: file (256, 32) vs model (384, 32))" in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_cli_export_of_a_checkpoint_and_its_errors(joint, tmp_path, capsys):
+    from mmgen.train.checkpoint import Checkpointer
+
+    cfg, spec, state = joint
+    run = tmp_path / "run"
+    ckpt = Checkpointer(run / "checkpoints")
+    ckpt.save(3, state, data_state={}, cfg=cfg, layout=LAYOUT)
+    ckpt.close()
+    assert mmgen(["export", "--checkpoint", str(run), "--out", str(tmp_path / "e"),
+                  "--dtype", "float16"]) == 0
+    assert "tensors" in capsys.readouterr().out
+    info = read_info(tmp_path / "e")
+    assert info["dtype"] == "float16" and info["source"]["step"] == 3
+    model, _, _, step = load_run(tmp_path / "e")
+    assert step == 3
+    batch = _text_batch(LAYOUT.vocab_size)
+    np.testing.assert_allclose(np.asarray(model(batch)),
+                               np.asarray(spec.model(state["params"])(batch)), atol=2e-2)
+    for argv in (["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "f")],
+                 ["export", "--checkpoint", str(run), "--out", str(run)],
+                 ["eval", "--checkpoint", str(tmp_path / "e"), "--step", "5"]):
+        assert mmgen(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"mmgen {argv[0]}: error:") and "\n" not in err, err
+
+
+# -- Llama import ----------------------------------------------------------------------
+
+HF = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+          rope_theta=10_000.0, rope_scaling=None, attention_bias=False, mlp_bias=False,
+          hidden_act="silu", model_type="llama", architectures=["LlamaForCausalLM"])
+
+
+def _llama_weights(hf: dict, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    V, D, F = hf["vocab_size"], hf["hidden_size"], hf["intermediate_size"]
+    H, G, K = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+
+    def linear(out_dim, in_dim):  # torch layout [out, in]
+        return rng.normal(0, in_dim**-0.5, (out_dim, in_dim)).astype(np.float32)
+
+    def norm():
+        return (1 + 0.1 * rng.normal(size=D)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.normal(size=(V, D)).astype(np.float32),
+         "model.norm.weight": norm()}
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
+              p + "self_attn.q_proj.weight": linear(H * K, D),
+              p + "self_attn.k_proj.weight": linear(G * K, D),
+              p + "self_attn.v_proj.weight": linear(G * K, D),
+              p + "self_attn.o_proj.weight": linear(D, H * K),
+              p + "mlp.gate_proj.weight": linear(F, D), p + "mlp.up_proj.weight": linear(F, D),
+              p + "mlp.down_proj.weight": linear(D, F)}
+    if not tied:
+        w["lm_head.weight"] = linear(V, D)
+    return w
+
+
+def _llama_reference(w: dict, hf: dict, tokens_BL: np.ndarray) -> np.ndarray:
+    """Hugging Face LlamaForCausalLM's forward, in float64 numpy."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    H, G, K = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    eps, B, L = hf["rms_norm_eps"], *tokens_BL.shape
+
+    def rms_norm(x, scale):
+        return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * scale
+
+    def rotate_half(x):
+        return np.concatenate([-x[..., K // 2:], x[..., :K // 2]], -1)
+
+    inv_freq = 1.0 / hf["rope_theta"] ** (np.arange(0, K, 2) / K)
+    angles_LK = np.concatenate([np.outer(np.arange(L), inv_freq)] * 2, -1)
+    cos, sin = np.cos(angles_LK)[None, :, None], np.sin(angles_LK)[None, :, None]
+    causal = np.tril(np.ones((L, L), bool))
+    x = w["model.embed_tokens.weight"][tokens_BL]
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(B, L, H, K)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(B, L, G, K)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(B, L, G, K)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, H // G, axis=2), np.repeat(v, H // G, axis=2)  # repeat_kv
+        s = np.einsum("blhk,bmhk->bhlm", q, k) / np.sqrt(K)
+        s = np.where(causal, s, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.einsum("bhlm,bmhk->blhk", s, v).reshape(B, L, H * K)
+        x = x + o @ w[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        up = h @ w[p + "mlp.up_proj.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = rms_norm(x, w["model.norm.weight"])
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+
+
+def _write_hf(path, hf: dict, w: dict, *, shards: int, dtype=np.float32) -> None:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(hf))
+    names = sorted(w)
+    if shards == 1:
+        safetensors.numpy.save_file({k: w[k].astype(dtype) for k in names},
+                                    str(path / "model.safetensors"))
+        return
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        safetensors.numpy.save_file({k: w[k].astype(dtype) for k in part}, str(path / file))
+        weight_map |= {k: file for k in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("tied,shards,dtype", [(False, 1, np.float32),
+                                               (True, 2, ml_dtypes.bfloat16)],
+                         ids=["untied-1-shard-f32", "tied-2-shards-bf16"])
+def test_llama_import_reproduces_the_llm_on_text(repo, tmp_path, tied, shards, dtype):
+    hf = dict(HF, tie_word_embeddings=tied)
+    w = _llama_weights(hf, tied)
+    _write_hf(tmp_path / "hf", hf, w, shards=shards, dtype=dtype)
+    # the reference sees exactly the weights on disk
+    w = {k: v.astype(dtype).astype(np.float32) for k, v in w.items()}
+    out = import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
+                       base_config=str(repo / "configs/tiny.py"))
+    model, cfg, layout, step = load_run(out)
+    assert step == 0 and cfg.kind == "joint" and cfg.model.rope == "mrope"
+    assert not cfg.model.qk_norm and cfg.model.norm_eps == 1e-5
+    assert layout.text_vocab == 300 and layout.bos == 301 and layout.image_offset == 306
+    assert layout.vocab_size == 370 and cfg.model.padded_vocab_size == 384
+    assert layout.image_grid == (4, 4) and layout.image_tokenizer_id == "test-fsq"
+
+    batch = _text_batch(300, L=24)
+    logits = np.asarray(model(batch))
+    want = _llama_reference(w, hf, np.asarray(batch["tokens"]))
+    # float32 model vs float64 reference
+    np.testing.assert_allclose(logits[..., :300], want, atol=1e-4, rtol=1e-4)
+
+    # new rows: finite, near the mean; padding rows zero
+    _, _, flat = read_exported(out)
+    embed = flat["embed_VD"]
+    assert np.isfinite(embed).all() and np.isfinite(flat["unembed_DV"]).all()
+    assert (embed[370:] == 0).all() and (flat["unembed_DV"][:, 370:] == 0).all()
+    mean_D = w["model.embed_tokens.weight"].mean(0)
+    assert np.abs(embed[300:370] - mean_D).max() < 0.6 * w["model.embed_tokens.weight"].std()
+    # new tokens start with average logits: never above the best text token, and their
+    # mean close to the text tokens' mean
+    text, new = logits[..., :300], logits[..., 300:370]
+    assert np.isfinite(new).all()
+    assert (new.max(-1) < text.max(-1)).all()
+    assert (np.abs(new.mean(-1) - text.mean(-1)) < 0.5 * text.std(-1)).all()
+
+    if tied:
+        np.testing.assert_array_equal(flat["unembed_DV"], embed.T)
+        return
+    # the check has teeth: mmgen's own RoPE layout would not reproduce the LLM
+    model.cfg = dataclasses.replace(model.cfg, rope="mm")
+    wrong = np.asarray(model(batch))[..., :300]
+    assert np.abs(wrong - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_llama_import_refuses_what_it_cannot_reproduce(repo, tmp_path, change, match):
+    hf = dict(HF, tie_word_embeddings=True, **change)
+    _write_hf(tmp_path / "hf", hf, _llama_weights(hf, True), shards=1)
+    with pytest.raises(ConvertError, match=match) as e:
+        import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
+                     base_config=str(repo / "configs/tiny.py"))
+    assert "\n" not in str(e.value)
+
+
+def test_llama_import_names_unknown_tensors_and_cli_errors(repo, tmp_path, capsys):
+    hf = dict(HF, tie_word_embeddings=True)
+    w = _llama_weights(hf, True)
+    w["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    w["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)  # ignored
+    _write_hf(tmp_path / "hf", hf, w, shards=1)
+    with pytest.raises(ConvertError, match=r"1 tensor\(s\) .* \(model.layers.0.self_attn.q_pro"):
+        import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
+                     base_config=str(repo / "configs/tiny.py"))
+    for argv in (["import-llama", "--hf", str(tmp_path / "nope"), "--tokenizer", "x",
+                  "--out", str(tmp_path / "o")],
+                 ["import-llama", "--hf", str(tmp_path / "hf"), "--tokenizer", "x",
+                  "--out", str(tmp_path / "o")]):
+        assert mmgen(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmgen import-llama: error:") and "\n" not in err, err
+
+
+def test_mrope_sections_follow_position_plus_row_and_col():
+    from mmgen.models.layers import rope_angles, rope_sections
+
+    K, theta = 16, 10_000.0
+    n_t, n_h, n_w = rope_sections(K)
+    pos, row, col = (jnp.asarray([[v]], jnp.int32) for v in (5, 2, 3))
+    got = np.asarray(rope_angles(pos, row, col, K, theta, "mrope"))[0, 0]
+    inv_freq = 1.0 / theta ** (np.arange(0, K, 2) / K)
+    want = np.concatenate([np.full(n_t, 5), np.full(n_h, 5 + 2), np.full(n_w, 5 + 3)]) * inv_freq
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    text = np.asarray(rope_angles(pos, 0 * row, 0 * col, K, theta, "mrope"))[0, 0]
+    np.testing.assert_allclose(text, 5 * inv_freq, rtol=1e-6)  # plain 1D RoPE
