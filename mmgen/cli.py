@@ -9,9 +9,13 @@ from pathlib import Path
 
 
 def _setup_jax() -> None:
-    """Persistent compilation cache on by default: reruns and resumes skip compiles."""
+    """Multi-process start-up from the environment, then the persistent compilation
+    cache (on by default: reruns and resumes skip compiles)."""
     import jax
 
+    from mmgen.parallel.distributed import initialize_from_env
+
+    initialize_from_env()  # multi-process runs (MMGEN_COORDINATOR etc.); else a no-op
     cache = os.environ.get("MMGEN_COMPILATION_CACHE",
                            str(Path.home() / ".cache" / "mmgen" / "jax"))
     if cache and cache.lower() != "off":

@@ -75,7 +75,9 @@ def restore_params(path: str | Path, step: int | None = None, *, use_ema: bool =
         params = export.params_from_flat(flat, abstract["params"], source=f"export {path}")
         source = dict(export.read_info(path).get("source", {}), export=str(path))
         return spec, params, cfg, layout, step, source
-    ckpt = Checkpointer(Path(path) / "checkpoints")
+    # read-only: a writable manager would delete the temporary directory of a save that
+    # a training process is writing right now
+    ckpt = Checkpointer(Path(path) / "checkpoints", read_only=True)
     try:
         state, _ = ckpt.restore(step, abstract)
     finally:

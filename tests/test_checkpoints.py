@@ -331,6 +331,8 @@ def test_nonfinite_stop_names_the_step_and_keeps_last_good_checkpoint(repo, tmp_
         train(cfg, work, _PoisonedTask(cfg, bad_steps=[6]), log=lambda *_: None)
     ckpt = Checkpointer(work / "checkpoints", read_only=True)
     assert ckpt.steps() == [4]  # the end-of-run save was refused
+    # the async save of step 4 was finished and listed although train() raised
+    assert ckpt.problem(4) is None and (work / "checkpoints" / "4" / MANIFEST).is_file()
     params = _params(work)
     assert all(np.isfinite(p).all() for p in params)
 
@@ -400,3 +402,74 @@ def test_init_checkpoint_loads_params_and_refuses_mismatched_shapes(repo, six_st
                           f"--config.init.checkpoint={six_steps}")]) == 2
     err = capsys.readouterr().err.strip()
     assert "shape mismatch" in err and "\n" not in err, err
+    # an exported directory works as init.checkpoint too (bfloat16 weights, cast back)
+    from mmgen.export import export_run
+
+    export_run(six_steps, tmp_path / "exported", dtype="bfloat16")
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(tmp_path / "ft2"),
+                  *_small(tmp_path, "--config.train.steps=1", "--config.optim.freeze=.*",
+                          f"--config.init.checkpoint={tmp_path / 'exported'}")]) == 0
+    for x, y in zip(_params(six_steps), _params(tmp_path / "ft2"), strict=True):
+        np.testing.assert_allclose(x, y, rtol=2**-8, atol=1e-6)
+
+
+# -- two processes to one ------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_resumes_on_one_process(repo, tmp_path):
+    """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
+    process resumes it. Each global step draws the same examples whatever the process
+    count (process p reads examples p, p + n, ... of the global order), so the losses of
+    every step match a 1-process run up to float32 reduction order."""
+    args = _small(tmp_path, "--config.train.checkpoint_every=4")
+    two, ref = tmp_path / "two", tmp_path / "ref"
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _cmd(repo, two, *args, "--config.train.steps=4"), cwd=repo, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", MMGEN_COORDINATOR=f"127.0.0.1:{port}",
+                 MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i)))
+        for i in range(2)]
+    outs = [_finish(p, timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert Checkpointer(two / "checkpoints", read_only=True).meta(4)["process_count"] == 2
+    r = _run(_cmd(repo, two, *args, "--config.train.steps=6"), repo)
+    assert r.returncode == 0 and "at step 4" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _run(_cmd(repo, ref, *args, "--config.train.steps=6"), repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _losses(ref), _losses(two)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * a[step], (step, a, b)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(repo, tmp_path):
+    """Multi-process: JAX's coordination service owns SIGTERM; a notice to one process
+    makes every process reach the same preemption sync step, save together and exit 75."""
+    work = tmp_path / "mp_term"
+    port = _free_port()
+    args = _small(tmp_path, "--config.train.steps=100000",
+                  "--config.train.checkpoint_every=100000")
+    procs = [subprocess.Popen(
+        _cmd(repo, work, *args), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", MMGEN_COORDINATOR=f"127.0.0.1:{port}",
+                 MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i)))
+        for i in range(2)]
+    try:
+        _read_until(procs[1], "step 5/")
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        outs = [_finish(p, timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, outs[0][-1500:] + outs[1][-1500:]
+    stopped = [int(o.split("stopped by signal 15 at step ")[1].split(";")[0]) for o in outs]
+    assert stopped[0] == stopped[1] >= 5
+    ckpt = Checkpointer(work / "checkpoints", read_only=True)
+    assert ckpt.steps() == [stopped[0]] and ckpt.problem(stopped[0]) is None

@@ -12,6 +12,7 @@ failing somewhere inside tensorstore. Nothing here uses pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,18 @@ import orbax.checkpoint as ocp
 
 from mmgen.config import from_json, to_json
 from mmgen.tokenizers.layout import TokenLayout
+
+
+class _QuietReadOnly(logging.Filter):
+    """orbax warns on every read-only open (eval, sample, export do that on purpose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not msg.startswith(("Given directory is read only",
+                                   "CheckpointManagerOptions.read_only=True"))
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 MANIFEST = "mmgen_manifest.json"
 ITEMS = ("state", "data", "config", "layout", "meta")
@@ -240,8 +253,8 @@ def read_metadata(directory: str | Path, step: int | None = None):
     ckpt_dir = Path(directory) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints under {directory} (expected {ckpt_dir})")
-    mngr = ocp.CheckpointManager(ckpt_dir.absolute(),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
