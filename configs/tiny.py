@@ -47,10 +47,11 @@ def get_config(arg=None) -> ConfigDict:
         # row, so packing two examples into 640 tokens would double attention FLOPs
         # for nothing; block-skipping kernels make packing free later.
         seq_len=320,            # tokens per packed row (>= examples_per_row * 317 here)
-        examples_per_row=1,     # examples packed into each row
+        examples_per_row=1.0,   # examples per row (synthetic: exactly; real data: on average)
         caption_task_fraction=0.1,  # share of examples that caption a prompt image
         caption_dropout=0.1,    # share of text->image examples with the null caption (CFG)
         num_train_scenes=20_000,    # distinct training scenes (tokens cached once)
+        max_caption_bytes=56,   # real data: 6 specials + 56 + 256 image tokens fill 318 of 320
     )
     c.optim = optim_defaults(lr=6e-3, warmup_steps=50)
     # small batches, many steps: on 2 CPU cores this learns colour fastest per second

@@ -65,17 +65,19 @@ def cmd_sample(args) -> int:
     from mmgen.load import ImageCodec, load_run
     from mmgen.sample.generate import generate_image_ids
     from mmgen.sample.grid import make_grid, save_png
-    from mmgen.tokenizers.layout import check_same
+    from mmgen.tokenizers.layout import check_same_images
+    from mmgen.tokenizers.text import tokenizer_for_run
 
     model, cfg, layout, step = load_run(args.checkpoint, args.step)
     tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
     codec = ImageCodec(tok_dir)
-    check_same(layout, codec.layout, f"tokenizer {tok_dir}")
+    check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
+    text_tokenizer = tokenizer_for_run(cfg, layout)
     prompts = [args.prompt] * args.num
     log(f"sampling {args.num} image(s) of {layout.tokens_per_image} tokens from step {step}")
     ids = generate_image_ids(model, layout, prompts, seed=args.seed,
                              temperature=args.temperature, top_k=args.top_k,
-                             cfg_scale=args.cfg)
+                             cfg_scale=args.cfg, text_tokenizer=text_tokenizer)
     images = codec.decode(ids)
     grid = make_grid(images, cols=min(args.num, int(np.ceil(np.sqrt(args.num)))))
     out = save_png(grid, args.out, scale=args.scale)
@@ -105,6 +107,32 @@ def _report_export(out: Path) -> None:
     files = ", ".join(f.name for f in sorted(out.iterdir()) if f.suffix == ".json")
     log(f"wrote {out / WEIGHTS}: {info['tensors']} tensors, {info['parameters']:,} parameters, "
         f"{info['bytes']:,} bytes ({info['dtype']}); metadata {files}")
+
+
+def cmd_data(args) -> int:
+    from mmgen.data import prepare as prep
+
+    try:
+        if args.data_verb == "prepare":
+            prep.prepare(args.src, args.out, num_shards=args.num_shards,
+                         tokenizer=args.tokenizer, image_size=args.image_size,
+                         max_caption_bytes=args.max_caption_bytes, keep_images=not args.drop_images,
+                         limit=args.limit, log=log)
+        elif args.data_verb == "inspect":
+            prep.inspect(args.path, limit=args.limit, sheet=args.sheet,
+                         seq_len=args.seq_len, tokens_per_image=args.tokens_per_image, log=log)
+        else:
+            from mmgen.tokenizers.bpe import train_bpe_from_captions
+
+            path, summary = train_bpe_from_captions(
+                prep.texts(args.src, limit=args.limit, log=log), args.out, args.vocab_size,
+                log=log)
+            log(f"wrote {path} ({summary['vocab_size']} ids, {summary['num_captions']:,} "
+                f"texts); train with --config.data.text_tokenizer={path}")
+    except ValueError as e:  # a bad --src spec or option: one line, like config errors
+        print(f"mmgen data {args.data_verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -177,6 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="checkpoint step (default latest)")
     e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("data", help="prepare, inspect, or learn a text tokenizer from data",
+                       description="Data tools (docs/data.md). SRC is KIND:PATH or a PATH "
+                       "whose kind is guessed; KIND is wds, arrayrecord, folder, text or "
+                       "interleaved; PATH may hold globs and {000..099} ranges.")
+    dsub = d.add_subparsers(dest="data_verb", required=True)
+    dp = dsub.add_parser("prepare", help="validate a source and write ArrayRecord shards")
+    dp.add_argument("--src", required=True, help="KIND:PATH or PATH")
+    dp.add_argument("--out", required=True, help="output directory")
+    dp.add_argument("--num-shards", type=int, default=8)
+    dp.add_argument("--tokenizer", help="image tokenizer run: also store image tokens")
+    dp.add_argument("--image-size", type=int, default=64,
+                    help="decode check size (the tokenizer's own size when --tokenizer)")
+    dp.add_argument("--max-caption-bytes", type=int, default=256)
+    dp.add_argument("--drop-images", action="store_true",
+                    help="with --tokenizer: store tokens only, not the image bytes")
+    dp.add_argument("--limit", type=int, help="only the first N records")
+    di = dsub.add_parser("inspect", help="counts, skip reasons, captions, contact sheet")
+    di.add_argument("path", help="KIND:PATH or PATH")
+    di.add_argument("--limit", type=int, default=1000, help="records decoded (default 1000)")
+    di.add_argument("--sheet", default="contact_sheet.png", help="contact-sheet PNG to write")
+    di.add_argument("--seq-len", type=int, default=0,
+                    help="with --tokens-per-image: suggest data.examples_per_row")
+    di.add_argument("--tokens-per-image", type=int, default=0)
+    dt = dsub.add_parser("tokenizer", help="train a byte-level BPE on captions and texts")
+    dt.add_argument("--src", required=True, help="KIND:PATH or PATH")
+    dt.add_argument("--out", required=True, help="directory for tokenizer.json")
+    dt.add_argument("--vocab-size", type=int, default=8192)
+    dt.add_argument("--limit", type=int, help="only the first N records")
+    d.set_defaults(fn=cmd_data)
 
     x = sub.add_parser("export", help="export a checkpoint's weights as safetensors",
                        description="Writes OUT/model.safetensors, config.json, layout.json "

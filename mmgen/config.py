@@ -109,6 +109,44 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_data(cfg: ml_collections.ConfigDict) -> None:
+    import jax
+
+    from mmgen.data.steps import SOURCE_KINDS, parse_mixture
+
+    d = cfg.data
+    kinds = ("synthetic", *SOURCE_KINDS, "mix")
+    require(d.source in kinds, f"data.source={d.source!r} is not one of {kinds}")
+    if d.source == "synthetic":
+        require(d.get("text_tokenizer", "bytes") == "bytes",
+                "data.text_tokenizer: the synthetic source writes byte-level captions; "
+                "subword tokenizers need a real data source")
+        if cfg.kind == "joint":
+            require(float(d.examples_per_row).is_integer() and d.examples_per_row >= 1,
+                    "data.examples_per_row must be a whole number >= 1 for the synthetic "
+                    f"source (it packs exactly that many), got {d.examples_per_row}")
+        return
+    if d.source == "mix":
+        try:
+            parse_mixture(d.mixture)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        require(bool(d.path), f"data.source={d.source!r} needs data.path (files, globs or "
+                "{0..9} ranges)")
+    require(d.crop in ("center", "random"), f"data.crop must be center or random, got "
+            f"{d.crop!r}")
+    require(0 <= d.max_bad_fraction <= 1,
+            f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+    require(d.max_caption_bytes >= 1, "data.max_caption_bytes must be >= 1")
+    if cfg.kind == "joint":
+        require(d.examples_per_row > 0, "data.examples_per_row must be positive")
+        per_step = round(cfg.train.global_batch * d.examples_per_row)
+        require(per_step % jax.process_count() == 0,
+                f"train.global_batch x data.examples_per_row = {per_step} examples per step "
+                f"do not divide over {jax.process_count()} processes")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks shapes against each other and the device mesh; one line per failure."""
     import jax
@@ -121,8 +159,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         mesh = resolve_axis_sizes(dict(cfg.mesh), num_devices)
     except MeshError as e:
         raise ConfigError(f"mesh: {e}") from None
-    require(cfg.data.source == "synthetic",
-            f"data.source={cfg.data.source!r}: only 'synthetic' is available so far")
+    _validate_data(cfg)
     t = cfg.train
     require(t.global_batch % jax.process_count() == 0,
             f"train.global_batch={t.global_batch} does not divide over "

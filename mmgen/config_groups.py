@@ -56,6 +56,17 @@ def data_defaults(**overrides) -> ConfigDict:
         p_word=0.3,             # probability that a scene renders a word
         p_texture=0.3,          # probability of a textured background
         cache_dir="runs/cache",  # image-token caches (keyed by tokenizer fingerprint)
+        # real data (docs/data.md); ignored by the synthetic source
+        path="",                # shards/files/folder: globs, {00000..00099} ranges, gs://
+        mixture="",             # source "mix": "wds:A/{0..9}.tar=0.7;text:B/*.jsonl=0.3"
+        text_tokenizer="bytes",  # "bytes" or a tokenizer.json (`mmgen data tokenizer`)
+        crop="center",          # "center" | "random" square crop after the resize
+        min_image_size=0,       # skip images whose shorter side is smaller (too_small)
+        max_aspect=0.0,         # skip images with long/short side above this (0 = off)
+        max_pixels=50_000_000,  # skip larger images before decoding (decompression bombs)
+        max_caption_bytes=256,  # captions are cleaned and cut to this many UTF-8 bytes
+        max_bad_fraction=0.1,   # stop when more than this share of examples is bad
+        image_slack=0.25,       # tokenizer on real data: extra examples read per step
     ))
     d.update(overrides)
     return d

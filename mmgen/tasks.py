@@ -9,9 +9,10 @@ from __future__ import annotations
 import jax
 
 from mmgen.config import require
-from mmgen.data import pipeline, token_cache
+from mmgen.data import pipeline, steps, token_cache
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.tokenizers import layout as layout_lib
+from mmgen.tokenizers import text as text_tok
 from mmgen.train.hooks import Hook
 
 
@@ -38,7 +39,12 @@ class TokenizerTask:
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.image_size**2  # pixels
 
     def data(self):
-        return pipeline.image_dataset(self.cfg.data, per_host_batch(self.cfg))
+        if self.cfg.data.source == "synthetic":
+            return pipeline.image_dataset(self.cfg.data, per_host_batch(self.cfg))
+        builder = steps.ImageStepBuilder(self.cfg.data, global_batch=self.cfg.train.global_batch,
+                                         log=self.log)
+        self.data_stats = builder.stats.metrics
+        return steps.step_dataset(builder)
 
     def hooks(self) -> list[Hook]:
         from mmgen.eval.hooks import ReconstructionGridHook
@@ -53,7 +59,8 @@ class JointTask:
     def __init__(self, cfg, log=print):
         self.cfg, self.log = cfg, log
         self.codec = ImageCodec(cfg.tokenizer.checkpoint)
-        self.layout = self.codec.layout
+        self.text_tokenizer = text_tok.load_text_tokenizer(cfg.data.text_tokenizer)
+        self.layout = text_tok.with_text_tokenizer(self.codec.layout, self.text_tokenizer)
         resolve_joint(cfg, self.layout)
         tok_size = self.codec.cfg.data.image_size
         require(cfg.data.image_size == tok_size,
@@ -62,13 +69,22 @@ class JointTask:
         require(cfg.model.max_image_grid == 0 or cfg.model.max_image_grid >= grid,
                 f"model.max_image_grid={cfg.model.max_image_grid} is smaller than the "
                 f"tokenizer's {grid}x{grid} grid (0 turns the embeddings off)")
-        problem = pipeline.row_length_problem(cfg.data, self.layout)
+        if cfg.data.source == "synthetic":
+            problem = pipeline.row_length_problem(cfg.data, self.layout)
+        else:
+            problem = steps.row_length_problem(cfg.data, self.layout)
         require(problem is None, problem)
         self.build_model = build_model_fn(cfg)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 
     def data(self):
         d = self.cfg.data
+        if d.source != "synthetic":
+            builder = steps.StepBuilder(d, global_batch=self.cfg.train.global_batch,
+                                        layout=self.layout, text_tokenizer=self.text_tokenizer,
+                                        codec=self.codec, log=self.log)
+            self.data_stats = builder.stats.metrics
+            return steps.step_dataset(builder)
         source = synthetic_tokens(self.codec, d, split="train", num=d.num_train_scenes,
                                   seed=d.seed, log=self.log)
         rows = pipeline.row_dataset(source, d, self.layout)

@@ -468,7 +468,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(repo, tmp_path):
         procs[1].send_signal(signal.SIGTERM)
     finally:
         outs = [_finish(p, timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, outs[0][-1500:] + outs[1][-1500:]
+    codes = [p.returncode for p in procs]
+    assert codes == [EXIT_PREEMPTED] * 2, (codes, outs[0][-800:], outs[1][-1500:])
     stopped = [int(o.split("stopped by signal 15 at step ")[1].split(";")[0]) for o in outs]
     assert stopped[0] == stopped[1] >= 5
     ckpt = Checkpointer(work / "checkpoints", read_only=True)

@@ -38,13 +38,13 @@ def image_dataset(data_cfg, per_host_batch: int, *, split: str = "train") -> gra
 
 
 def example_stream(image_ids: np.ndarray, caption: str, layout: TokenLayout,
-                   captioning: bool) -> dict[str, np.ndarray]:
+                   captioning: bool, text_tokenizer=text_tok.BYTES) -> dict[str, np.ndarray]:
     """One training example: text->image, or (captioning) prompt image->text."""
     s = Stream(layout).special("<bos>")
     if captioning:
-        s.image(image_ids, generate=False).text(text_tok.encode(caption))
+        s.image(image_ids, generate=False).text(text_tokenizer.encode(caption))
     else:
-        s.text(text_tok.encode(caption)).image(image_ids, generate=True)
+        s.text(text_tokenizer.encode(caption)).image(image_ids, generate=True)
     return s.special("<eos>").arrays()
 
 
@@ -63,9 +63,12 @@ def row_length_problem(data_cfg, layout: TokenLayout) -> str | None:
 
 
 def row_dataset(source, data_cfg, layout: TokenLayout, *, shuffle: bool = True,
-                repeat: bool = True) -> grain.MapDataset:
-    """Packed rows (dicts of [L] arrays) from a source of {"image_ids", "scene"}."""
-    length, k = data_cfg.seq_len, data_cfg.examples_per_row
+                repeat: bool = True, text_tokenizer=text_tok.BYTES) -> grain.MapDataset:
+    """Packed rows (dicts of [L] arrays) from a source of {"image_ids", "scene"}.
+
+    Captions are byte-level for training (the synthetic source); eval passes the run's
+    own text tokenizer so held-out losses work for any text vocabulary."""
+    length, k = data_cfg.seq_len, int(data_cfg.examples_per_row)
     problem = row_length_problem(data_cfg, layout)
     if problem:
         raise ValueError(problem)
@@ -83,7 +86,7 @@ def row_dataset(source, data_cfg, layout: TokenLayout, *, shuffle: bool = True,
         text = synthetic.caption(scene, rng)
         if not captioning and rng.random() < data_cfg.caption_dropout:
             text = NULL_CAPTION  # teaches the unconditional image model used for guidance
-        return example_stream(item["image_ids"], text, layout, captioning)
+        return example_stream(item["image_ids"], text, layout, captioning, text_tokenizer)
 
     def to_row(examples: list[dict]) -> dict:
         row = pack_row(examples, length, layout.pad)

@@ -9,7 +9,8 @@ from pathlib import Path
 from mmgen.config import ConfigError
 from mmgen.eval.suites import SUITES, EvalContext
 from mmgen.load import ImageCodec, load_run
-from mmgen.tokenizers.layout import check_same
+from mmgen.tokenizers.layout import check_same_images
+from mmgen.tokenizers.text import tokenizer_for_run
 
 GENERATIVE = ("scenes", "text", "caption", "edit")  # suites that `--num` sizes
 
@@ -38,8 +39,11 @@ def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int 
         raise ConfigError(f"{run_dir} is a {cfg.kind!r} run; mmgen eval needs a joint model run")
     tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
     codec = ImageCodec(tok_dir)
-    check_same(layout, codec.layout, f"tokenizer {tok_dir}")
-    ctx = EvalContext(model=model, cfg=cfg, layout=layout, codec=codec, log=log)
+    text_tokenizer = tokenizer_for_run(cfg, layout)
+    # the text part of the layout was just checked against the text tokenizer
+    check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
+    ctx = EvalContext(model=model, cfg=cfg, layout=layout, codec=codec, log=log,
+                      text_tokenizer=text_tokenizer)
     report: dict = {"checkpoint": str(run_dir), "step": step,
                     "layout_fingerprint": layout.fingerprint, "suites": names}
     examples = {}

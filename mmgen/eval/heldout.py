@@ -41,9 +41,12 @@ def heldout_source(codec: ImageCodec, cfg, num: int, log=print):
     return token_cache.CachedScenes(path)
 
 
-def sequence_losses(model, cfg, layout, source, batch_rows: int = 8) -> dict[str, float]:
+def sequence_losses(model, cfg, layout, source, batch_rows: int = 8,
+                    text_tokenizer=None) -> dict[str, float]:
     """Mean NLL per modality (nats per token) over every row built from `source`."""
-    rows = pipeline.row_dataset(source, cfg.data, layout, shuffle=False, repeat=False)
+    kwargs = {} if text_tokenizer is None else {"text_tokenizer": text_tokenizer}
+    rows = pipeline.row_dataset(source, cfg.data, layout, shuffle=False, repeat=False,
+                                **kwargs)
     graphdef, params = nnx.split(model)
     sums = _loss_sums_fn(graphdef, cfg)
     total: dict[str, float] = {}

@@ -10,12 +10,25 @@ from mmgen.eval.suites import SUITES, EvalContext
 from mmgen.sample.generate import generate_image_ids
 from mmgen.sample.grid import make_grid, save_png
 from mmgen.tokenizers.image_autoencoder import images_to_unit, unit_to_images
+from mmgen.tokenizers.text import TextTokenizer, tokenizer_for_run
 from mmgen.train.hooks import Context, Hook
 
 GRID_PROMPTS = 8
 
 
-class EvalHook(Hook):
+class _RunTextTokenizer:
+    """Loads the run's text tokenizer on first use, then keeps it: a large tokenizer.json
+    is parsed and hashed once per run, not at every hook call."""
+
+    _text_tokenizer: TextTokenizer | None = None
+
+    def text_tokenizer(self, ctx: Context) -> TextTokenizer:
+        if self._text_tokenizer is None:
+            self._text_tokenizer = tokenizer_for_run(ctx.cfg, ctx.layout)
+        return self._text_tokenizer
+
+
+class EvalHook(_RunTextTokenizer, Hook):
     """Runs the suites in `eval.hook_suites` on the current weights; `eval/...` scalars."""
 
     def __init__(self, every: int, codec):
@@ -23,14 +36,14 @@ class EvalHook(Hook):
 
     def __call__(self, ctx: Context) -> None:
         ectx = EvalContext(model=ctx.model(), cfg=ctx.cfg, layout=ctx.layout, codec=self.codec,
-                           log=lambda *_: None)
+                           log=lambda *_: None, text_tokenizer=self.text_tokenizer(ctx))
         metrics = {}
         for name in [s.strip() for s in ctx.cfg.eval.hook_suites.split(",") if s.strip()]:
             metrics.update(SUITES[name](ectx, default_num(ctx.cfg, name)).metrics)
         ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in metrics.items()})
 
 
-class SampleGridHook(Hook):
+class SampleGridHook(_RunTextTokenizer, Hook):
     """Generates images for a fixed set of prompts; PNG in workdir/samples + TensorBoard."""
 
     def __init__(self, every: int, codec):
@@ -42,7 +55,8 @@ class SampleGridHook(Hook):
         prompts = [synthetic.caption(s, rng) for s in scenes]
         e = ctx.cfg.eval
         ids = generate_image_ids(ctx.model(), ctx.layout, prompts, seed=ctx.step,
-                                 temperature=e.temperature, top_k=e.top_k, cfg_scale=e.cfg_scale)
+                                 temperature=e.temperature, top_k=e.top_k, cfg_scale=e.cfg_scale,
+                                 text_tokenizer=self.text_tokenizer(ctx))
         truth = np.stack([synthetic.render(s) for s in scenes])
         grid = make_grid(np.concatenate([truth, self.codec.decode(ids)]), cols=GRID_PROMPTS)
         save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)

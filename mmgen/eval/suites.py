@@ -19,6 +19,7 @@ from mmgen.eval.colour import colour_match_rate, dominant_object_colour
 from mmgen.eval.heldout import HELDOUT_SEED, ShuffledCaptions, heldout_source, sequence_losses
 from mmgen.eval.image_metrics import codebook_utilisation, psnr, ssim
 from mmgen.sample.generate import generate_captions, generate_image_ids
+from mmgen.tokenizers.text import BYTES, TextTokenizer
 
 BATCH = 64           # prompts per generation batch (one compiled shape)
 
@@ -30,6 +31,7 @@ class EvalContext:
     layout: object
     codec: object      # load.ImageCodec
     log: Callable[[str], None] = print
+    text_tokenizer: TextTokenizer = BYTES  # the run's (text.tokenizer_for_run)
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ def _sample_images(ctx: EvalContext, prompts: list[str], prompt_images=None) -> 
             images += [images[-1]] * (BATCH - n)
         ids = generate_image_ids(ctx.model, ctx.layout, chunk, seed=lo, temperature=e.temperature,
                                  top_k=e.top_k, cfg_scale=e.cfg_scale, prompt_images=images,
-                                 min_prompt_len=min_len)
+                                 min_prompt_len=min_len, text_tokenizer=ctx.text_tokenizer)
         out.append(ctx.codec.decode(ids[:n]))
         ctx.log(f"  generated {min(lo + BATCH, len(prompts))}/{len(prompts)}")
     return np.concatenate(out)
@@ -135,7 +137,8 @@ def caption_suite(ctx: EvalContext, num: int) -> SuiteResult:
     captions: list[str] = []
     for lo in range(0, num, BATCH):
         captions += generate_captions(ctx.model, ctx.layout, list(ids[lo:lo + BATCH]),
-                                      max_bytes=synthetic.MAX_CAPTION_BYTES)
+                                      max_bytes=synthetic.MAX_CAPTION_BYTES,
+                                      text_tokenizer=ctx.text_tokenizer)
     parsed = [synthetic.parse_caption(c) for c in captions]
     exact, pairs_f1 = [], []
     for p, s in zip(parsed, scenes, strict=True):
@@ -240,8 +243,10 @@ def real_photos(size: int) -> np.ndarray | None:
 def loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Per-modality NLL on held-out scenes, with true and with shuffled captions."""
     source = heldout_source(ctx.codec, ctx.cfg, num, log=ctx.log)
-    true = sequence_losses(ctx.model, ctx.cfg, ctx.layout, source)
-    shuffled = sequence_losses(ctx.model, ctx.cfg, ctx.layout, ShuffledCaptions(source))
+    true = sequence_losses(ctx.model, ctx.cfg, ctx.layout, source,
+                           text_tokenizer=ctx.text_tokenizer)
+    shuffled = sequence_losses(ctx.model, ctx.cfg, ctx.layout, ShuffledCaptions(source),
+                               text_tokenizer=ctx.text_tokenizer)
     m = {f"loss/nll/{k.split('/', 1)[1]}": v for k, v in true.items() if k.startswith("nll/")}
     m["loss/shuffled_captions/nll/image"] = shuffled["nll/image"]
     m["loss/caption_gain/image"] = shuffled["nll/image"] - true["nll/image"]

@@ -4,6 +4,9 @@
 Prompts of different lengths are left-padded with segment id 0 (padding attends to
 nothing and is never attended), so one jitted prefill + decode loop serves a batch.
 A prompt image is a bidirectional span, exactly as in training.
+
+Text goes through a TextTokenizer (tokenizers/text.py); every function here defaults to the
+byte tokenizer and checks that the one it is given is the layout's.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from mmgen.data.schema import NULL_CAPTION, Stream
-from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.layout import TokenLayout
+from mmgen.tokenizers.text import BYTES, TextTokenizer, check_matches
 
 _ROW_FIELDS = ("tokens", "positions", "rows", "cols", "span_ids")
 
@@ -40,16 +43,24 @@ def left_pad(streams: Sequence[dict[str, np.ndarray]], pad_id: int,
     return out
 
 
+def _checked(text_tokenizer: TextTokenizer | None, layout: TokenLayout) -> TextTokenizer:
+    tokenizer = BYTES if text_tokenizer is None else text_tokenizer
+    check_matches(tokenizer, layout)
+    return tokenizer
+
+
 def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
                       prompt_images: Sequence[np.ndarray] | None = None,
-                      min_len: int = 0) -> dict[str, np.ndarray]:
+                      min_len: int = 0,
+                      text_tokenizer: TextTokenizer | None = None) -> dict[str, np.ndarray]:
     """`<bos> [prompt image] text <boi> <res>` per prompt, left-padded into [N, P]."""
+    tokenizer = _checked(text_tokenizer, layout)
     streams = []
     for i, p in enumerate(prompts):
         s = Stream(layout).special("<bos>")
         if prompt_images is not None:
             s.image(prompt_images[i], generate=False)
-        s.text(text_tok.encode(p)).special("<boi>").special("<res>", "image")
+        s.text(tokenizer.encode(p)).special("<boi>").special("<res>", "image")
         streams.append(s.arrays())
     return left_pad(streams, layout.pad, min_len)
 
@@ -74,7 +85,8 @@ def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
 def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
                        temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0,
                        prompt_images: Sequence[np.ndarray] | None = None,
-                       min_prompt_len: int = 0) -> np.ndarray:
+                       min_prompt_len: int = 0,
+                       text_tokenizer: TextTokenizer | None = None) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols].
 
     With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
@@ -87,7 +99,7 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
     images = None
     if prompt_images is not None:
         images = list(prompt_images) * (2 if guided else 1)
-    rows = image_prompt_rows(texts, layout, images, min_prompt_len)
+    rows = image_prompt_rows(texts, layout, images, min_prompt_len, text_tokenizer)
     graphdef, params = nnx.split(model)
     fn = _compiled_decode(graphdef, layout, "image", layout.tokens_per_image,
                           float(temperature), int(top_k), guided)
@@ -98,8 +110,13 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
 
 
 def generate_captions(model, layout: TokenLayout, images_ids: Sequence[np.ndarray], *,
-                      max_bytes: int, seed: int = 0, temperature: float = 0.0) -> list[str]:
-    """Captions for images given as token ids (greedy by default); stops at <eos>."""
+                      max_bytes: int, seed: int = 0, temperature: float = 0.0,
+                      text_tokenizer: TextTokenizer | None = None) -> list[str]:
+    """Captions for images given as token ids (greedy by default); stops at <eos>.
+
+    Decodes at most `max_bytes` text tokens: a byte-level token (bytes or byte-level BPE)
+    is at least one byte, so a caption of up to `max_bytes` bytes always fits."""
+    tokenizer = _checked(text_tokenizer, layout)
     rows = caption_prompt_rows(images_ids, layout)
     graphdef, params = nnx.split(model)
     fn = _compiled_decode(graphdef, layout, "text", max_bytes + 1, float(temperature), 0, False)
@@ -108,7 +125,7 @@ def generate_captions(model, layout: TokenLayout, images_ids: Sequence[np.ndarra
     captions = []
     for row in out:
         ends = np.nonzero(row == layout.eos)[0]
-        captions.append(text_tok.decode(row[: ends[0]] if len(ends) else row))
+        captions.append(tokenizer.decode(row[: ends[0]] if len(ends) else row))
     return captions
 
 

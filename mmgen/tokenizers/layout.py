@@ -131,3 +131,11 @@ def check_same(expected: TokenLayout, found: TokenLayout, what: str) -> None:
             f"{found.tokenizer_id}) does not match ({expected.fingerprint}: "
             f"{expected.image_tokenizer_id}, {expected.tokenizer_id})"
         )
+
+
+def check_same_images(expected: TokenLayout, image_layout: TokenLayout, what: str) -> None:
+    """Like check_same, for an image tokenizer's layout, which defines only the image part:
+    the text part (bytes, a BPE, an imported LLM's vocabulary) is taken from `expected`."""
+    image_part = dataclasses.replace(image_layout, tokenizer_id=expected.tokenizer_id,
+                                     text_vocab=expected.text_vocab)
+    check_same(expected, image_part, what)

@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from mmgen.config import from_json, to_json
@@ -109,7 +110,11 @@ class Checkpointer:
         return None
 
     def _write_manifests(self) -> None:
-        """Lists the files of every save that has finished since the last call."""
+        """Lists the files of every save that has finished since the last call (process 0
+        only: orbax's commit has already waited for every process's files)."""
+        if jax.process_index() != 0:
+            self._unmanifested = []
+            return
         for step in self._unmanifested:
             step_dir = self.directory / str(step)
             if step_dir.is_dir() and not (step_dir / MANIFEST).exists():
@@ -239,11 +244,19 @@ def choose_resume_step(ckpt: Checkpointer, resume: str, log=print) -> int | None
 
 def _move_aside(ckpt: Checkpointer, steps: list[int], name: str, log) -> None:
     """Moves step directories next to the checkpoint directory: never deleted, and no
-    longer in the way of the steps training is about to write."""
+    longer in the way of the steps training is about to write. Process 0 moves; every
+    process has decided from the same listing and waits for the move."""
+    from jax.experimental import multihost_utils
+
     aside = ckpt.directory.parent / name
-    aside.mkdir(parents=True)
-    for s in steps:
-        shutil.move(str(ckpt.directory / str(s)), str(aside / str(s)))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mmgen: resume decided")
+    if jax.process_index() == 0:
+        aside.mkdir(parents=True)
+        for s in steps:
+            shutil.move(str(ckpt.directory / str(s)), str(aside / str(s)))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mmgen: checkpoints moved aside")
     ckpt.manager.reload()
     log(f"moved checkpoints {steps} to {aside}")
 

@@ -171,6 +171,9 @@ def _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, 
                 rate = steps_window / dt
                 metrics.update(steps_per_s=rate, tokens_per_s=rate * task.tokens_per_batch,
                                data_wait=wait_window / dt)
+                data_stats = getattr(task, "data_stats", None)  # real-data sources only
+                if data_stats is not None:
+                    metrics.update(data_stats())
                 writer.scalars(step, metrics)
                 ctx.metrics = metrics
                 log(progress_line(step, total, metrics, tokens_per_s=metrics["tokens_per_s"],

@@ -60,5 +60,9 @@ def progress_line(step: int, total: int, values: dict[str, float], *, tokens_per
                   data_wait: float, eta_s: float) -> str:
     keys = ["loss"] + sorted(k for k in values if k.startswith("nll/")) + ["psnr", "grad_norm"]
     parts = [f"{k}={values[k]:.4g}" for k in keys if k in values]
+    if "data/packing_efficiency" in values:
+        parts.append(f"packed={values['data/packing_efficiency']:.0%}")
+    if values.get("data/bad"):
+        parts.append(f"bad={values['data/bad']:.0f}/{values['data/examples']:.0f}")
     return (f"step {step}/{total} " + " ".join(parts)
             + f" tok/s={tokens_per_s:,.0f} data_wait={data_wait:.0%} eta={eta_s / 60:.1f}min")

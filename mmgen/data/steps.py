@@ -1,0 +1,359 @@
+"""Real data, one global step at a time: sources -> decoded examples -> packed rows.
+
+The unit of the stream is the global step. Step `b` owns examples
+`[b * E, (b + 1) * E)` of one global order (the sources shuffled, repeated and mixed
+by weight), where E = round(train.global_batch * data.examples_per_row). Process `p`
+of `n` takes examples `b * E + p, b * E + p + n, ...`, decodes them, skips and counts
+bad ones, tokenises, and first-fit packs its share into its rows of the batch.
+
+Why steps rather than a running example stream:
+- the iterator state is one integer (steps consumed), so a restore continues bitwise,
+  and prefetched-but-unconsumed steps are never counted as read;
+- global step b reads exactly the same examples whatever the process count, so a run
+  may resume on a different number of hosts (only packing inside the step differs);
+- a bad example leaves a gap in its own step and never shifts later steps.
+What it costs: examples that do not fit the step's rows are dropped and counted
+(`data/dropped_overflow`); `mmgen data inspect` suggests an examples_per_row that keeps
+rows >= 95% full with few drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter
+
+import grain
+import jax
+import numpy as np
+
+from mmgen.data import packing, transforms
+from mmgen.data.records import BadExample
+from mmgen.data.schema import NULL_CAPTION, Stream
+
+SOURCE_KINDS = ("wds", "arrayrecord", "folder", "text", "interleaved")
+MIN_SEEN_FOR_BAD_CHECK = 64  # examples seen before the bad fraction can stop a run
+_READ = dict(num_threads=2, prefetch_buffer_size=4)
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. too many bad examples); one line."""
+
+
+def open_source(kind: str, path: str, *, cache_dir: str | None = None, log=print):
+    from mmgen.data import sources
+
+    if kind == "wds":
+        return sources.TarShardSource(path, cache_dir=cache_dir, log=log)
+    if kind == "arrayrecord":
+        return sources.ArrayRecordSource(path, log=log)
+    if kind == "folder":
+        return sources.FolderSource(path, log=log)
+    if kind == "text":
+        return sources.TextSource(path, log=log)
+    if kind == "interleaved":
+        return sources.InterleavedSource(path, log=log)
+    raise ValueError(f"unknown data source {kind!r}; known: {', '.join(SOURCE_KINDS)}")
+
+
+def row_length_problem(data_cfg, layout) -> str | None:
+    """Why a row cannot hold the longest image-caption pair, or None. Subword and byte
+    tokenizers both spend at most one token per caption byte."""
+    longest = 6 + data_cfg.max_caption_bytes + layout.tokens_per_image  # bos boi res eoi eos
+    if data_cfg.seq_len >= longest:
+        return None
+    return (f"data.seq_len={data_cfg.seq_len} cannot hold an image ({layout.tokens_per_image} "
+            f"tokens) with a caption of data.max_caption_bytes={data_cfg.max_caption_bytes} "
+            f"(need {longest})")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
+    """"wds:DIR/{0..3}.tar=0.7;text:docs/*.jsonl=0.3" -> [(kind, path, weight), ...]."""
+    out = []
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        kind, sep, rest = part.partition(":")
+        path, eq, weight = rest.rpartition("=")
+        if not sep or not eq or kind not in SOURCE_KINDS:
+            raise ValueError(f"data.mixture entry {part!r} is not KIND:PATH=WEIGHT with KIND "
+                             f"in {', '.join(SOURCE_KINDS)}")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"data.mixture entry {part!r}: weight {weight!r} is not a "
+                             "number") from None
+        if w <= 0:
+            raise ValueError(f"data.mixture entry {part!r}: weight must be positive")
+        out.append((kind, path, w))
+    if not out:
+        raise ValueError("data.mixture is empty")
+    return out
+
+
+def source_specs(data_cfg) -> list[tuple[str, str, float]]:
+    if data_cfg.source == "mix":
+        return parse_mixture(data_cfg.mixture)
+    return [(data_cfg.source, data_cfg.path, 1.0)]
+
+
+class DataStats:
+    """Thread-safe counters of what the pipeline saw, skipped and packed (this process).
+
+    Counts include steps that are prefetched but not yet consumed (a few steps ahead)."""
+
+    def __init__(self, max_bad_fraction: float, index_skipped: Counter | None = None):
+        self.lock = threading.Lock()
+        self.max_bad_fraction = max_bad_fraction
+        self.skipped: Counter = Counter(index_skipped or {})
+        self.index_skipped = sum(self.skipped.values())
+        self.seen = 0
+        self.pack = packing.PackStats()
+
+    def record(self, seen: int, skipped: Counter, pack: packing.PackStats | None) -> None:
+        with self.lock:
+            self.seen += seen
+            self.skipped.update(skipped)
+            if pack is not None:
+                self.pack.add(pack)
+            total, bad = self.seen + self.index_skipped, sum(self.skipped.values())
+            if total >= MIN_SEEN_FOR_BAD_CHECK and bad > self.max_bad_fraction * total:
+                top = ", ".join(f"{r} {c}" for r, c in self.skipped.most_common(4))
+                raise DataError(
+                    f"{bad} of {total} examples were bad ({bad / total:.1%} > "
+                    f"data.max_bad_fraction={self.max_bad_fraction}): {top}; "
+                    "`mmgen data inspect PATH` lists them")
+
+    def metrics(self) -> dict[str, float]:
+        with self.lock:
+            out = {"data/examples": float(self.seen),
+                   "data/bad": float(sum(self.skipped.values()))}
+            out.update({f"data/bad/{r}": float(c) for r, c in self.skipped.items()})
+            if self.pack.capacity:
+                out["data/packing_efficiency"] = self.pack.efficiency
+                out["data/dropped_overflow"] = float(self.pack.dropped)
+            return out
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One usable example before image tokens exist: text ids and images in order."""
+
+    kind: str                     # "pair" | "text" | "doc"
+    parts: list                   # ("text", ids) | ("image", uint8 HxWx3) | ("tokens", ids)
+    captioning: bool = False      # pair only: image first, caption is the target
+
+
+class StepBuilder:
+    """Builds this process's rows of global step b (see the module docstring)."""
+
+    def __init__(self, data_cfg, *, global_batch: int, layout, text_tokenizer, codec=None,
+                 log=print):
+        self.cfg, self.layout, self.text, self.codec = data_cfg, layout, text_tokenizer, codec
+        specs = source_specs(data_cfg)
+        self.sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
+                        for kind, path, _ in specs]
+        for src in self.sources:
+            if len(src) == 0:
+                raise DataError(f"data source {src!r} holds no usable examples")
+        skipped = Counter()
+        for src in self.sources:
+            skipped.update(src.skipped)
+        self.stats = DataStats(data_cfg.max_bad_fraction, skipped)
+        self.order = _global_order(self.sources, [w for *_, w in specs], data_cfg.seed)
+        self.examples_per_step = round(global_batch * data_cfg.examples_per_row)
+        n = jax.process_count()
+        if self.examples_per_step % n:
+            raise DataError(f"train.global_batch x data.examples_per_row = "
+                            f"{self.examples_per_step} examples per step do not divide over "
+                            f"{n} processes")
+        self.rows = global_batch // n
+        self.process, self.num_processes = jax.process_index(), n
+
+    # -- per example -------------------------------------------------------------------
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, index, 11])
+
+    def _image(self, record: dict, rng) -> tuple[str, np.ndarray]:
+        tokens = record.get("image_tokens")
+        if tokens is not None:
+            want = self.layout.image_tokenizer_id
+            if record.get("tokens_fingerprint") != want:
+                from mmgen.tokenizers.layout import LayoutMismatchError
+
+                raise LayoutMismatchError(
+                    f"{record.get('origin', record['key'])}: precomputed image tokens are for "
+                    f"{record.get('tokens_fingerprint')}, the model's tokenizer is {want}; "
+                    "re-run `mmgen data prepare --tokenizer` with this tokenizer")
+            return "tokens", np.asarray(tokens).reshape(-1)
+        if record.get("image") is None:
+            raise BadExample("missing_image", record.get("key", ""))
+        c = self.cfg
+        pixels = transforms.decode_image(
+            record["image"], size=c.image_size, crop=c.crop, rng=rng,
+            max_pixels=c.max_pixels, min_size=c.min_image_size, max_aspect=c.max_aspect)
+        return "image", pixels
+
+    def decode(self, index: int, record: dict) -> Decoded:
+        """Raises BadExample for anything unusable."""
+        rng = self._rng(index)
+        kind = record["kind"]
+        if kind == "pair":
+            image = self._image(record, rng)
+            caption = transforms.clean_caption(record.get("caption") or "",
+                                               max_bytes=self.cfg.max_caption_bytes)
+            captioning = rng.random() < self.cfg.caption_task_fraction
+            if not captioning and rng.random() < self.cfg.caption_dropout:
+                caption = NULL_CAPTION  # the one null caption sampling guides against
+            return Decoded("pair", [("text", self.text.encode(caption)), image], captioning)
+        if kind == "text":
+            text = transforms.clean_caption(record.get("text") or "", max_bytes=2**31 - 1)
+            return Decoded("text", [("text", self.text.encode(text))])
+        parts = []
+        for part in record.get("parts") or []:
+            if "text" in part:
+                parts.append(("text", self.text.encode(
+                    transforms.clean_caption(part["text"], max_bytes=2**31 - 1))))
+            else:
+                parts.append(self._image({"image": part.get("image"), "key": record["key"]},
+                                         rng))
+        if not parts:
+            raise BadExample("bad_document", "no parts")
+        return Decoded("doc", parts)
+
+    # -- per step ----------------------------------------------------------------------
+
+    def stream(self, ex: Decoded) -> dict[str, np.ndarray]:
+        s = Stream(self.layout).special("<bos>")
+        if ex.kind == "pair":
+            (_, text_ids), (_, image_ids) = ex.parts
+            if ex.captioning:
+                s.image(image_ids, generate=False).text(text_ids)
+            else:
+                s.text(text_ids).image(image_ids, generate=True)
+            return s.special("<eos>").arrays()
+        budget = self.cfg.seq_len - 2  # bos + eos
+        per_image = self.layout.tokens_per_image + 3
+        for what, ids in ex.parts:
+            if what == "text":
+                ids = ids[:max(budget - len(s) + 1, 0)]
+                if len(ids):
+                    s.text(ids)
+            elif len(s) - 1 + per_image <= budget:  # images are never cut
+                s.image(ids, generate=True)
+            if len(s) - 1 >= budget:
+                break
+        return s.special("<eos>").arrays()
+
+    def host_indices(self, step: int) -> list[int]:
+        lo = step * self.examples_per_step
+        return list(range(lo + self.process, lo + self.examples_per_step, self.num_processes))
+
+    def decoded_step(self, step: int) -> tuple[list[Decoded], Counter]:
+        skipped, out = Counter(), []
+        for index in self.host_indices(step):
+            try:
+                out.append(self.decode(index, self.order[index]))
+            except BadExample as e:
+                skipped[e.reason] += 1
+        return out, skipped
+
+    def encode_images(self, examples: list[Decoded]) -> None:
+        """Replaces decoded pixels by image token ids, all of the step's images at once."""
+        where = [(i, j) for i, ex in enumerate(examples) for j, (what, _) in enumerate(ex.parts)
+                 if what == "image"]
+        if not where:
+            return
+        if self.codec is None:
+            raise DataError("raw images need an image tokenizer (tokenizer.checkpoint)")
+        pixels = np.stack([examples[i].parts[j][1] for i, j in where])
+        ids = self.codec.encode(pixels).reshape(len(where), -1)
+        for (i, j), row in zip(where, ids, strict=True):
+            examples[i].parts[j] = ("tokens", row)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        examples, skipped = self.decoded_step(int(step))
+        self.encode_images(examples)
+        streams = []
+        for ex in examples:
+            ex.parts = [("image" if w == "tokens" else w, ids) for w, ids in ex.parts]
+            streams.append(self.stream(ex))
+        batch, stats = packing.pack(streams, self.rows, self.cfg.seq_len, self.layout.pad)
+        self.stats.record(len(self.host_indices(step)), skipped, stats)
+        return batch
+
+
+def _global_order(sources, weights, seed: int) -> grain.MapDataset:
+    """One infinite global order of raw records: each source shuffled (a new order every
+    epoch) and repeated, then interleaved by weight."""
+    parts = []
+    for i, src in enumerate(sources):
+        ds = grain.MapDataset.source(src)
+        epochs = max(2**40 // len(ds), 1)  # "forever" as a count: lengths must be finite
+        # shuffle, then repeat: every example once per epoch, a new order each epoch
+        parts.append(ds.shuffle(seed=seed + 1000 * i).repeat(epochs))
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(weights)
+    return grain.MapDataset.mix(parts, [w / total for w in weights])
+
+
+def step_dataset(builder) -> grain.IterDataset:
+    """Batches of global steps 0, 1, 2, ... for this process, built on threads ahead of
+    use; the state is the number of steps consumed."""
+    ds = grain.MapDataset.range(2**40).map(builder)
+    return ds.to_iter_dataset(grain.ReadOptions(**_READ))
+
+
+class ImageStepBuilder:
+    """The image tokenizer's rows: images only, `global_batch` per step.
+
+    Step b reads global examples [b * S, (b + 1) * S) with S = global_batch plus slack
+    (data.image_slack, a fraction) so that bad images can be replaced by the next good
+    ones of the same step; text examples are passed over (not bad). If a step has fewer
+    good images than rows, good ones are repeated (counted as data/short_steps)."""
+
+    def __init__(self, data_cfg, *, global_batch: int, log=print):
+        self.cfg = data_cfg
+        specs = source_specs(data_cfg)
+        self.sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
+                        for kind, path, _ in specs]
+        skipped = Counter()
+        for src in self.sources:
+            skipped.update(src.skipped)
+        self.stats = DataStats(data_cfg.max_bad_fraction, skipped)
+        self.order = _global_order(self.sources, [w for *_, w in specs], data_cfg.seed)
+        n = jax.process_count()
+        self.rows = global_batch // n
+        slack = int(np.ceil(global_batch * data_cfg.image_slack / n)) * n
+        self.per_step = global_batch + slack
+        self.process, self.num_processes = jax.process_index(), n
+        self.short_steps = 0
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        lo = int(step) * self.per_step
+        skipped, images, seen = Counter(), [], 0
+        for index in range(lo + self.process, lo + self.per_step, self.num_processes):
+            if len(images) == self.rows:
+                break
+            record = self.order[index]
+            image = record.get("image") if record["kind"] == "pair" else None
+            if image is None and record["kind"] == "doc":
+                image = next((p["image"] for p in record["parts"] if "image" in p), None)
+            if image is None:
+                continue
+            seen += 1
+            c = self.cfg
+            try:
+                images.append(transforms.decode_image(
+                    image, size=c.image_size, crop=c.crop,
+                    rng=np.random.default_rng([c.seed, index, 11]), max_pixels=c.max_pixels,
+                    min_size=c.min_image_size, max_aspect=c.max_aspect))
+            except BadExample as e:
+                skipped[e.reason] += 1
+        self.stats.record(seen, skipped, None)
+        if not images:
+            raise DataError(f"step {step}: no usable image among {self.per_step} examples")
+        if len(images) < self.rows:
+            self.short_steps += 1
+            images += [images[i % len(images)] for i in range(self.rows - len(images))]
+        return {"images": np.stack(images)}
