@@ -62,6 +62,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
+    from mmgen.config import ConfigError
     from mmgen.load import ImageCodec, load_run
     from mmgen.sample.generate import generate_image_ids
     from mmgen.sample.grid import make_grid, save_png
@@ -73,11 +74,24 @@ def cmd_sample(args) -> int:
     codec = ImageCodec(tok_dir)
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
     text_tokenizer = tokenizer_for_run(cfg, layout)
+    grid = None
+    if args.aspect:
+        from mmgen.data import buckets
+
+        ds = codec.cfg.model.downsample
+        trained = buckets.parse(cfg.data.get("aspect_buckets", ""), cfg.data.image_size, ds)
+        (shape,) = buckets.parse(args.aspect, cfg.data.image_size, ds) or [None]
+        if shape not in trained:
+            names = cfg.data.get("aspect_buckets") or "none (square images only)"
+            raise ConfigError(f"--aspect {args.aspect} is not one of the aspect buckets the "
+                              f"model was trained on: {names}")
+        grid = (shape[0] // ds, shape[1] // ds)
     prompts = [args.prompt] * args.num
-    log(f"sampling {args.num} image(s) of {layout.tokens_per_image} tokens from step {step}")
+    h, w = grid or layout.image_grid
+    log(f"sampling {args.num} image(s) of {h}x{w} tokens from step {step}")
     ids = generate_image_ids(model, layout, prompts, seed=args.seed,
                              temperature=args.temperature, top_k=args.top_k,
-                             cfg_scale=args.cfg, text_tokenizer=text_tokenizer)
+                             cfg_scale=args.cfg, text_tokenizer=text_tokenizer, grid=grid)
     images = codec.decode(ids)
     grid = make_grid(images, cols=min(args.num, int(np.ceil(np.sqrt(args.num)))))
     out = save_png(grid, args.out, scale=args.scale)
@@ -188,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--step", type=int, help="checkpoint step (default latest)")
     s.add_argument("--scale", type=int, default=1, help="integer upscaling of the PNG")
+    s.add_argument("--aspect", help="W:H, one of the run's data.aspect_buckets "
+                   "(default: the tokenizer's square grid)")
     s.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     s.set_defaults(fn=cmd_sample)
 

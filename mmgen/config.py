@@ -136,6 +136,12 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
                 "{0..9} ranges)")
     require(d.crop in ("center", "random"), f"data.crop must be center or random, got "
             f"{d.crop!r}")
+    from mmgen.data import buckets
+
+    try:
+        buckets.parse(d.aspect_buckets, d.image_size, 1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     require(0 <= d.max_bad_fraction <= 1,
             f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     require(d.max_caption_bytes >= 1, "data.max_caption_bytes must be >= 1")

@@ -60,7 +60,8 @@ def data_defaults(**overrides) -> ConfigDict:
         path="",                # shards/files/folder: globs, {00000..00099} ranges, gs://
         mixture="",             # source "mix": "wds:A/{0..9}.tar=0.7;text:B/*.jsonl=0.3"
         text_tokenizer="bytes",  # "bytes" or a tokenizer.json (`mmgen data tokenizer`)
-        crop="center",          # "center" | "random" square crop after the resize
+        crop="center",          # "center" | "random" crop after the resize
+        aspect_buckets="",      # e.g. "1:1,4:3,3:4,16:9,9:16" (W:H); "" = square images
         min_image_size=0,       # skip images whose shorter side is smaller (too_small)
         max_aspect=0.0,         # skip images with long/short side above this (0 = off)
         max_pixels=50_000_000,  # skip larger images before decoding (decompression bombs)

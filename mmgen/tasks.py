@@ -42,7 +42,7 @@ class TokenizerTask:
         if self.cfg.data.source == "synthetic":
             return pipeline.image_dataset(self.cfg.data, per_host_batch(self.cfg))
         builder = steps.ImageStepBuilder(self.cfg.data, global_batch=self.cfg.train.global_batch,
-                                         log=self.log)
+                                         downsample=self.cfg.model.downsample, log=self.log)
         self.data_stats = builder.stats.metrics
         return steps.step_dataset(builder)
 
@@ -65,14 +65,18 @@ class JointTask:
         tok_size = self.codec.cfg.data.image_size
         require(cfg.data.image_size == tok_size,
                 f"data.image_size={cfg.data.image_size} differs from the tokenizer's {tok_size}")
-        grid = max(self.layout.image_grid)
+        downsample = self.codec.cfg.model.downsample
+        grid = max(max(g) for g in [self.layout.image_grid] + [
+            (h // downsample, w // downsample)
+            for h, w in steps.image_shapes(cfg.data, downsample)])
         require(cfg.model.max_image_grid == 0 or cfg.model.max_image_grid >= grid,
                 f"model.max_image_grid={cfg.model.max_image_grid} is smaller than the "
-                f"tokenizer's {grid}x{grid} grid (0 turns the embeddings off)")
+                f"largest image grid side {grid} (tokenizer grid or data.aspect_buckets; "
+                "0 turns the embeddings off)")
         if cfg.data.source == "synthetic":
             problem = pipeline.row_length_problem(cfg.data, self.layout)
         else:
-            problem = steps.row_length_problem(cfg.data, self.layout)
+            problem = steps.row_length_problem(cfg.data, self.layout, downsample)
         require(problem is None, problem)
         self.build_model = build_model_fn(cfg)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len

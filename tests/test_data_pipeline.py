@@ -397,3 +397,69 @@ def test_subword_tokenizer_learned_from_captions_trains_and_samples(repo, tok, s
     assert mmgen(["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "a red circle",
                   "--num", "2", "--out", str(tmp_path / "g.png")]) == 0
     assert Image.open(tmp_path / "g.png").size[0] > 64
+
+
+# -- aspect-ratio buckets ----------------------------------------------------------------
+
+BUCKETS = "1:1,4:3,3:4,16:9,9:16"
+
+
+def test_buckets_keep_the_pixel_count_and_follow_exif_orientation():
+    from mmgen.data import buckets, transforms
+
+    shapes = buckets.parse(BUCKETS, 64, 4)
+    assert shapes == [(64, 64), (56, 72), (72, 56), (48, 84), (84, 48)]
+    assert all(h % 4 == 0 and w % 4 == 0 and abs(h * w - 4096) < 0.05 * 4096 for h, w in shapes)
+    assert buckets.nearest(1920, 1080, shapes) == (48, 84)
+    assert buckets.nearest(1000, 1010, shapes) == (64, 64)
+    # a landscape JPEG whose EXIF says "rotate 90": upright it is portrait
+    img = Image.fromarray(np.zeros((90, 160, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    out = transforms.decode_image(buf.getvalue(), size=64, buckets=shapes)
+    assert out.shape == (84, 48, 3)
+    with pytest.raises(ValueError, match="not W:H"):
+        buckets.parse("16x9", 64, 4)
+
+
+def _mixed_aspect_shard(root: Path) -> Path:
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for k in range(40):
+            ex = synthetic.example(k, 0, "train", size=96)
+            w, h = [(96, 96), (128, 96), (96, 128), (170, 96), (96, 170)][k % 5]
+            buf = io.BytesIO()
+            Image.fromarray(ex["image"]).resize((w, h)).save(buf, "PNG")
+            _add(tar, f"{k:05d}.png", buf.getvalue())
+            _add(tar, f"{k:05d}.txt", ex["caption"].encode())
+    return root / "00000.tar"
+
+
+def test_aspect_buckets_train_tokenizer_and_joint_model_and_sample_wide(repo, tok, tmp_path,
+                                                                       capsys):
+    shard = _mixed_aspect_shard(tmp_path / "asp")
+    assert mmgen(["train", "--config", str(repo / "configs/tokenizer_tiny.py"), "--workdir",
+                  str(tmp_path / "tok"), "--config.model.channels=16",
+                  "--config.model.num_res_blocks=1", "--config.train.steps=3",
+                  "--config.train.global_batch=4", "--config.data.source=wds",
+                  f"--config.data.path={shard}", f"--config.data.aspect_buckets={BUCKETS}"]) == 0
+    b = _builder(repo, tok, str(shard), f"--config.data.aspect_buckets={BUCKETS}",
+                 "--config.model.max_image_grid=24", global_batch=8)
+    examples, _ = b.decoded_step(0)
+    shapes = {ex.parts[1][1].shape[:2] for ex in examples}
+    assert len(shapes) >= 3  # the step mixes buckets
+    batch = b(0)
+    rows, cols = batch["rows"].max(), batch["cols"].max()
+    assert rows > 16 or cols > 16  # a non-square grid reached the rows/cols fields
+    work = tmp_path / "joint"
+    _train(repo, tok, work, "--config.data.source=wds", f"--config.data.path={shard}",
+           f"--config.data.aspect_buckets={BUCKETS}", "--config.model.max_image_grid=24")
+    assert mmgen(["sample", "--checkpoint", str(work), "--prompt", "a red circle", "--num", "2",
+                  "--aspect", "16:9", "--out", str(tmp_path / "wide.png")]) == 0
+    assert Image.open(tmp_path / "wide.png").size == (2 * 84 + 3 * 2, 48 + 2 * 2)
+    capsys.readouterr()
+    assert mmgen(["sample", "--checkpoint", str(work), "--prompt", "x", "--num", "1",
+                  "--aspect", "2:1", "--out", str(tmp_path / "no.png")]) == 2
+    assert "not one of the aspect buckets" in capsys.readouterr().err

@@ -57,9 +57,11 @@ class Stream:
 
     def image(self, image_ids: Sequence[int], *, generate: bool) -> Stream:
         """`<boi> <res> ids <eoi>`: a generation target (causal, with loss) or a prompt
-        image (one bidirectional span, no loss)."""
-        h, w = self.layout.image_grid
-        ids = np.asarray(image_ids).reshape(-1)
+        image (one bidirectional span, no loss). 2D ids [rows, cols] carry their own grid
+        (aspect-ratio buckets); flat ids use the layout's."""
+        ids = np.asarray(image_ids)
+        h, w = ids.shape if ids.ndim == 2 else self.layout.image_grid
+        ids = ids.reshape(-1)
         if ids.size != h * w:
             raise ValueError(f"image has {ids.size} tokens, layout expects {h}x{w}")
         self.special("<boi>", "text", loss=generate)

@@ -27,7 +27,7 @@ import grain
 import jax
 import numpy as np
 
-from mmgen.data import packing, transforms
+from mmgen.data import buckets, packing, transforms
 from mmgen.data.records import BadExample
 from mmgen.data.schema import NULL_CAPTION, Stream
 
@@ -56,13 +56,23 @@ def open_source(kind: str, path: str, *, cache_dir: str | None = None, log=print
     raise ValueError(f"unknown data source {kind!r}; known: {', '.join(SOURCE_KINDS)}")
 
 
-def row_length_problem(data_cfg, layout) -> str | None:
+def image_shapes(data_cfg, downsample: int) -> list[tuple[int, int]]:
+    """Pixel shapes (height, width) images are cropped to: the aspect-ratio buckets, or
+    the one square."""
+    shapes = buckets.parse(data_cfg.get("aspect_buckets", ""), data_cfg.image_size, downsample)
+    return shapes or [(data_cfg.image_size, data_cfg.image_size)]
+
+
+def row_length_problem(data_cfg, layout, downsample: int = 1) -> str | None:
     """Why a row cannot hold the longest image-caption pair, or None. Subword and byte
     tokenizers both spend at most one token per caption byte."""
-    longest = 6 + data_cfg.max_caption_bytes + layout.tokens_per_image  # bos boi res eoi eos
+    tokens = max([layout.tokens_per_image] + [
+        (h // downsample) * (w // downsample) for h, w in image_shapes(data_cfg, downsample)
+        if data_cfg.get("aspect_buckets")])
+    longest = 6 + data_cfg.max_caption_bytes + tokens  # bos boi res eoi eos
     if data_cfg.seq_len >= longest:
         return None
-    return (f"data.seq_len={data_cfg.seq_len} cannot hold an image ({layout.tokens_per_image} "
+    return (f"data.seq_len={data_cfg.seq_len} cannot hold an image ({tokens} "
             f"tokens) with a caption of data.max_caption_bytes={data_cfg.max_caption_bytes} "
             f"(need {longest})")
 
@@ -167,6 +177,9 @@ class StepBuilder:
                             f"{n} processes")
         self.rows = global_batch // n
         self.process, self.num_processes = jax.process_index(), n
+        downsample = codec.cfg.model.downsample if codec is not None else 1
+        self.buckets = (image_shapes(data_cfg, downsample)
+                        if data_cfg.get("aspect_buckets") else None)
 
     # -- per example -------------------------------------------------------------------
 
@@ -184,12 +197,12 @@ class StepBuilder:
                     f"{record.get('origin', record['key'])}: precomputed image tokens are for "
                     f"{record.get('tokens_fingerprint')}, the model's tokenizer is {want}; "
                     "re-run `mmgen data prepare --tokenizer` with this tokenizer")
-            return "tokens", np.asarray(tokens).reshape(-1)
+            return "tokens", np.asarray(tokens)
         if record.get("image") is None:
             raise BadExample("missing_image", record.get("key", ""))
         c = self.cfg
         pixels = transforms.decode_image(
-            record["image"], size=c.image_size, crop=c.crop, rng=rng,
+            record["image"], size=c.image_size, crop=c.crop, rng=rng, buckets=self.buckets,
             max_pixels=c.max_pixels, min_size=c.min_image_size, max_aspect=c.max_aspect)
         return "image", pixels
 
@@ -232,13 +245,12 @@ class StepBuilder:
                 s.text(text_ids).image(image_ids, generate=True)
             return s.special("<eos>").arrays()
         budget = self.cfg.seq_len - 2  # bos + eos
-        per_image = self.layout.tokens_per_image + 3
         for what, ids in ex.parts:
             if what == "text":
                 ids = ids[:max(budget - len(s) + 1, 0)]
                 if len(ids):
                     s.text(ids)
-            elif len(s) - 1 + per_image <= budget:  # images are never cut
+            elif len(s) - 1 + np.size(ids) + 3 <= budget:  # images are never cut
                 s.image(ids, generate=True)
             if len(s) - 1 >= budget:
                 break
@@ -265,10 +277,13 @@ class StepBuilder:
             return
         if self.codec is None:
             raise DataError("raw images need an image tokenizer (tokenizer.checkpoint)")
-        pixels = np.stack([examples[i].parts[j][1] for i, j in where])
-        ids = self.codec.encode(pixels).reshape(len(where), -1)
-        for (i, j), row in zip(where, ids, strict=True):
-            examples[i].parts[j] = ("tokens", row)
+        by_shape: dict[tuple, list] = {}  # aspect buckets: one encode call per shape
+        for i, j in where:
+            by_shape.setdefault(examples[i].parts[j][1].shape, []).append((i, j))
+        for group in by_shape.values():
+            ids = self.codec.encode(np.stack([examples[i].parts[j][1] for i, j in group]))
+            for (i, j), grid in zip(group, ids, strict=True):
+                examples[i].parts[j] = ("tokens", grid)  # [rows, cols]: Stream reads the grid
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         examples, skipped = self.decoded_step(int(step))
@@ -312,7 +327,7 @@ class ImageStepBuilder:
     ones of the same step; text examples are passed over (not bad). If a step has fewer
     good images than rows, good ones are repeated (counted as data/short_steps)."""
 
-    def __init__(self, data_cfg, *, global_batch: int, log=print):
+    def __init__(self, data_cfg, *, global_batch: int, downsample: int = 1, log=print):
         self.cfg = data_cfg
         specs = source_specs(data_cfg)
         self.sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
@@ -328,6 +343,8 @@ class ImageStepBuilder:
         self.per_step = global_batch + slack
         self.process, self.num_processes = jax.process_index(), n
         self.short_steps = 0
+        self.buckets = (image_shapes(data_cfg, downsample)
+                        if data_cfg.get("aspect_buckets") else None)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         lo = int(step) * self.per_step
@@ -343,9 +360,12 @@ class ImageStepBuilder:
                 continue
             seen += 1
             c = self.cfg
+            # a batch has one shape: the first good image picks the step's bucket
+            shape = images[0].shape[:2] if images else None
             try:
                 images.append(transforms.decode_image(
-                    image, size=c.image_size, crop=c.crop,
+                    image, size=shape or c.image_size, crop=c.crop,
+                    buckets=None if shape else self.buckets,
                     rng=np.random.default_rng([c.seed, index, 11]), max_pixels=c.max_pixels,
                     min_size=c.min_image_size, max_aspect=c.max_aspect))
             except BadExample as e:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import math
 import unicodedata
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from mmgen.data import buckets as buckets_lib
 from mmgen.data.records import BadExample
 
 # Formats web scrapes actually contain. Leaving out the rest (EPS, PSD, ...) keeps rarely
@@ -105,22 +107,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
 
 
-def _crop_box(width: int, height: int, crop: str, rng) -> tuple[int, int, int, int]:
-    """The largest centred or random square, in source pixels."""
-    side = min(width, height)
+def _crop_box(width: int, height: int, crop: str, rng,
+              aspect: float = 1.0) -> tuple[int, int, int, int]:
+    """The largest centred or random box of width/height `aspect`, in source pixels."""
+    box_w = min(width, max(1, round(height * aspect)))
+    box_h = min(height, max(1, round(box_w / aspect)))
     if crop == "center":
-        x0, y0 = (width - side) // 2, (height - side) // 2
+        x0, y0 = (width - box_w) // 2, (height - box_h) // 2
     else:
-        x0 = int(rng.integers(0, width - side + 1))
-        y0 = int(rng.integers(0, height - side + 1))
-    return x0, y0, x0 + side, y0 + side
+        x0 = int(rng.integers(0, width - box_w + 1))
+        y0 = int(rng.integers(0, height - box_h + 1))
+    return x0, y0, x0 + box_w, y0 + box_h
 
 
-def decode_image(data: bytes, *, size: int, crop: str = "center",
+def decode_image(data: bytes, *, size: int | tuple[int, int], crop: str = "center",
                  rng: np.random.Generator | None = None, max_pixels: int = 50_000_000,
-                 min_size: int = 0, max_aspect: float = 0) -> np.ndarray:
-    """Encoded image bytes -> uint8 [size, size, 3], upright (EXIF), shorter side resized to
-    `size` and cropped to a centred or random (`rng`) square.
+                 min_size: int = 0, max_aspect: float = 0,
+                 buckets: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 [height, width, 3], upright (EXIF), cropped to the
+    target's aspect (centred, or random with `rng`) and resized to it.
+
+    The target is `size` (an int: a square; or (height, width)), or with `buckets` (pixel
+    shapes, data/buckets.py) the bucket nearest the upright image's aspect.
 
     Raises BadExample: empty_file, not_an_image, corrupt_image, truncated_image,
     too_many_pixels (width x height from the header, before decoding, above max_pixels or
@@ -138,19 +146,29 @@ def decode_image(data: bytes, *, size: int, crop: str = "center",
         raise BadExample("too_small", f"{width}x{height}, shorter side < {min_size}")
     if max_aspect and long / short > max_aspect:
         raise BadExample("bad_aspect", f"{width}x{height}, aspect > {max_aspect}")
-    # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: much faster for big photos, and
-    # the request keeps the crop at least `size` pixels wide.
-    img.draft(None, (math.ceil(size * width / short), math.ceil(size * height / short)))
+    largest = max(max(b) for b in buckets) if buckets else (
+        size if isinstance(size, int) else max(size))
+    # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: much faster for big photos. The
+    # request keeps the shorter side at least the target's longest side, whatever the
+    # orientation and bucket turn out to be.
+    img.draft(None, (math.ceil(largest * width / short), math.ceil(largest * height / short)))
     _load(img)
     orientation = _orientation(img)
     try:
         rgb = _to_rgb(img)
     except (ValueError, OSError) as e:
         raise BadExample("unsupported_mode", f"mode {img.mode}: {e}") from None
-    # Crop and resize in one step (resize's box), in stored orientation: the square's side
-    # does not depend on orientation and never builds a huge intermediate for thin images.
-    box = _crop_box(*rgb.size, crop, rng)
-    out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    swaps = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 degrees swap the axes
+    upright_w, upright_h = (rgb.height, rgb.width) if swaps else rgb.size
+    if buckets:
+        out_h, out_w = buckets_lib.nearest(upright_w, upright_h, buckets)
+    else:
+        out_h, out_w = (size, size) if isinstance(size, int) else size
+    # Crop and resize in one step (resize's box), in stored orientation, then turn
+    # upright: never builds a huge intermediate for thin images.
+    stored_w, stored_h = (out_h, out_w) if swaps else (out_w, out_h)
+    box = _crop_box(*rgb.size, crop, rng, aspect=stored_w / stored_h)
+    out = rgb.resize((stored_w, stored_h), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     if orientation in _UPRIGHT:
         out = out.transpose(_UPRIGHT[orientation])
     return np.asarray(out, np.uint8).copy()

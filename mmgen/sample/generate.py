@@ -86,8 +86,12 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
                        temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0,
                        prompt_images: Sequence[np.ndarray] | None = None,
                        min_prompt_len: int = 0,
-                       text_tokenizer: TextTokenizer | None = None) -> np.ndarray:
+                       text_tokenizer: TextTokenizer | None = None,
+                       grid: tuple[int, int] | None = None) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols].
+
+    `grid` (rows, cols) samples another aspect than the layout's grid: one of the
+    aspect-ratio buckets the model was trained on (data/buckets.py).
 
     With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
     which training shows with probability data.caption_dropout) runs beside each
@@ -101,11 +105,11 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
         images = list(prompt_images) * (2 if guided else 1)
     rows = image_prompt_rows(texts, layout, images, min_prompt_len, text_tokenizer)
     graphdef, params = nnx.split(model)
-    fn = _compiled_decode(graphdef, layout, "image", layout.tokens_per_image,
-                          float(temperature), int(top_k), guided)
+    h, w = grid or layout.image_grid
+    fn = _compiled_decode(graphdef, layout, "image", h * w, float(temperature), int(top_k),
+                          guided, w)
     ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()},
              jnp.float32(cfg_scale))
-    h, w = layout.image_grid
     return np.asarray(ids).reshape(len(prompts), h, w)
 
 
@@ -131,15 +135,16 @@ def generate_captions(model, layout: TokenLayout, images_ids: Sequence[np.ndarra
 
 @functools.lru_cache(maxsize=16)
 def _compiled_decode(graphdef, layout: TokenLayout, kind: str, n_steps: int,
-                     temperature: float, top_k: int, guided: bool):
+                     temperature: float, top_k: int, guided: bool, width: int = 0):
     """One jitted prefill + decode loop per model structure, output kind and sampling
     setting; weights are arguments, so a later checkpoint reuses the program.
 
-    kind "image": exactly the image's token count of image ids, 2D grid positions.
+    kind "image": exactly `n_steps` image ids, 2D grid positions `width` columns wide
+    (default the layout's grid).
     kind "text": text ids (below `layout.text_vocab`) or <eos>; returns raw ids (the image
     offset is not removed).
     """
-    w = layout.image_grid[1]
+    w = width or layout.image_grid[1]
     if kind == "image":
         lo, hi, offset = layout.image_offset, layout.image_offset + layout.image_codes, \
             layout.image_offset
