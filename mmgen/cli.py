@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     from mmgen.config import ConfigError
+    from mmgen.data.steps import DataError
     from mmgen.export import ExportError
     from mmgen.tokenizers.layout import LayoutMismatchError
     from mmgen.train.checkpoint import CheckpointError
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
-            ExportError) as e:
+            ExportError, DataError) as e:
         print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -169,6 +169,16 @@ def test_too_many_bad_examples_stop_with_one_line(repo, tok, tmp_path):
             b(step)
 
 
+def test_training_on_mostly_bad_data_stops_with_one_line(repo, tok, tmp_path, capsys):
+    write_shards(tmp_path / "bad", 1, 80, bad={i: "truncated" for i in range(1, 80, 3)})
+    assert mmgen(["train", "--config", str(repo / "configs/tiny.py:smoke"), "--workdir",
+                  str(tmp_path / "run"), f"--config.tokenizer.checkpoint={tok}",
+                  "--config.data.source=wds", f"--config.data.path={tmp_path}/bad/*.tar",
+                  "--config.train.steps=20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.max_bad_fraction=0.1" in err and "truncated_image" in err
+
+
 def test_truncated_shard_keeps_what_was_complete(repo, tok, tmp_path):
     write_shards(tmp_path / "t", 2, 10)
     shard = tmp_path / "t" / "00001.tar"
