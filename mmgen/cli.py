@@ -32,12 +32,14 @@ def cmd_train(args) -> int:
     import jax
 
     from mmgen.config import load_config, validate
-    from mmgen.tasks import TASKS
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    from mmgen.tasks import TASKS, inherit_init_model
+
+    inherit_init_model(cfg, log)
     validate(cfg, jax.device_count())
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train

@@ -6,6 +6,8 @@ one loop in train/loop.py runs any of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from mmgen.config import require
@@ -52,6 +54,41 @@ class TokenizerTask:
         return [ReconstructionGridHook(self.cfg.train.sample_every)]
 
 
+# Runtime choices a fine-tune may change; every other model key is the architecture.
+RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "vocab_size", "padded_vocab_size")
+
+
+def init_source(cfg):
+    """(config, layout) of `init.checkpoint` (run or exported directory), or None."""
+    init = cfg.get("init") or {}
+    if not init.get("checkpoint"):
+        return None
+    from mmgen.load import read_run_metadata
+
+    step = init.get("step", -1)
+    src_cfg, src_layout, _ = read_run_metadata(init.checkpoint, None if step < 0 else step)
+    require(src_cfg.kind == cfg.kind, f"init.checkpoint {init.checkpoint} is a "
+            f"{src_cfg.kind!r} run, this config trains {cfg.kind!r}")
+    return src_cfg, src_layout
+
+
+def inherit_init_model(cfg, log=print) -> None:
+    """A fine-tune keeps the architecture of the model it starts from: every model key
+    except RUNTIME_MODEL_KEYS is taken from `init.checkpoint`'s config (an imported LLM
+    brings its width, depth, RoPE kind, ...). Called before validation."""
+    source = init_source(cfg)
+    if source is None:
+        return
+    changed = []
+    for key, value in source[0].model.items():
+        if key not in RUNTIME_MODEL_KEYS and cfg.model.get(key) != value:
+            with cfg.model.ignore_type():
+                cfg.model[key] = value
+            changed.append(f"{key}={value}")
+    if changed:
+        log(f"model architecture from init.checkpoint: {', '.join(changed)}")
+
+
 class JointTask:
     name = "joint transformer"
     loss = "next_token"
@@ -61,6 +98,17 @@ class JointTask:
         self.codec = ImageCodec(cfg.tokenizer.checkpoint)
         self.text_tokenizer = text_tok.load_text_tokenizer(cfg.data.text_tokenizer)
         self.layout = text_tok.with_text_tokenizer(self.codec.layout, self.text_tokenizer)
+        source = init_source(cfg)
+        if source is not None and source[1] is not None:
+            # fine-tuning: the text part of the vocabulary is the initial model's (e.g. an
+            # imported LLM's), which the configured text tokenizer must be
+            src_layout = source[1]
+            text_tok.check_matches(self.text_tokenizer, src_layout)
+            self.layout = dataclasses.replace(self.codec.layout,
+                                              tokenizer_id=src_layout.tokenizer_id,
+                                              text_vocab=src_layout.text_vocab)
+            layout_lib.check_same(src_layout, self.layout,
+                                  f"the tokenizer {cfg.tokenizer.checkpoint}")
         resolve_joint(cfg, self.layout)
         tok_size = self.codec.cfg.data.image_size
         require(cfg.data.image_size == tok_size,

@@ -387,30 +387,43 @@ def test_restore_onto_a_different_mesh_and_device_count(repo, runs, tmp_path):
 
 # -- fine-tuning init ----------------------------------------------------------------------
 
-def test_init_checkpoint_loads_params_and_refuses_mismatched_shapes(repo, six_steps, tmp_path,
-                                                                     capsys):
+def test_init_checkpoint_loads_params_keeps_its_architecture_and_refuses_bad_files(
+        repo, six_steps, tmp_path, capsys):
     work = tmp_path / "ft"
-    # everything frozen: after training, the params must still be exactly the source's
+    # everything frozen: after training, the params must still be exactly the source's;
+    # a different model width in the config is replaced by the source's architecture
     assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
                   *_small(tmp_path, "--config.train.steps=2", "--config.optim.freeze=.*",
+                          "--config.model.channels=24",
                           f"--config.init.checkpoint={six_steps}")]) == 0
-    assert "initialised parameters from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model architecture from init.checkpoint: channels=16" in out
+    assert "initialised parameters from" in out
     for x, y in zip(_params(six_steps), _params(work), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(tmp_path / "bad"),
-                  *_small(tmp_path, "--config.train.steps=2", "--config.model.channels=24",
-                          f"--config.init.checkpoint={six_steps}")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "shape mismatch" in err and "\n" not in err, err
     # an exported directory works as init.checkpoint too (bfloat16 weights, cast back)
+    import safetensors.numpy
+
     from mmgen.export import export_run
 
-    export_run(six_steps, tmp_path / "exported", dtype="bfloat16")
+    exported = tmp_path / "exported"
+    export_run(six_steps, exported, dtype="bfloat16")
     assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(tmp_path / "ft2"),
                   *_small(tmp_path, "--config.train.steps=1", "--config.optim.freeze=.*",
-                          f"--config.init.checkpoint={tmp_path / 'exported'}")]) == 0
+                          f"--config.init.checkpoint={exported}")]) == 0
     for x, y in zip(_params(six_steps), _params(tmp_path / "ft2"), strict=True):
         np.testing.assert_allclose(x, y, rtol=2**-8, atol=1e-6)
+    # a weights file that lost a tensor is refused in one line naming it
+    tensors = safetensors.numpy.load_file(str(exported / "model.safetensors"))
+    victim = sorted(tensors)[0]
+    del tensors[victim]
+    safetensors.numpy.save_file(tensors, str(exported / "model.safetensors"))
+    capsys.readouterr()
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(tmp_path / "bad"),
+                  *_small(tmp_path, "--config.train.steps=1",
+                          f"--config.init.checkpoint={exported}")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 missing" in err and victim in err and "\n" not in err, err
 
 
 # -- two processes to one ------------------------------------------------------------------

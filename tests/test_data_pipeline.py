@@ -473,3 +473,33 @@ def test_aspect_buckets_train_tokenizer_and_joint_model_and_sample_wide(repo, to
     assert mmgen(["sample", "--checkpoint", str(work), "--prompt", "x", "--num", "1",
                   "--aspect", "2:1", "--out", str(tmp_path / "no.png")]) == 2
     assert "not one of the aspect buckets" in capsys.readouterr().err
+
+
+def test_pretraining_starts_from_an_imported_llm_with_its_own_tokenizer(repo, tok, shards,
+                                                                       tmp_path):
+    """Issue-7 import + issue-5 data: a Llama-layout checkpoint (written here) with a BPE
+    tokenizer.json is imported, and multimodal training on tar shards starts from it, with
+    the LLM's architecture and text vocabulary."""
+    import shutil
+
+    from test_export_import import HF, _llama_weights, _write_hf
+
+    from mmgen.data import prepare
+    from mmgen.tokenizers.bpe import train_bpe_from_captions
+
+    bpe, summary = train_bpe_from_captions(prepare.texts(f"{shards}/*.tar", log=print),
+                                           tmp_path / "bpe", 300, log=lambda *_: None)
+    hf = dict(HF, vocab_size=summary["vocab_size"], tie_word_embeddings=False)
+    hf_dir = tmp_path / "llama"
+    _write_hf(hf_dir, hf, _llama_weights(hf, tied=False), shards=1)
+    shutil.copy(bpe, hf_dir / "tokenizer.json")
+    assert mmgen(["import-llama", "--hf", str(hf_dir), "--tokenizer", str(tok), "--out",
+                  str(tmp_path / "imported"), "--base-config",
+                  str(repo / "configs/tiny.py")]) == 0
+    out = _train(repo, tok, tmp_path / "run", "--config.data.source=wds",
+                 f"--config.data.path={shards}/*.tar",
+                 f"--config.init.checkpoint={tmp_path / 'imported'}",
+                 f"--config.data.text_tokenizer={hf_dir / 'tokenizer.json'}")
+    assert "model architecture from init.checkpoint" in out and "rope=mrope" in out
+    assert "initialised parameters from" in out
+    assert np.isfinite(_last(tmp_path / "run")["loss"])
