@@ -112,10 +112,10 @@ def require(condition: bool, message: str) -> None:
 def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     import jax
 
-    from mmgen.data.steps import SOURCE_KINDS, parse_mixture
+    from mmgen.data.steps import SOURCES, parse_mixture
 
     d = cfg.data
-    kinds = ("synthetic", *SOURCE_KINDS, "mix")
+    kinds = ("synthetic", *SOURCES, "mix")
     require(d.source in kinds, f"data.source={d.source!r} is not one of {kinds}")
     if d.source == "synthetic":
         require(d.get("text_tokenizer", "bytes") == "bytes",

@@ -20,7 +20,7 @@ import numpy as np
 
 from mmgen.data import transforms
 from mmgen.data.records import BadExample
-from mmgen.data.steps import SOURCE_KINDS, open_source
+from mmgen.data.steps import SOURCES, open_source
 
 SUMMARY = "summary.json"
 
@@ -29,7 +29,7 @@ def parse_src(spec: str) -> tuple[str, str]:
     """"KIND:PATH", or a PATH whose kind is guessed: *.tar -> wds, *.array_record ->
     arrayrecord, a folder -> folder, *.jsonl -> text or interleaved (from its first line)."""
     kind, sep, path = spec.partition(":")
-    if sep and kind in SOURCE_KINDS:
+    if sep and kind in SOURCES:
         return kind, path
     first = spec.split(",")[0]
     if ".tar" in first:
@@ -46,7 +46,7 @@ def parse_src(spec: str) -> tuple[str, str]:
         except (ValueError, TypeError):
             return "text", spec
     raise ValueError(f"cannot tell the kind of {spec!r}; write KIND:PATH with KIND in "
-                     f"{', '.join(SOURCE_KINDS)}")
+                     f"{', '.join(SOURCES)}")
 
 
 class Progress:

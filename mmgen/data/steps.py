@@ -31,7 +31,16 @@ from mmgen.data import buckets, packing, transforms
 from mmgen.data.records import BadExample
 from mmgen.data.schema import NULL_CAPTION, Stream
 
-SOURCE_KINDS = ("wds", "arrayrecord", "folder", "text", "interleaved")
+# data.source name -> how to open it (path, cache_dir, log) -> a grain random-access source;
+# a new format is one registration here, not a branch in the pipeline
+SOURCES = {
+    "wds": lambda path, cache_dir, log: _sources().TarShardSource(path, cache_dir=cache_dir,
+                                                                  log=log),
+    "arrayrecord": lambda path, cache_dir, log: _sources().ArrayRecordSource(path, log=log),
+    "folder": lambda path, cache_dir, log: _sources().FolderSource(path, log=log),
+    "text": lambda path, cache_dir, log: _sources().TextSource(path, log=log),
+    "interleaved": lambda path, cache_dir, log: _sources().InterleavedSource(path, log=log),
+}
 MIN_SEEN_FOR_BAD_CHECK = 64  # examples seen before the bad fraction can stop a run
 _READ = dict(num_threads=2, prefetch_buffer_size=4)
 
@@ -40,20 +49,16 @@ class DataError(RuntimeError):
     """The data cannot feed the run (e.g. too many bad examples); one line."""
 
 
-def open_source(kind: str, path: str, *, cache_dir: str | None = None, log=print):
-    from mmgen.data import sources
+def _sources():
+    from mmgen.data import sources  # epath, array_record: only when real data is used
 
-    if kind == "wds":
-        return sources.TarShardSource(path, cache_dir=cache_dir, log=log)
-    if kind == "arrayrecord":
-        return sources.ArrayRecordSource(path, log=log)
-    if kind == "folder":
-        return sources.FolderSource(path, log=log)
-    if kind == "text":
-        return sources.TextSource(path, log=log)
-    if kind == "interleaved":
-        return sources.InterleavedSource(path, log=log)
-    raise ValueError(f"unknown data source {kind!r}; known: {', '.join(SOURCE_KINDS)}")
+    return sources
+
+
+def open_source(kind: str, path: str, *, cache_dir: str | None = None, log=print):
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data source {kind!r}; known: {', '.join(SOURCES)}")
+    return SOURCES[kind](path, cache_dir, log)
 
 
 def image_shapes(data_cfg, downsample: int) -> list[tuple[int, int]]:
@@ -83,9 +88,9 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
     for part in (p.strip() for p in spec.split(";") if p.strip()):
         kind, sep, rest = part.partition(":")
         path, eq, weight = rest.rpartition("=")
-        if not sep or not eq or kind not in SOURCE_KINDS:
+        if not sep or not eq or kind not in SOURCES:
             raise ValueError(f"data.mixture entry {part!r} is not KIND:PATH=WEIGHT with KIND "
-                             f"in {', '.join(SOURCE_KINDS)}")
+                             f"in {', '.join(SOURCES)}")
         try:
             w = float(weight)
         except ValueError:
