@@ -503,3 +503,14 @@ def test_pretraining_starts_from_an_imported_llm_with_its_own_tokenizer(repo, to
     assert "model architecture from init.checkpoint" in out and "rope=mrope" in out
     assert "initialised parameters from" in out
     assert np.isfinite(_last(tmp_path / "run")["loss"])
+
+
+def test_document_text_keeps_its_lines_and_bad_text_is_counted():
+    from mmgen.data.records import BadExample
+    from mmgen.data.transforms import clean_text
+
+    assert clean_text(b"  line one\r\nline\ttwo\x07 \n") == "line one\nline\ttwo"
+    for raw, reason in ((b"\xff\xfe", "non_utf8_text"), (" \n\t ", "empty_text")):
+        with pytest.raises(BadExample) as e:
+            clean_text(raw)
+        assert e.value.reason == reason

@@ -86,8 +86,7 @@ def _validated(source, *, size: int, max_caption_bytes: int, max_pixels: int,
                 elif record.get("image_tokens") is None:
                     raise BadExample("missing_image", record.get("key", ""))
             elif record["kind"] == "text":
-                record["text"] = transforms.clean_caption(record.get("text") or "",
-                                                          max_bytes=2**31 - 1)
+                record["text"] = transforms.clean_text(record.get("text") or "")
             else:
                 for part in record["parts"]:
                     if "image" in part:
@@ -247,6 +246,6 @@ def texts(src: str, *, limit: int | None = None, log=print) -> Iterator[str]:
                       else [record.get("text")] if record["kind"] == "text"
                       else [p["text"] for p in record["parts"] if "text" in p])
             for piece in pieces:
-                yield transforms.clean_caption(piece or "", max_bytes=2**31 - 1)
+                yield transforms.clean_text(piece or "")
         except BadExample:
             continue

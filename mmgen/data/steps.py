@@ -224,13 +224,12 @@ class StepBuilder:
                 caption = NULL_CAPTION  # the one null caption sampling guides against
             return Decoded("pair", [("text", self.text.encode(caption)), image], captioning)
         if kind == "text":
-            text = transforms.clean_caption(record.get("text") or "", max_bytes=2**31 - 1)
+            text = transforms.clean_text(record.get("text") or "")
             return Decoded("text", [("text", self.text.encode(text))])
         parts = []
         for part in record.get("parts") or []:
             if "text" in part:
-                parts.append(("text", self.text.encode(
-                    transforms.clean_caption(part["text"], max_bytes=2**31 - 1))))
+                parts.append(("text", self.text.encode(transforms.clean_text(part["text"]))))
             else:
                 parts.append(self._image({"image": part.get("image"), "key": record["key"]},
                                          rng))

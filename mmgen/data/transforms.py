@@ -212,3 +212,26 @@ def clean_caption(text: str | bytes, *, max_bytes: int) -> str:
     if not text:
         raise BadExample("empty_caption", "nothing left after cleaning")
     return text
+
+
+def clean_text(text: str | bytes) -> str:
+    """A document's text as NFC, keeping its line structure: newlines and tabs stay,
+    other control characters go, trailing and leading whitespace is stripped.
+
+    Raises BadExample: non_utf8_text, empty_text.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadExample("non_utf8_text", str(e)) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadExample("non_utf8_text", str(e)) from None
+    text = unicodedata.normalize("NFC", text).replace("\ufeff", "").replace("\r\n", "\n")
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    text = text.strip()
+    if not text:
+        raise BadExample("empty_text", "nothing left after cleaning")
+    return text
