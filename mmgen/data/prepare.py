@@ -27,7 +27,8 @@ SUMMARY = "summary.json"
 
 def parse_src(spec: str) -> tuple[str, str]:
     """"KIND:PATH", or a PATH whose kind is guessed: *.tar -> wds, *.array_record ->
-    arrayrecord, a folder -> folder, *.jsonl -> text or interleaved (from its first line)."""
+    arrayrecord, a folder -> its *.array_record or *.tar files, else an image folder,
+    *.jsonl -> text or interleaved (from its first line)."""
     kind, sep, path = spec.partition(":")
     if sep and kind in SOURCES:
         return kind, path
@@ -36,7 +37,12 @@ def parse_src(spec: str) -> tuple[str, str]:
         return "wds", spec
     if ".array_record" in first:
         return "arrayrecord", spec
-    if Path(first).is_dir():
+    if Path(first).is_dir():  # a folder of shards, or of images with captions
+        root = Path(first)
+        if any(root.glob("*.array_record")):
+            return "arrayrecord", str(root / "*.array_record")
+        if any(root.glob("*.tar")):
+            return "wds", str(root / "*.tar")
         return "folder", spec
     if first.endswith(".jsonl") and Path(first).is_file():
         with open(first, "rb") as f:
@@ -114,6 +120,7 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
         codec = ImageCodec(tokenizer)
         image_size = codec.cfg.data.image_size
     skipped: Counter = Counter(source.skipped)
+    index_skipped = sum(skipped.values())  # found while indexing, not in `total`
     total = len(source) if limit is None else min(limit, len(source))
     progress = Progress("prepare", total, log)
     records = _validated(source, size=image_size, max_caption_bytes=max_caption_bytes,
@@ -142,7 +149,8 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
             if len(chunk) == 64:
                 yield from flush()
             done += 1
-            progress.update(done, f"skipped {sum(skipped.values()):,}")
+            progress.update(done + sum(skipped.values()) - index_skipped,
+                            f"skipped {sum(skipped.values()):,}")
         yield from flush()
 
     stream = tokenised()
@@ -161,7 +169,8 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
 
         written += write_array_record(out / name, take())
         files.append(name)
-    progress.update(done, f"skipped {sum(skipped.values()):,}", force=True)
+    progress.update(done + sum(skipped.values()) - index_skipped,
+                    f"skipped {sum(skipped.values()):,}", force=True)
     summary = {
         "source": src, "kind": kind, "written": written,
         "skipped": dict(sorted(skipped.items())), "shards": files,

@@ -122,6 +122,7 @@ class DataStats:
         self.index_skipped = sum(self.skipped.values())
         self.seen = 0
         self.pack = packing.PackStats()
+        self.events: Counter = Counter()  # e.g. short_steps (reported as data/<name>)
 
     def record(self, seen: int, skipped: Counter, pack: packing.PackStats | None) -> None:
         with self.lock:
@@ -145,7 +146,12 @@ class DataStats:
             if self.pack.capacity:
                 out["data/packing_efficiency"] = self.pack.efficiency
                 out["data/dropped_overflow"] = float(self.pack.dropped)
+            out.update({f"data/{k}": float(v) for k, v in self.events.items()})
             return out
+
+    def note(self, event: str) -> None:
+        with self.lock:
+            self.events[event] += 1
 
 
 @dataclasses.dataclass
@@ -346,7 +352,6 @@ class ImageStepBuilder:
         slack = int(np.ceil(global_batch * data_cfg.image_slack / n)) * n
         self.per_step = global_batch + slack
         self.process, self.num_processes = jax.process_index(), n
-        self.short_steps = 0
         self.buckets = (image_shapes(data_cfg, downsample)
                         if data_cfg.get("aspect_buckets") else None)
 
@@ -378,6 +383,6 @@ class ImageStepBuilder:
         if not images:
             raise DataError(f"step {step}: no usable image among {self.per_step} examples")
         if len(images) < self.rows:
-            self.short_steps += 1
+            self.stats.note("short_steps")
             images += [images[i % len(images)] for i in range(self.rows - len(images))]
         return {"images": np.stack(images)}
