@@ -59,7 +59,6 @@ class SkipBad:
             return None
 
 
-
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

@@ -73,7 +73,6 @@ def make_train_step(spec: StateSpec, loss_name: str):
     )
 
 
-
 def _guard_nonfinite(old: dict, new: dict, loss, grad_norm, policy: str):
     """Drops a non-finite update: params, optimizer state and EMA stay those of the last
     finite step. `health` counts such steps and remembers the first; with the "stop"
