@@ -179,6 +179,12 @@ def cmd_import_llama(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from mmgen.launch import main as launch_main
+
+    return launch_main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -283,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0 = off)")
     m.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
     m.set_defaults(fn=cmd_import_llama)
+
+    la = sub.add_parser("launch", help="start a multi-host job: tpu-vm | gke | slurm | local",
+                        description="mmgen launch {tpu-vm,gke,slurm,local} --config ... "
+                        "[--dry-run]; see `mmgen launch TARGET --help` and docs/launching.md.")
+    la.add_argument("argv", nargs=argparse.REMAINDER, help="TARGET and its arguments")
+    la.set_defaults(fn=cmd_launch)
     return p
 
 

@@ -1,0 +1,224 @@
+"""`mmgen launch`: rendered SLURM / JobSet / TPU VM files (dry runs, no cloud tools, no
+network) and a real 2-process local run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mmgen import launch
+from mmgen.cli import main as mmgen
+
+CONFIG = "configs/tokenizer_tiny.py"
+
+
+def _dry(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = launch.main([*argv, "--dry-run"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _section(out: str, title: str) -> str:
+    """The rendered file printed between `# ---- <title> ...` and `# ---- commands ----`."""
+    start = out.index(f"# ---- {title}")
+    body = out[out.index("\n", start) + 1:]
+    return body[:body.index("# ---- commands ----")]
+
+
+def _bash_n(text: str, tmp_path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text(text)
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name,chips,hosts", [
+    ("v5p-32", 16, 4), ("v5p-8", 4, 1), ("v4-32", 16, 4), ("v4-8", 4, 1),
+    ("v5litepod-16", 16, 4), ("v5litepod-8", 8, 1), ("v5litepod-4", 4, 1),
+    ("v5litepod-256", 256, 64), ("v6e-64", 64, 16)])
+def test_accelerator_table(name, chips, hosts):
+    acc = launch.parse_accelerator(name)
+    assert (acc.chips, acc.hosts) == (chips, hosts)
+    assert acc.hosts * acc.chips_per_host == acc.chips
+
+
+@pytest.mark.parametrize("name", ["v7x-8", "v5p-12", "v5litepod-12", "v5p", "tpu", "v4-0"])
+def test_unknown_accelerator_is_one_line_exit_2(capsys, name):
+    rc, out, err = _dry(capsys, "tpu-vm", "--config", CONFIG, "--name", "t", "--zone", "z",
+                        "--accelerator", name)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "error:" in err and name in err, err
+
+
+def test_slurm_script(capsys, tmp_path):
+    rc, out, _ = _dry(capsys, "slurm", "--config", CONFIG, "--nodes", "4", "--partition",
+                      "gpu", "--time", "04:00:00", "--workdir", "runs/x",
+                      "--config.train.steps=10")
+    assert rc == 0
+    script = _section(out, "sbatch script")
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=04:00:00", "#SBATCH --signal=TERM@300"):
+        assert line in script.splitlines(), line
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
+    assert 'export MMGEN_NUM_PROCESSES="$SLURM_NTASKS"' in script
+    assert 'export MMGEN_COORDINATOR="${head_node}:8476"' in script
+    srun = next(x for x in script.splitlines() if x.startswith("srun "))
+    assert "--ntasks-per-node=1" in srun and "--nodes=4" in srun
+    task = shlex.split(srun)[-1]  # the per-task command, expanded by each task
+    assert task.startswith("export MMGEN_PROCESS_ID=$SLURM_PROCID; exec python3 -m mmgen.cli "
+                           "train --config configs/tokenizer_tiny.py --workdir runs/x")
+    assert task.endswith("--config.train.steps=10")
+    assert re.search(r'if \[ "\$rc" -eq 75 \]; then\n.*\n\s*scontrol requeue "\$SLURM_JOB_ID"',
+                     script)
+    assert "sbatch runs/launch/mmgen.sbatch" in out.split("# ---- commands ----")[1]
+    _bash_n(script, tmp_path)
+
+
+def test_jobset_manifest(capsys):
+    yaml = pytest.importorskip("yaml")
+    rc, out, _ = _dry(capsys, "gke", "--config", CONFIG, "--name", "mm1", "--image",
+                      "gcr.io/p/mmgen:1", "--accelerator", "v5p-32", "--topology", "2x2x4",
+                      "--namespace", "research", "--workdir", "/gcs/run",
+                      "--config.train.steps=10")
+    assert rc == 0
+    doc = yaml.safe_load(_section(out, "JobSet manifest"))
+    assert doc["kind"] == "JobSet" and doc["metadata"]["namespace"] == "research"
+    (rjob,) = doc["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    assert rjob["replicas"] == 1 and job["parallelism"] == job["completions"] == 4
+    assert job["completionMode"] == "Indexed" and job["backoffLimit"] == 0
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and 75 not in rule["onExitCodes"]["values"]
+    assert doc["spec"]["failurePolicy"]["maxRestarts"] > 0
+    pod = job["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                   "cloud.google.com/gke-tpu-topology": "2x2x4"}
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["google.com/tpu"] == 4 and c["image"] == "gcr.io/p/mmgen:1"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {"MMGEN_COORDINATOR": "mm1-workers-0-0.mm1:8476", "MMGEN_NUM_PROCESSES": "4"}
+    assert c["command"][:2] == ["bash", "-c"]
+    assert c["command"][2].startswith("export MMGEN_PROCESS_ID=$JOB_COMPLETION_INDEX; exec ")
+    assert c["command"][2].endswith("--workdir /gcs/run --config.train.steps=10")
+    assert "kubectl apply -f runs/launch/mm1.jobset.yaml" in out
+    xpk = next(x for x in out.splitlines() if x.startswith("xpk workload create"))
+    assert "--tpu-type v5p-32" in xpk and "--docker-image gcr.io/p/mmgen:1" in xpk
+
+
+def test_jobset_topology_must_match(capsys):
+    rc, out, err = _dry(capsys, "gke", "--config", CONFIG, "--name", "mm1", "--image", "i",
+                        "--accelerator", "v5p-32", "--topology", "2x2x2")
+    assert rc == 2 and "8 chips but v5p-32 has 16" in err and err.count("\n") == 1
+
+
+def test_tpu_vm_script(capsys, tmp_path):
+    rc, out, _ = _dry(capsys, "tpu-vm", "--config", CONFIG, "--name", "tpu1", "--zone",
+                      "us-east5-a", "--accelerator", "v5p-32", "--project", "p1", "--spot",
+                      "--workdir", "gs://b/run", "--config.train.steps=10")
+    assert rc == 0
+    script = _section(out, "TPU VM launcher")
+    assert "4 workers x 4 chips" in out
+    _bash_n(script, tmp_path)
+    assert ("gcloud compute tpus tpu-vm create tpu1 --zone us-east5-a --project p1 "
+            "--accelerator-type v5p-32 --version tpu-ubuntu2204-base --spot") in script
+    assert 'if [ "$rc" -eq 75 ]; then' in script and "while true; do" in script
+    ssh = [x for x in out.splitlines()
+           if x.startswith("gcloud compute tpus tpu-vm ssh tpu1 --worker=all")]
+    assert len(ssh) == 2  # install, run
+    run = shlex.split(ssh[1])[-1]
+    assert "MMGEN_NUM_PROCESSES=4" in run and "MMGEN_PROCESS_ID=${TPU_WORKER_ID:-" in run
+    assert run.endswith("train --config configs/tokenizer_tiny.py --workdir gs://b/run "
+                        "--config.train.steps=10")
+    assert "networkEndpoints[0].ipAddress" in script
+
+
+def test_missing_tool_is_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda tool: None)
+    rc = launch.main(["slurm", "--config", CONFIG, "--nodes", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sbatch is not on PATH" in err and err.count("\n") == 1
+
+
+def test_template_missing_key_is_an_error():
+    with pytest.raises(KeyError):
+        launch.render("slurm.sbatch.tmpl", name="x")
+
+
+def test_cli_verb_passes_overrides(capsys):
+    rc = mmgen(["launch", "local", "--config", CONFIG, "--processes", "3", "--workdir", "w",
+                "--config.train.steps=2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [x for x in out.splitlines() if "mmgen.cli train" in x]
+    assert len(lines) == 3 and all("--config.train.steps=2" in x for x in lines)
+    assert "MMGEN_PROCESS_ID=2" in lines[2] and "MMGEN_NUM_PROCESSES=3" in lines[2]
+    assert "--xla_force_host_platform_device_count=1" in lines[0]
+
+
+def test_local_two_processes_train(tmp_path, repo):
+    """A real 2-process run: both exit 0, logs exist, one checkpoint at step 2 written by
+    2 processes."""
+    work = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "mmgen.cli", "launch", "local", "--processes", "2",
+         "--config", str(repo / CONFIG), "--workdir", str(work), "--timeout", "400",
+         "--config.model.channels=16", "--config.model.num_res_blocks=1",
+         "--config.train.steps=2", "--config.train.global_batch=8",
+         f"--config.data.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=500)
+    logs = [work / "launch" / f"process_{i}.log" for i in range(2)]
+    detail = r.stdout + r.stderr + "".join(x.read_text()[-2000:] for x in logs if x.exists())
+    assert r.returncode == 0, detail
+    assert all(x.exists() and x.stat().st_size > 0 for x in logs)
+    assert "all 2 processes exited 0" in r.stdout
+    from mmgen.train.checkpoint import Checkpointer
+
+    assert Checkpointer(work / "checkpoints", read_only=True).meta(2)["process_count"] == 2
+
+
+def test_local_failure_stops_the_group(tmp_path, repo):
+    """One bad process (a config error: exit 2) stops the run with its status."""
+    r = subprocess.run(
+        [sys.executable, "-m", "mmgen.launch", "local", "--processes", "2", "--config",
+         str(repo / CONFIG), "--workdir", str(tmp_path / "bad"), "--timeout", "120",
+         "--grace", "5", "--config.no_such_key=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "exited 2" in r.stdout
+
+
+def test_local_sigterm_saves_and_returns_75(tmp_path, repo):
+    """SIGTERM to the launcher (a preemption notice) reaches every process: they save one
+    complete checkpoint at the same step and exit 75, and so does the launcher."""
+    work = tmp_path / "long"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mmgen.launch", "local", "--processes", "2", "--config",
+         str(repo / CONFIG), "--workdir", str(work), "--timeout", "400",
+         "--config.model.channels=16", "--config.model.num_res_blocks=1",
+         "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+         "--config.train.global_batch=8", "--config.train.log_every=1",
+         f"--config.data.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log0 = work / "launch" / "process_0.log"
+    deadline = time.monotonic() + 300
+    while not (log0.exists() and "step 3/" in log0.read_text()):
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"no step 3 in {log0}: {p.communicate()[0]}")
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 75, out + log0.read_text()[-2000:]
+    assert "exit statuses [75, 75]" in out
+    from mmgen.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(work / "checkpoints", read_only=True)
+    (step,) = ckpt.steps()
+    assert step >= 3 and ckpt.problem(step) is None
