@@ -199,6 +199,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
         require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
                 f"model.downsample={m.downsample} must be a power of 2")
+        require(mesh["sequence"] == 1, "mesh.sequence must be 1 for the image tokenizer "
+                "(its batches are images, not token sequences)")
         return
     m = cfg.model
     require(m.num_heads % m.num_kv_heads == 0,
@@ -206,6 +208,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
             f"model.num_kv_heads={m.num_kv_heads}")
     require(m.head_dim % 8 == 0,
             f"model.head_dim={m.head_dim} must be a multiple of 8 (1D + 2D RoPE sections)")
+    require(cfg.data.seq_len % mesh["sequence"] == 0,
+            f"data.seq_len={cfg.data.seq_len} does not divide over mesh sequence="
+            f"{mesh['sequence']}")
     tp = mesh["tensor"]
     for key in ("num_heads", "num_kv_heads", "mlp_dim"):
         require(m[key] % tp == 0, f"model.{key}={m[key]} does not divide over mesh tensor={tp}")

@@ -44,7 +44,8 @@ def optim_defaults(**overrides) -> ConfigDict:
 
 def mesh_defaults() -> ConfigDict:
     # -1 = all remaining devices; the product must equal the device count
-    return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # sequence > 1 splits activations along data.seq_len (attention all-gathers K/V)
+    return ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
 
 
 def data_defaults(**overrides) -> ConfigDict:

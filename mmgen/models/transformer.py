@@ -60,6 +60,13 @@ class Attention(nnx.Module):
         q_BLHK = apply_rope(q_BLHK, angles_BLP)
         k_BLGK = apply_rope(k_BLGK, angles_BLP)
         q_BLHK = constrain(q_BLHK, ("batch", "length", "heads", "head_dim"))
+        # Sequence parallelism: queries stay split along the sequence; every shard needs
+        # the keys/values of the whole row, so they are gathered here (one all-gather of
+        # G*K per token, small next to the activations with grouped-query attention).
+        # Ring passing would overlap that transfer with compute; it needs the attention
+        # kernels' offset/log-sum-exp interface and is left to them.
+        k_BLGK = constrain(k_BLGK, ("batch", "kv_length", "kv_heads", "head_dim"))
+        v_BLGK = constrain(v_BLGK, ("batch", "kv_length", "kv_heads", "head_dim"))
         if cache is None:
             kv_seg, kv_span, q_index = batch["segment_ids"], batch["span_ids"], None
         else:

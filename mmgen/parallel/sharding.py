@@ -13,14 +13,17 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated). Names absent here
 # are replicated. Embedding tables shard their rows over tensor (vocab-parallel
 # head) and their width over fsdp, like every other weight.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    # sequence parallelism: activations split along the sequence; attention gathers the
+    # keys/values of the whole row ("kv_length" stays unsplit), see Attention
+    ("length", "sequence"),
+    ("kv_length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

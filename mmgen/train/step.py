@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mmgen.parallel.sharding import logical_to_spec
 from mmgen.train.losses import LOSSES
@@ -14,7 +14,13 @@ from mmgen.train.state import StateSpec
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch",), mesh))
+    """Batches of [rows, tokens] fields: rows over data x fsdp, tokens over sequence.
+    Unsplit trailing dimensions are left out of the spec, so without sequence
+    parallelism any field of rank >= 1 (e.g. tokenizer images, per-row values) fits."""
+    spec = list(logical_to_spec(("batch", "length"), mesh))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def make_train_step(spec: StateSpec, loss_name: str):
