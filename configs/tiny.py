@@ -31,6 +31,7 @@ def get_config(arg=None) -> ConfigDict:
         max_image_grid=16,      # learned absolute row/col embeddings up to 16x16 (0 = off)
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
         attention_impl="xla",
+        remat="none",           # none | full | dots_saveable | offload (activation memory)
         # switches for models imported from an LLM (mmgen import-llama, docs/export.md):
         qk_norm=True,           # RMSNorm on queries and keys (Llama: False)
         norm_eps=1e-6,          # RMSNorm epsilon (Llama: its rms_norm_eps)

@@ -223,6 +223,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     require(m.dtype in ("float32", "bfloat16"),
             f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
     from mmgen.models.layers import ROPE_KINDS
+    from mmgen.models.transformer import REMAT_POLICIES
+
+    require(m.get("remat", "none") in REMAT_POLICIES,
+            f"model.remat must be one of {REMAT_POLICIES}, got {m.get('remat')!r}")
 
     require(m.get("rope", "mm") in ROPE_KINDS,
             f"model.rope must be one of {ROPE_KINDS}, got {m.get('rope')!r}")

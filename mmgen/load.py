@@ -42,7 +42,7 @@ def transformer_config(cfg) -> TransformerConfig:
         attention_impl=m.attention_impl,
         # .get: configs saved before these switches existed mean today's defaults
         qk_norm=m.get("qk_norm", True), norm_eps=m.get("norm_eps", 1e-6),
-        rope=m.get("rope", "mm"))
+        rope=m.get("rope", "mm"), remat=m.get("remat", "none"))
 
 
 def read_run_metadata(path: str | Path, step: int | None = None):

@@ -31,6 +31,21 @@ class TransformerConfig:
     qk_norm: bool = True     # RMSNorm on queries and keys (Llama has none)
     norm_eps: float = 1e-6   # epsilon of every RMSNorm (Llama: rms_norm_eps)
     rope: str = "mm"         # "mm" | "mrope": see layers.rope_angles
+    remat: str = "none"      # activation checkpointing per block: see REMAT_POLICIES
+
+
+def _remat_policies() -> dict:
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,                                    # keep every activation
+        "full": cp.nothing_saveable,                     # recompute the whole block
+        "dots_saveable": cp.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+        # keep matmul outputs in host memory (accelerators with pinned host memory)
+        "offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 
 
 class Attention(nnx.Module):
@@ -146,9 +161,14 @@ class Transformer(nnx.Module):
         angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
                                  self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope)
         ks, vs = [], []
+        run_block = Block.__call__
+        if cache is None and self.cfg.remat != "none":
+            # Backward recomputes what the policy did not keep, trading compute for memory;
+            # decoding (with a cache) has no backward pass and never rematerialises.
+            run_block = nnx.remat(Block.__call__, policy=_remat_policies()[self.cfg.remat])
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else dict(cache, k=cache["k"][i], v=cache["v"][i])
-            x_BLD, k, v = block(x_BLD, angles_BLP, batch, layer_cache)
+            x_BLD, k, v = run_block(block, x_BLD, angles_BLP, batch, layer_cache)
             ks.append(k)
             vs.append(v)
         h_BLD = self.final_norm(x_BLD)
