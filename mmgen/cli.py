@@ -312,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmgen.tokenizers.layout import LayoutMismatchError
     from mmgen.train.checkpoint import CheckpointError
 
-    _setup_jax()
     try:
+        _setup_jax()
         return args.fn(args)
     except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
             ExportError, DataError) as e:

@@ -50,3 +50,23 @@ def test_cli_prints_one_line_error(repo, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if "mmgen train" in ln]
     assert lines == ["mmgen train: error: unknown config key 'optim.lrr' (did you mean optim.lr?)"]
+
+
+def test_multi_process_environment_errors_are_one_line(monkeypatch):
+    from mmgen.parallel.distributed import initialize_from_env
+
+    monkeypatch.delenv("MMGEN_COORDINATOR", raising=False)
+    monkeypatch.delenv("MMGEN_DISTRIBUTED", raising=False)
+    assert initialize_from_env() is False  # single process
+    monkeypatch.setenv("MMGEN_DISTRIBUTED", "bogus")
+    with pytest.raises(ConfigError, match="use auto or off"):
+        initialize_from_env()
+    monkeypatch.delenv("MMGEN_DISTRIBUTED")
+    monkeypatch.setenv("MMGEN_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("MMGEN_NUM_PROCESSES", "2")
+    monkeypatch.setenv("MMGEN_PROCESS_ID", "5")
+    with pytest.raises(ConfigError, match=r"MMGEN_PROCESS_ID=5 is not in \[0, 2\)"):
+        initialize_from_env()
+    monkeypatch.setenv("MMGEN_PROCESS_ID", "one")
+    with pytest.raises(ConfigError, match="must be integers"):
+        initialize_from_env()

@@ -6,6 +6,10 @@ Explicit variables (any cluster, and local multi-process runs on one machine):
     MMGEN_NUM_PROCESSES=N
     MMGEN_PROCESS_ID=i            0 .. N-1
 
+Or let JAX detect the cluster: `MMGEN_DISTRIBUTED=auto` calls
+`jax.distributed.initialize()` without arguments, which reads TPU pod slices (the TPU
+runtime's worker list), SLURM (`srun`) and Open MPI environments itself.
+
 On CPU the processes exchange collectives over gloo. Without these variables the run is
 single-process.
 """
@@ -14,21 +18,31 @@ from __future__ import annotations
 
 import os
 
+from mmgen.config import ConfigError
+
 
 def initialize_from_env() -> bool:
     """Initialises JAX's distributed runtime if the MMGEN_* variables ask for it; returns
     whether it did. Must run before anything touches a JAX backend."""
     coordinator = os.environ.get("MMGEN_COORDINATOR")
     if not coordinator:
+        mode = os.environ.get("MMGEN_DISTRIBUTED", "").lower()
+        if mode not in ("", "off", "auto"):
+            raise ConfigError(f"MMGEN_DISTRIBUTED={mode!r}: use auto or off")
+        if mode == "auto":
+            import jax
+
+            jax.distributed.initialize()  # cluster auto-detection (TPU pods, SLURM, MPI)
+            return True
         return False
     try:
         num = int(os.environ["MMGEN_NUM_PROCESSES"])
         pid = int(os.environ["MMGEN_PROCESS_ID"])
     except (KeyError, ValueError) as e:
-        raise ValueError("MMGEN_COORDINATOR is set, so MMGEN_NUM_PROCESSES and "
+        raise ConfigError("MMGEN_COORDINATOR is set, so MMGEN_NUM_PROCESSES and "
                          f"MMGEN_PROCESS_ID must be integers too ({e})") from None
     if not 0 <= pid < num:
-        raise ValueError(f"MMGEN_PROCESS_ID={pid} is not in [0, {num})")
+        raise ConfigError(f"MMGEN_PROCESS_ID={pid} is not in [0, {num})")
     import jax
 
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
