@@ -608,6 +608,13 @@ class _LineIndex:
                             origin=origin)
         return f, origin, line
 
+    def json_row(self, index, name: str) -> tuple[int, str, dict]:
+        """(file number, origin, the line as a JSON object) for a source's `index`."""
+        i = _index(index)
+        _check_range(i, len(self), name)
+        f, origin, line = self.read(i)
+        return f, origin, _json_object(_utf8(line, "non_utf8_text", origin), origin)
+
 
 class TextSource:
     """Text records from jsonl files of `{"text": "..."}`; other fields become `meta`.
@@ -626,10 +633,7 @@ class TextSource:
         return len(self._lines)
 
     def __getitem__(self, index) -> dict:
-        i = _index(index)
-        _check_range(i, len(self), self.name)
-        _, origin, line = self._lines.read(i)
-        row = _json_object(_utf8(line, "non_utf8_text", origin), origin)
+        _, origin, row = self._lines.json_row(index, self.name)
         text = row.pop("text", None)
         if text is None:
             raise BadExample("missing_text", f"{origin}: no 'text' field")
@@ -676,10 +680,7 @@ class InterleavedSource:
         return {"image": _read_file(path, f"{origin}: {path}")}
 
     def __getitem__(self, index) -> dict:
-        i = _index(index)
-        _check_range(i, len(self), self.name)
-        f, origin, line = self._lines.read(i)
-        row = _json_object(_utf8(line, "non_utf8_text", origin), origin)
+        f, origin, row = self._lines.json_row(index, self.name)
         content = row.pop("content", None)
         if not isinstance(content, list) or not content:
             raise BadExample("bad_document", f"{origin}: 'content' is not a non-empty list")

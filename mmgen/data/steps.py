@@ -169,17 +169,7 @@ class StepBuilder:
     def __init__(self, data_cfg, *, global_batch: int, layout, text_tokenizer, codec=None,
                  log=print):
         self.cfg, self.layout, self.text, self.codec = data_cfg, layout, text_tokenizer, codec
-        specs = source_specs(data_cfg)
-        self.sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
-                        for kind, path, _ in specs]
-        for src in self.sources:
-            if len(src) == 0:
-                raise DataError(f"data source {src!r} holds no usable examples")
-        skipped = Counter()
-        for src in self.sources:
-            skipped.update(src.skipped)
-        self.stats = DataStats(data_cfg.max_bad_fraction, skipped)
-        self.order = _global_order(self.sources, [w for *_, w in specs], data_cfg.seed)
+        self.sources, self.stats, self.order = _open_sources(data_cfg, log)
         self.examples_per_step = round(global_batch * data_cfg.examples_per_row)
         n = jax.process_count()
         if self.examples_per_step % n:
@@ -307,6 +297,21 @@ class StepBuilder:
         return batch
 
 
+def _open_sources(data_cfg, log):
+    """(sources, DataStats holding their index-time skips, the global order) of the
+    configured source or mixture; an empty source is an error."""
+    specs = source_specs(data_cfg)
+    sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
+               for kind, path, _ in specs]
+    skipped = Counter()
+    for src in sources:
+        if len(src) == 0:
+            raise DataError(f"data source {src!r} holds no usable examples")
+        skipped.update(src.skipped)
+    stats = DataStats(data_cfg.max_bad_fraction, skipped)
+    return sources, stats, _global_order(sources, [w for *_, w in specs], data_cfg.seed)
+
+
 def _global_order(sources, weights, seed: int) -> grain.MapDataset:
     """One infinite global order of raw records: each source shuffled (a new order every
     epoch) and repeated, then interleaved by weight."""
@@ -339,14 +344,7 @@ class ImageStepBuilder:
 
     def __init__(self, data_cfg, *, global_batch: int, downsample: int = 1, log=print):
         self.cfg = data_cfg
-        specs = source_specs(data_cfg)
-        self.sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
-                        for kind, path, _ in specs]
-        skipped = Counter()
-        for src in self.sources:
-            skipped.update(src.skipped)
-        self.stats = DataStats(data_cfg.max_bad_fraction, skipped)
-        self.order = _global_order(self.sources, [w for *_, w in specs], data_cfg.seed)
+        self.sources, self.stats, self.order = _open_sources(data_cfg, log)
         n = jax.process_count()
         self.rows = global_batch // n
         slack = int(np.ceil(global_batch * data_cfg.image_slack / n)) * n

@@ -187,6 +187,21 @@ def _cut_utf8(text: str, max_bytes: int) -> str:
     return cut.strip()
 
 
+def _nfc_utf8(text: str | bytes, reason: str) -> str:
+    """Text as NFC without byte-order marks; bytes must be UTF-8 and a str must encode
+    as UTF-8 (no lone surrogates, e.g. from "\\ud800" in JSON), else BadExample(reason)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadExample(reason, str(e)) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadExample(reason, str(e)) from None
+    return unicodedata.normalize("NFC", text).replace("\ufeff", "")
+
+
 def clean_caption(text: str | bytes, *, max_bytes: int) -> str:
     """A caption as NFC text on one line, whitespace collapsed, at most max_bytes UTF-8.
 
@@ -195,16 +210,7 @@ def clean_caption(text: str | bytes, *, max_bytes: int) -> str:
     """
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadExample("non_utf8_caption", str(e)) from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # lone surrogates, e.g. from "\ud800" in JSON
-        raise BadExample("non_utf8_caption", str(e)) from None
-    text = unicodedata.normalize("NFC", text).replace("\ufeff", "")
+    text = _nfc_utf8(text, "non_utf8_caption")
     # Control characters (tabs, newlines, NUL, escape codes) become spaces; then every run
     # of Unicode whitespace (incl. no-break and line separators) becomes one space.
     text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
@@ -220,16 +226,7 @@ def clean_text(text: str | bytes) -> str:
 
     Raises BadExample: non_utf8_text, empty_text.
     """
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadExample("non_utf8_text", str(e)) from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadExample("non_utf8_text", str(e)) from None
-    text = unicodedata.normalize("NFC", text).replace("\ufeff", "").replace("\r\n", "\n")
+    text = _nfc_utf8(text, "non_utf8_text").replace("\r\n", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
     text = text.strip()
     if not text:
