@@ -14,8 +14,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import multiproc
 import numpy as np
 import pytest
+from multiproc import finish, logged_losses
 
 from mmgen.cli import main as mmgen
 from mmgen.config import load_config
@@ -39,12 +41,6 @@ def _small(tmp: Path, *extra: str) -> list[str]:
 def _cmd(repo: Path, work: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "mmgen.cli", "train", "--config", str(repo / CONFIG),
             "--workdir", str(work), *overrides]
-
-
-def _losses(work: Path) -> dict[int, float]:
-    """Last logged loss per step (a killed run may have logged a step twice)."""
-    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def _params(work: Path) -> list[np.ndarray]:
@@ -71,16 +67,6 @@ def _read_until(proc, prefix: str, timeout: float = 300) -> list[str]:
     raise AssertionError(f"never saw {prefix!r}:\n" + "".join(lines[-20:]))
 
 
-def _finish(proc, timeout: float = 300) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return out
-
-
 def _run(cmd, repo, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)
@@ -101,7 +87,7 @@ def test_kill9_then_resume_matches_uninterrupted_run_bitwise(repo, tmp_path):
     proc = _popen(_cmd(repo, killed, *args), repo)
     _read_until(proc, "step 14/")
     os.killpg(proc.pid, signal.SIGKILL)
-    _finish(proc)
+    finish(proc)
     assert proc.returncode == -signal.SIGKILL
     r = _run(_cmd(repo, killed, *args), repo)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -109,7 +95,7 @@ def test_kill9_then_resume_matches_uninterrupted_run_bitwise(repo, tmp_path):
                   if x.startswith("resumed from")]
     assert resumed_at and 4 <= resumed_at[0] <= 12 and resumed_at[0] % 4 == 0, r.stdout[-2000:]
 
-    a, b = _losses(full), _losses(killed)
+    a, b = logged_losses(full), logged_losses(killed)
     assert sorted(b) == list(range(1, steps + 1))
     assert a == b  # every step, including those re-run after the kill
     for x, y in zip(_params(full), _params(killed), strict=True):
@@ -131,7 +117,7 @@ def test_kill9_during_async_save_resumes_from_previous_complete_checkpoint(repo,
         _read_until(proc, "step 10/")  # save of 10 starts right after this line
         time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
-        _finish(proc)
+        finish(proc)
         ckpt = work / "checkpoints"
         leftovers = [p.name for p in ckpt.iterdir() if not p.name.isdigit()]
         if not (ckpt / "10").exists() and any(n.startswith("10") for n in leftovers):
@@ -156,7 +142,7 @@ def test_sigterm_saves_at_next_step_exits_75_and_resume_continues(repo, tmp_path
     proc = _popen(_cmd(repo, work, *args), repo)
     _read_until(proc, "step 3/")
     proc.send_signal(signal.SIGTERM)
-    out = _finish(proc)
+    out = finish(proc)
     assert proc.returncode == EXIT_PREEMPTED == 75, out[-2000:]
     assert "saving a checkpoint at the next step boundary" in out
     ckpt = Checkpointer(work / "checkpoints", read_only=True)
@@ -166,7 +152,7 @@ def test_sigterm_saves_at_next_step_exits_75_and_resume_continues(repo, tmp_path
     assert ckpt.meta(saved[0])["metrics"]["loss"] > 0  # the metrics window rides along
     r = _run(_cmd(repo, work, *args[:-2], f"--config.train.steps={saved[0] + 2}"), repo)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert list(_losses(work))[-2:] == [saved[0] + 1, saved[0] + 2]
+    assert list(logged_losses(work))[-2:] == [saved[0] + 1, saved[0] + 2]
 
 
 def test_second_signal_exits_at_once_and_latest_checkpoint_stays_good(repo, tmp_path):
@@ -180,7 +166,7 @@ def test_second_signal_exits_at_once_and_latest_checkpoint_stays_good(repo, tmp_
     proc.send_signal(signal.SIGTERM)
     _read_until(proc, "signal 15: saving")
     proc.send_signal(signal.SIGTERM)
-    out = _finish(proc)
+    out = finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert "exiting now without saving" in out
     ckpt = Checkpointer(work / "checkpoints", read_only=True)
@@ -348,7 +334,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(repo, tmp_path):
     assert all(np.isfinite(p).all() for p in skipped)
     # the run went on training: not the same as the clean run, but not stuck at init
     assert any(not np.array_equal(a, b) for a, b in zip(skipped, reference, strict=True))
-    losses = _losses(work)
+    losses = logged_losses(work)
     assert np.isnan(losses[3]) and np.isnan(losses[5]) and np.isfinite(losses[8])
     cfg.train.max_nonfinite = 1
     with pytest.raises(NonFiniteError, match="exceed train.max_nonfinite=1"):
@@ -428,14 +414,6 @@ def test_init_checkpoint_loads_params_keeps_its_architecture_and_refuses_bad_fil
 
 # -- two processes to one ------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
     process resumes it. Each global step draws the same examples whatever the process
@@ -443,21 +421,15 @@ def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     every step match a 1-process run up to float32 reduction order."""
     args = _small(tmp_path, "--config.train.checkpoint_every=4")
     two, ref = tmp_path / "two", tmp_path / "ref"
-    port = _free_port()
-    procs = [subprocess.Popen(
-        _cmd(repo, two, *args, "--config.train.steps=4"), cwd=repo, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", MMGEN_COORDINATOR=f"127.0.0.1:{port}",
-                 MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i)))
-        for i in range(2)]
-    outs = [_finish(p, timeout=300) for p in procs]
+    procs = multiproc.start(_cmd(repo, two, *args, "--config.train.steps=4"), 2, cwd=repo)
+    outs = multiproc.finish_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert Checkpointer(two / "checkpoints", read_only=True).meta(4)["process_count"] == 2
     r = _run(_cmd(repo, two, *args, "--config.train.steps=6"), repo)
     assert r.returncode == 0 and "at step 4" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     r = _run(_cmd(repo, ref, *args, "--config.train.steps=6"), repo)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = _losses(ref), _losses(two)
+    a, b = logged_losses(ref), logged_losses(two)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * a[step], (step, a, b)
@@ -467,20 +439,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(repo, tmp_path):
     """Multi-process: JAX's coordination service owns SIGTERM; a notice to one process
     makes every process reach the same preemption sync step, save together and exit 75."""
     work = tmp_path / "mp_term"
-    port = _free_port()
     args = _small(tmp_path, "--config.train.steps=100000",
                   "--config.train.checkpoint_every=100000")
-    procs = [subprocess.Popen(
-        _cmd(repo, work, *args), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", MMGEN_COORDINATOR=f"127.0.0.1:{port}",
-                 MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i)))
-        for i in range(2)]
+    procs = multiproc.start(_cmd(repo, work, *args), 2, cwd=repo)
     try:
         _read_until(procs[1], "step 5/")
         procs[1].send_signal(signal.SIGTERM)
     finally:
-        outs = [_finish(p, timeout=300) for p in procs]
+        outs = multiproc.finish_all(procs)
     codes = [p.returncode for p in procs]
     assert codes == [EXIT_PREEMPTED] * 2, (codes, outs[0][-800:], outs[1][-1500:])
     stopped = [int(o.split("stopped by signal 15 at step ")[1].split(";")[0]) for o in outs]

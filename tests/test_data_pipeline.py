@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import multiproc
 import numpy as np
 import pytest
 from PIL import Image
@@ -333,38 +334,21 @@ def test_two_process_wds_run_resumes_on_one_process_with_the_same_examples(repo,
                                                                          tmp_path):
     """Real 2-process run (gloo) on tar shards, resumed on 1 process: every step's loss
     matches a 1-process run (each global step holds the same examples)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     common = [sys.executable, "-m", "mmgen.cli", "train", "--config",
               str(repo / "configs/tiny.py:smoke"), f"--config.tokenizer.checkpoint={tok}",
               "--config.data.source=wds", f"--config.data.path={shards}/*.tar",
               "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
-    procs = [subprocess.Popen(
-        [*common, "--workdir", str(tmp_path / "two"), "--config.train.steps=2"], cwd=repo,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", MMGEN_COORDINATOR=f"127.0.0.1:{port}",
-                 MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i))) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
+    procs = multiproc.start([*common, "--workdir", str(tmp_path / "two"),
+                             "--config.train.steps=2"], 2, cwd=repo)
+    outs = multiproc.finish_all(procs, timeout=400)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
     for work, steps_ in ((tmp_path / "two", 4), (tmp_path / "one", 4)):
         r = subprocess.run([*common, "--workdir", str(work), f"--config.train.steps={steps_}"],
                            cwd=repo, capture_output=True, text=True, timeout=400,
                            start_new_session=True)
         assert r.returncode == 0, r.stderr[-2000:]
-    def losses(w):
-        return {json.loads(x)["step"]: json.loads(x)["loss"]
-                for x in (w / "metrics.jsonl").read_text().splitlines()}
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a = multiproc.logged_losses(tmp_path / "one")
+    b = multiproc.logged_losses(tmp_path / "two")
     assert sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-5 * a[s], (s, a, b)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import multiproc
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -70,8 +71,6 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tm
     """Multi-host: 2 local processes x 4 CPU devices (jax.distributed, gloo collectives on
     localhost) train the tiny config on mesh data=2 x fsdp=2 x tensor=2 and match 1
     process with 8 devices on the same mesh."""
-    import socket
-
     common = [sys.executable, "-m", "mmgen.cli", "train", "--config",
               str(repo / "configs/tiny.py:smoke"),
               f"--config.tokenizer.checkpoint={runs['tokenizer']}",
@@ -79,36 +78,17 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tm
               "--config.train.steps=3", "--config.train.log_every=1", "--config.mesh.data=2",
               "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 
-    def env(devices: int, **extra) -> dict:
-        return dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-
-    one = subprocess.run([*common, "--workdir", str(tmp_path / "one")], env=env(8),
-                         capture_output=True, text=True, timeout=600, start_new_session=True)
+    one = subprocess.run([*common, "--workdir", str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=600, start_new_session=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                  XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(
-        [*common, "--workdir", str(tmp_path / "two")], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=env(4, MMGEN_COORDINATOR=f"127.0.0.1:{port}", MMGEN_NUM_PROCESSES="2",
-                MMGEN_PROCESS_ID=str(i))) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
+    procs = multiproc.start([*common, "--workdir", str(tmp_path / "two")], 2, devices=4)
+    outs = multiproc.finish_all(procs, timeout=600)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
     assert "on 8 device(s)" in outs[0]
-
-    def losses(work):
-        return {json.loads(x)["step"]: json.loads(x)["loss"]
-                for x in (work / "metrics.jsonl").read_text().splitlines()}
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a = multiproc.logged_losses(tmp_path / "one")
+    b = multiproc.logged_losses(tmp_path / "two")
     assert sorted(b) == [1, 2, 3]
     for step in a:  # same math, reductions split differently across processes
         assert abs(a[step] - b[step]) <= 1e-4 * a[step], (step, a, b)
