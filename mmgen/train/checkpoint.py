@@ -162,19 +162,19 @@ class Checkpointer:
                 f"checkpoint {step} in {self.directory} is unreadable: {first}") from e
         return out["state"], out["data"]
 
-    def _json_item(self, step: int, name: str) -> dict:
+    def _json_items(self, step: int, *names: str) -> list[dict]:
         out = self.manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.JsonRestore()}))
-        return out[name] or {}
+            **{name: ocp.args.JsonRestore() for name in names}))
+        return [out[name] or {} for name in names]
 
     def layout(self, step: int) -> TokenLayout | None:
         """The token layout stored with checkpoint `step` (None for tokenizer runs)."""
-        d = self._json_item(step, "layout")
+        d, = self._json_items(step, "layout")
         return TokenLayout.from_json(d) if d else None
 
     def meta(self, step: int) -> dict:
         """Run metadata of `step`: metrics window, mesh, process count, seeds, time."""
-        return self._json_item(step, "meta") if (self.directory / str(step) / "meta").is_dir() \
+        return self._json_items(step, "meta")[0] if (self.directory / str(step) / "meta").is_dir() \
             else {}
 
     def wait(self) -> None:
@@ -266,17 +266,16 @@ def read_metadata(directory: str | Path, step: int | None = None):
     ckpt_dir = Path(directory) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints under {directory} (expected {ckpt_dir})")
-    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    if step not in mngr.all_steps():
-        raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir} (have "
-                                f"{sorted(mngr.all_steps())})")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), layout=ocp.args.JsonRestore()))
-    mngr.close()
-    cfg = from_json(json.dumps(out["config"]))
-    layout = TokenLayout.from_json(out["layout"]) if out["layout"] else None
-    return cfg, layout, step
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        steps = ckpt.steps()
+        step = (steps[-1] if steps else None) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir} (have {steps})")
+        config, layout = ckpt._json_items(step, "config", "layout")
+        return (from_json(json.dumps(config)), TokenLayout.from_json(layout) if layout else None,
+                step)
+    finally:
+        ckpt.close()
