@@ -30,7 +30,7 @@ def get_config(arg=None) -> ConfigDict:
         rope_theta=10_000.0,
         max_image_grid=16,      # learned absolute row/col embeddings up to 16x16 (0 = off)
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
-        attention_impl="xla",
+        attention_impl="auto",  # auto | xla | cudnn | pallas_gpu | pallas_tpu (docs/configs.md)
         remat="none",           # none | full | dots_saveable | offload (activation memory)
         # switches for models imported from an LLM (mmgen import-llama, docs/export.md):
         qk_norm=True,           # RMSNorm on queries and keys (Llama: False)

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mmgen.cli import main as mmgen
+# libtpu is installed for ahead-of-time TPU compiles; tests run on CPU devices only
+# (without this jax would probe for TPU chips first). Set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from mmgen.cli import main as mmgen  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -242,7 +242,7 @@ def model_group(llama: LlamaConfig, layout: TokenLayout, base_model: ConfigDict,
         mlp_dim=llama.intermediate_size, rope_theta=llama.rope_theta,
         max_image_grid=max_image_grid,
         dtype=base_model.get("dtype", "float32"),
-        attention_impl=base_model.get("attention_impl", "xla"),
+        attention_impl=base_model.get("attention_impl", "auto"),
         qk_norm=False, norm_eps=llama.rms_norm_eps, rope="mrope",
         vocab_size=layout.vocab_size, padded_vocab_size=layout.padded_vocab_size(),
     ))

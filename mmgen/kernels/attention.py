@@ -1,18 +1,48 @@
 """Attention entry point: one signature for every implementation.
 
-`impl="xla"` is the reference (any backend, f32 softmax). Kernels added later
-(cudnn, pallas_gpu, pallas_tpu) take exactly these arguments and follow the
-mask rule in kernels/mask.py.
+impl:
+  xla         the reference: any backend, f32 softmax over a materialised [Q, K] mask
+  cudnn       jax.nn.dot_product_attention(implementation="cudnn") with the mask as an
+              explicit [B, 1, Q, K] mask (cuDNN has no segment/span masks of its own)
+  pallas_gpu  our Triton-backend flash kernel (kernels/pallas_gpu.py), any NVIDIA GPU
+  pallas_tpu  our Mosaic TPU flash kernel (kernels/pallas_tpu.py)
+  auto        pallas_gpu on GPU, pallas_tpu on TPU (head dims 64/128/256), else xla:
+              mmgen's rows are packed and carry prompt-image spans, which only our
+              kernels skip by block
+
+All follow the one mask rule (kernels/mask.py). The Pallas kernels run in interpret
+mode on CPU (slow; for tests) and, under a mesh, inside shard_map with batch and
+heads split, queries split along `sequence`, and keys/values whole (the model
+gathers them; see models/transformer.py).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mmgen.kernels.mask import attention_mask
 
-IMPLS = ("xla",)
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+
+
+KERNEL_HEAD_DIMS = (64, 128, 256)
+
+
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int = 128) -> str:
+    """The implementation `impl` names on `platform` (default: JAX's default backend);
+    `auto` keeps the reference for head dims the kernels are not built for."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; available: {IMPLS}")
+    if impl != "auto":
+        return impl
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return "xla"
+    platform = platform or jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
 
 
 def attention(
@@ -28,33 +58,104 @@ def attention(
     kv_index_BK: jax.Array | None = None,
     causal: bool = True,
     impl: str = "xla",
-) -> jax.Array:
-    """Grouped-query attention under the multimodal mask; returns [B, Q, H, D].
+    logit_cap: float | None = None,
+    return_lse: bool = False,
+):
+    """Grouped-query attention under the multimodal mask; returns out [B, Q, H, D]
+    (and, with `return_lse`, the natural log-sum-exp [B, H, Q], -inf for rows that see
+    nothing, so partial results over key shards can be merged, e.g. in ring attention).
 
-    H query heads share G = H / (H // G) key/value heads. Rows with no visible key
-    (padding) return zeros, never NaN.
+    H query heads share G key/value heads (H % G == 0). `*_index` are positions in the
+    stream (default: queries are the last Q of the K keys); pass offsets for chunks.
+    Rows with no visible key (padding) return zeros, never NaN.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; available: {IMPLS}")
+    impl = resolve_impl(impl, head_dim=q_BQHD.shape[-1])
+    if return_lse and impl == "cudnn":
+        raise ValueError("attention impl 'cudnn' does not return the log-sum-exp")
     B, Q, H, D = q_BQHD.shape
     K, G = k_BKGD.shape[1], k_BKGD.shape[2]
     if H % G:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {G}")
     if q_index_BQ is None:
-        q_index_BQ = jnp.broadcast_to(jnp.arange(Q) + (K - Q), (B, Q))
+        q_index_BQ = jnp.broadcast_to(jnp.arange(Q, dtype=jnp.int32) + (K - Q), (B, Q))
     if kv_index_BK is None:
-        kv_index_BK = jnp.broadcast_to(jnp.arange(K), (B, K))
-    mask_BQK = attention_mask(
-        q_segment_ids_BQ, kv_segment_ids_BK, q_span_ids_BQ, kv_span_ids_BK,
-        q_index_BQ, kv_index_BK, causal,
-    )
+        kv_index_BK = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, K))
+    ids_q = (q_segment_ids_BQ, q_span_ids_BQ, q_index_BQ)
+    ids_k = (kv_segment_ids_BK, kv_span_ids_BK, kv_index_BK)
+    fn = functools.partial(_IMPL_FNS[impl], causal=causal, logit_cap=logit_cap)
+    if impl.startswith("pallas"):
+        fn = _under_mesh(fn)
+    out, lse = fn(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k)
+    return (out, lse) if return_lse else out
+
+
+def _reference(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
+    B, Q, H, D = q_BQHD.shape
+    G = k_BKGD.shape[2]
+    mask_BQK = attention_mask(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2], causal)
     q_BQGRD = q_BQHD.reshape(B, Q, G, H // G, D)
     logits_BGRQK = jnp.einsum(
         "bqgrd,bkgd->bgrqk", q_BQGRD, k_BKGD, preferred_element_type=jnp.float32
     ) * (D**-0.5)
+    if logit_cap is not None:
+        logits_BGRQK = logit_cap * jnp.tanh(logits_BGRQK / logit_cap)
     mask_B11QK = mask_BQK[:, None, None]
     logits_BGRQK = jnp.where(mask_B11QK, logits_BGRQK, -1e30)
-    probs_BGRQK = jax.nn.softmax(logits_BGRQK, axis=-1)
-    probs_BGRQK = jnp.where(mask_B11QK, probs_BGRQK, 0.0)  # fully masked rows -> zeros
+    lse_BGRQ = jax.nn.logsumexp(logits_BGRQK, axis=-1)
+    probs_BGRQK = jnp.where(mask_B11QK, jnp.exp(logits_BGRQK - lse_BGRQ[..., None]), 0.0)
     out_BQGRD = jnp.einsum("bgrqk,bkgd->bqgrd", probs_BGRQK.astype(v_BKGD.dtype), v_BKGD)
-    return out_BQGRD.reshape(B, Q, H, D)
+    lse_BHQ = jnp.where(mask_BQK.any(-1)[:, None], lse_BGRQ.reshape(B, H, Q), -jnp.inf)
+    return out_BQGRD.reshape(B, Q, H, D), lse_BHQ
+
+
+def _cudnn(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
+    if logit_cap is not None:
+        raise ValueError("attention impl 'cudnn' has no logit soft-cap; use pallas_gpu or xla")
+    mask_BQK = attention_mask(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2], causal)
+    out = jax.nn.dot_product_attention(q_BQHD, k_BKGD, v_BKGD, mask=mask_BQK[:, None],
+                                       implementation="cudnn")
+    seen_BQ = mask_BQK.any(-1)
+    out = jnp.where(seen_BQ[:, :, None, None], out, 0)  # cuDNN's fully masked rows are not 0
+    return out, None
+
+
+def _pallas_gpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
+    from mmgen.kernels import pallas_gpu
+
+    return pallas_gpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal, logit_cap=logit_cap,
+                                      interpret=jax.default_backend() == "cpu")
+
+
+def _pallas_tpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
+    from mmgen.kernels import pallas_tpu
+
+    return pallas_tpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal, logit_cap=logit_cap,
+                                      interpret=jax.default_backend() == "cpu")
+
+
+_IMPL_FNS = {"xla": _reference, "cudnn": _cudnn, "pallas_gpu": _pallas_gpu,
+             "pallas_tpu": _pallas_tpu}
+
+
+def _under_mesh(fn):
+    """Runs a kernel per shard under the current mesh: batch over data x fsdp, heads over
+    tensor, queries over sequence; keys/values and their ids whole on every shard."""
+
+    def wrapped(q, k, v, ids_q, ids_k):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty or mesh.size == 1:
+            return fn(q, k, v, ids_q, ids_k)
+        from mmgen.parallel.sharding import logical_to_spec
+
+        spec = lambda *names: logical_to_spec(names, mesh)  # noqa: E731
+        q_spec = spec("batch", "length", "heads", None)
+        kv_spec = spec("batch", None, "kv_heads", None)
+        qid, kid = spec("batch", "length"), spec("batch", None)
+        lse_spec = PartitionSpec(q_spec[0], q_spec[2], q_spec[1])
+        return jax.shard_map(
+            fn, mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, (qid,) * 3, (kid,) * 3),
+            out_specs=(q_spec, lse_spec), check_vma=False,
+        )(q, k, v, ids_q, ids_k)
+
+    return wrapped

@@ -25,7 +25,7 @@ class TransformerConfig:
     rope_theta: float = 10_000.0
     max_image_grid: int = 0  # > 0: learned absolute row/col embeddings for image tokens
     dtype: str = "float32"   # compute dtype; parameters stay float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     # Switches that let a model imported from a Llama-family LLM compute exactly what
     # the LLM computes on text (mmgen/convert/llama.py); defaults are mmgen's own model.
     qk_norm: bool = True     # RMSNorm on queries and keys (Llama has none)
