@@ -19,7 +19,10 @@ def get_config(arg=None) -> ConfigDict:
     c = ConfigDict()
     c.kind = "joint"
     c.seed = 0
-    c.tokenizer = ConfigDict(dict(checkpoint="runs/tokenizer_tiny"))  # a tokenizer run dir
+    c.tokenizer = ConfigDict(dict(
+        checkpoint="runs/tokenizer_tiny",       # a tokenizer run dir
+        config="configs/tokenizer_tiny.py",     # its config: `mmgen compile` before training it
+    ))
     c.model = ConfigDict(dict(
         d_model=128,
         num_layers=3,

@@ -1,4 +1,4 @@
-"""`mmgen <verb>`: train | sample | eval | export | import-llama."""
+"""`mmgen <verb>`: train | sample | eval | data | export | import-llama | compile | launch."""
 
 from __future__ import annotations
 
@@ -179,6 +179,12 @@ def cmd_import_llama(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from mmgen.compile import run
+
+    return run(args.config, list(args.overrides), args.topology, args.text_vocab, log=log)
+
+
 def cmd_launch(args) -> int:
     from mmgen.launch import main as launch_main
 
@@ -290,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
     m.set_defaults(fn=cmd_import_llama)
 
+    c = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology and "
+                       "check that it fits (no TPU needed)",
+                       description="Compiles the real train step of a joint config for a TPU "
+                       "topology with libtpu (pip install 'mmgen[tpu]') and prints per-chip "
+                       "memory against HBM; exit 4 when it does not fit. --config.KEY=VALUE "
+                       "overrides as for train. See docs/launching.md.")
+    c.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    c.add_argument("--topology", required=True, help="CHIP:SHAPE, e.g. v5e:2x2 or v5p:4x4x4")
+    c.add_argument("--text-vocab", type=int, default=None,
+                   help="text vocabulary size to assume when data.text_tokenizer's file is "
+                   "not on this machine")
+    c.set_defaults(fn=cmd_compile)
+
     la = sub.add_parser("launch", help="start a multi-host job: tpu-vm | gke | slurm | local",
                         description="mmgen launch {tpu-vm,gke,slurm,local} --config ... "
                         "[--dry-run]; see `mmgen launch TARGET --help` and docs/launching.md.")
@@ -303,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown or (overrides and args.verb != "train"):
+    if unknown or (overrides and args.verb not in ("train", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     from mmgen.config import ConfigError

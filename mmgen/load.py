@@ -100,9 +100,15 @@ def tokenizer_layout(tok_model: ImageAutoencoder, tok_cfg) -> layout_lib.TokenLa
     digest = hashlib.sha256()
     for x in jax.tree.leaves(nnx.state(tok_model, nnx.Param)):
         digest.update(np.asarray(x).tobytes())
+    return tokenizer_layout_from_config(tok_cfg, weights_id=digest.hexdigest()[:12])
+
+
+def tokenizer_layout_from_config(tok_cfg, weights_id: str = "untrained") -> layout_lib.TokenLayout:
+    """The layout a tokenizer config implies (shapes only); `mmgen compile` uses it before
+    the tokenizer is trained."""
     m, size = tok_cfg.model, tok_cfg.data.image_size
     grid = (size // m.downsample, size // m.downsample)
-    ident = f"fsq{list(m.levels)}-ds{m.downsample}-{size}px-{digest.hexdigest()[:12]}"
+    ident = f"fsq{list(m.levels)}-ds{m.downsample}-{size}px-{weights_id}"
     return layout_lib.TokenLayout(image_codes=math.prod(m.levels), image_grid=grid,
                                   tokenizer_id=text_tok.TOKENIZER_ID, image_tokenizer_id=ident)
 

@@ -18,6 +18,8 @@ gathers them; see models/transformer.py).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -30,6 +32,23 @@ IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 
 KERNEL_HEAD_DIMS = (64, 128, 256)
+_TARGET = contextvars.ContextVar("mmgen_attention_target", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Traces attention for `platform` rather than the default backend: ahead-of-time
+    compiles for a TPU topology from a CPU host (`mmgen compile`) get the real kernels,
+    not their CPU interpret mode."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _platform() -> str:
+    return _TARGET.get() or jax.default_backend()
 
 
 def resolve_impl(impl: str, platform: str | None = None, head_dim: int = 128) -> str:
@@ -41,7 +60,7 @@ def resolve_impl(impl: str, platform: str | None = None, head_dim: int = 128) ->
         return impl
     if head_dim not in KERNEL_HEAD_DIMS:
         return "xla"
-    platform = platform or jax.default_backend()
+    platform = platform or _platform()
     return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
 
 
@@ -123,14 +142,14 @@ def _pallas_gpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
     from mmgen.kernels import pallas_gpu
 
     return pallas_gpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal, logit_cap=logit_cap,
-                                      interpret=jax.default_backend() == "cpu")
+                                      interpret=_platform() == "cpu")
 
 
 def _pallas_tpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
     from mmgen.kernels import pallas_tpu
 
     return pallas_tpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal, logit_cap=logit_cap,
-                                      interpret=jax.default_backend() == "cpu")
+                                      interpret=_platform() == "cpu")
 
 
 _IMPL_FNS = {"xla": _reference, "cudnn": _cudnn, "pallas_gpu": _pallas_gpu,
