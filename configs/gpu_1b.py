@@ -23,6 +23,7 @@ def get_config(arg=None) -> ConfigDict:
         mlp_dim=5632,           # 1.04B parameters with the tiny tokenizer's vocabulary
         dtype="bfloat16",       # bf16 compute; parameters and optimizer state stay f32
         remat="dots_saveable",  # keep matmul outputs, recompute the rest
+        scan_layers=True,       # compile one block, not 22
     ))
     c.data.update(dict(
         seq_len=4096,

@@ -20,7 +20,7 @@ def get_config(arg=None) -> ConfigDict:
     c.tokenizer.update(dict(checkpoint="runs/tokenizer_256", config="configs/tokenizer_256.py"))
     c.model.update(dict(
         d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-        mlp_dim=11008, max_image_grid=0, dtype="bfloat16", remat="full",
+        mlp_dim=11008, max_image_grid=0, dtype="bfloat16", remat="full", scan_layers=True,
     ))
     c.data.update(dict(
         source="wds", path="gs://BUCKET/shards/{00000..09999}.tar",

@@ -135,7 +135,8 @@ def run(config: str, overrides: list[str], topology: str, text_vocab: int | None
     hbm = HBM_GIB[chip] * 2**30
     mesh = {a: s for a, s in spec.mesh.shape.items() if s > 1} or {"data": 1}
     log(f"model: {_count(params)} params, mesh {mesh}, attention "
-        f"{cfg.model.attention_impl}, remat {cfg.model.remat}; compiled in {seconds:.0f} s")
+        f"{cfg.model.attention_impl}, remat {cfg.model.remat}, scan_layers "
+        f"{cfg.model.get('scan_layers', False)}; compiled in {seconds:.0f} s")
     log(f"per chip of {topology}:")
     for name, b in mem.items():
         log(f"  {name:22s} {b / 2**30:8.2f} GiB")

@@ -32,6 +32,7 @@ class TransformerConfig:
     norm_eps: float = 1e-6   # epsilon of every RMSNorm (Llama: rms_norm_eps)
     rope: str = "mm"         # "mm" | "mrope": see layers.rope_angles
     remat: str = "none"      # activation checkpointing per block: see REMAT_POLICIES
+    scan_layers: bool = False  # trace one block and scan it over the layers' weights
 
 
 def _remat_policies() -> dict:
@@ -160,6 +161,8 @@ class Transformer(nnx.Module):
             x_BLD = self.embed(batch)
         angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
                                  self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope)
+        if cache is None and self.cfg.scan_layers:
+            return self.final_norm(self._scan_blocks(x_BLD, angles_BLP, batch))
         ks, vs = [], []
         run_block = Block.__call__
         if cache is None and self.cfg.remat != "none":
@@ -176,6 +179,24 @@ class Transformer(nnx.Module):
             return h_BLD
         L = batch["tokens"].shape[1]
         return h_BLD, dict(cache, k=jnp.stack(ks), v=jnp.stack(vs), index=cache["index"] + L)
+
+    def _scan_blocks(self, x_BLD, angles_BLP, batch):
+        """All blocks as one lax.scan: the block is traced and compiled once, so compile
+        time no longer grows with depth. Parameters stay one entry per layer (checkpoints
+        and exports do not change); the layers' weights are stacked inside the step, a
+        transient copy of one set of weights."""
+        graphdef, _ = nnx.split(self.blocks[0])
+        states = [nnx.split(block)[1] for block in self.blocks]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+        def body(x_BLD, state):
+            x_BLD, _, _ = nnx.merge(graphdef, state)(x_BLD, angles_BLP, batch)
+            return x_BLD, None
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policies()[self.cfg.remat])
+        x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
+        return x_BLD
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
         logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, self.unembed_DV[...].astype(h_BLD.dtype),
