@@ -43,9 +43,12 @@ def optim_defaults(**overrides) -> ConfigDict:
 
 
 def mesh_defaults() -> ConfigDict:
-    # -1 = all remaining devices; the product must equal the device count
-    # sequence > 1 splits activations along data.seq_len (attention all-gathers K/V)
-    return ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    # Axis sizes within one slice (ICI); -1 = all remaining devices of a slice.
+    # sequence > 1 splits activations along data.seq_len (attention all-gathers K/V).
+    # dcn: how many slices each axis spans (multi-slice TPU, or GPU nodes); the mesh
+    # axis is ici x dcn, and ici x dcn over all axes must equal the device count.
+    return ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1,
+                           dcn=ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))))
 
 
 def data_defaults(**overrides) -> ConfigDict:

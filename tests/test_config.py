@@ -35,11 +35,20 @@ def test_wrong_type_is_rejected(repo):
     ("mesh.tensor=3", 4, "mesh"),
     ("model.head_dim=12", 1, "head_dim"),
     ("eval.hook_suites=loss,vibes", 1, "unknown suites"),
+    ("mesh.dcn.data=3", 4, "3 slices, which does not divide 4 devices"),
+    ("mesh.dcn.fsdp=0", 4, "mesh.dcn sizes must be >= 1"),
 ])
 def test_impossible_shapes_fail_before_compiling(repo, override, devices, message):
     cfg = load_config(str(repo / "configs/tiny.py"), [override])
     with pytest.raises(ConfigError, match=message):
         validate(cfg, devices)
+
+
+def test_dcn_multiplies_the_per_slice_axes(repo):
+    from mmgen.parallel.mesh import resolve_axis_sizes
+
+    sizes = resolve_axis_sizes({"data": -1, "fsdp": 2, "dcn": {"data": 2, "fsdp": 1}}, 16)
+    assert sizes == {"data": 8, "fsdp": 2, "sequence": 1, "tensor": 1}  # 4 per slice x 2
 
 
 def test_cli_prints_one_line_error(repo, tmp_path):

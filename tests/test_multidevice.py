@@ -67,16 +67,24 @@ def test_eight_devices_match_one_device(repo, runs, tmp_path):
     assert eight["param_bytes_per_device"] < 0.3 * eight["param_bytes"]
 
 
-def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tmp_path):
+MULTI_HOST_MESHES = {
+    "ici": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    # each process one "slice": fsdp inside it, data across the two (DCN)
+    "dcn": ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.dcn.data=2"],
+}
+
+
+@pytest.mark.parametrize("mesh", list(MULTI_HOST_MESHES))
+def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tmp_path, mesh):
     """Multi-host: 2 local processes x 4 CPU devices (jax.distributed, gloo collectives on
-    localhost) train the tiny config on mesh data=2 x fsdp=2 x tensor=2 and match 1
-    process with 8 devices on the same mesh."""
+    localhost) train the tiny config and match 1 process with 8 devices: on mesh
+    data=2 x fsdp=2 x tensor=2, and on a two-slice mesh (fsdp=4 inside each process,
+    mesh.dcn.data=2 across them)."""
     common = [sys.executable, "-m", "mmgen.cli", "train", "--config",
               str(repo / "configs/tiny.py:smoke"),
               f"--config.tokenizer.checkpoint={runs['tokenizer']}",
               f"--config.data.cache_dir={runs['cache']}", "--config.data.num_train_scenes=512",
-              "--config.train.steps=3", "--config.train.log_every=1", "--config.mesh.data=2",
-              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+              "--config.train.steps=3", "--config.train.log_every=1", *MULTI_HOST_MESHES[mesh]]
 
     one = subprocess.run([*common, "--workdir", str(tmp_path / "one")], capture_output=True,
                          text=True, timeout=600, start_new_session=True,
@@ -92,3 +100,25 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tm
     assert sorted(b) == [1, 2, 3]
     for step in a:  # same math, reductions split differently across processes
         assert abs(a[step] - b[step]) <= 1e-4 * a[step], (step, a, b)
+
+
+_SLICES = """
+import json, jax
+from mmgen.parallel.distributed import initialize_from_env
+from mmgen.parallel.mesh import make_mesh
+initialize_from_env()
+mesh = make_mesh({"data": 1, "fsdp": 4, "dcn": {"data": 2}})
+rows = [[d.process_index for d in mesh.devices[i].flat] for i in range(mesh.shape["data"])]
+print("ROWS", json.dumps({"shape": dict(mesh.shape), "rows": rows}))
+"""
+
+
+def test_dcn_axis_crosses_processes_and_ici_axes_stay_inside_one(repo):
+    """mesh.dcn.data=2 over 2 processes: the data axis is the process (slice) boundary,
+    the fsdp axis lies wholly inside one process, so fsdp collectives never cross it."""
+    procs = multiproc.start([sys.executable, "-c", _SLICES], 2, cwd=repo, devices=4)
+    outs = multiproc.finish_all(procs, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:]
+    got = json.loads(next(x for x in outs[0].splitlines() if x.startswith("ROWS"))[5:])
+    assert got["shape"]["data"] == 2 and got["shape"]["fsdp"] == 4
+    assert [sorted(set(r)) for r in got["rows"]] == [[0], [1]]

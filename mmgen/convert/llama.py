@@ -268,7 +268,10 @@ def joint_config(llama: LlamaConfig, layout: TokenLayout, base_config: str, *,
                           f"{grid}x{grid} grid (0 turns the embeddings off)")
     # The import may run on another machine than training: check everything except
     # the device count, by handing validate one that fits the base config's mesh.
-    validate(cfg, math.prod(v for v in cfg.mesh.values() if v > 0))
+    from mmgen.parallel.mesh import split_dcn
+
+    ici, dcn = split_dcn(dict(cfg.mesh))
+    validate(cfg, math.prod(v for v in ici.values() if v > 0) * math.prod(dcn.values()))
     return cfg
 
 
