@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from mmgen.data import synthetic
@@ -43,6 +44,14 @@ class EvalHook(_RunTextTokenizer, Hook):
         ctx.writer.scalars(ctx.step, {f"eval/{k}": v for k, v in metrics.items()})
 
 
+def _save_grid(ctx: Context, grid: np.ndarray, tag: str) -> None:
+    """Every process generates (the model is sharded across them); only process 0 writes
+    the PNG (the writer already logs from process 0 only)."""
+    if jax.process_index() == 0:
+        save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)
+    ctx.writer.image(ctx.step, tag, grid)
+
+
 class SampleGridHook(_RunTextTokenizer, Hook):
     """Generates images for a fixed set of prompts; PNG in workdir/samples + TensorBoard."""
 
@@ -59,8 +68,7 @@ class SampleGridHook(_RunTextTokenizer, Hook):
                                  text_tokenizer=self.text_tokenizer(ctx))
         truth = np.stack([synthetic.render(s) for s in scenes])
         grid = make_grid(np.concatenate([truth, self.codec.decode(ids)]), cols=GRID_PROMPTS)
-        save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)
-        ctx.writer.image(ctx.step, "samples", grid)
+        _save_grid(ctx, grid, "samples")
 
 
 class ReconstructionGridHook(Hook):
@@ -75,5 +83,4 @@ class ReconstructionGridHook(Hook):
                            for i in range(8)])
         recon = unit_to_images(ctx.model()(images_to_unit(images))[0])
         grid = make_grid(np.concatenate([images, recon]), cols=8)
-        save_png(grid, ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", scale=2)
-        ctx.writer.image(ctx.step, "reconstructions", grid)
+        _save_grid(ctx, grid, "reconstructions")
