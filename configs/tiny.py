@@ -46,6 +46,9 @@ def get_config(arg=None) -> ConfigDict:
     c.loss = ConfigDict(dict(
         modality_weights=ConfigDict(dict(text=1.0, image=1.0)),
         z_loss=1e-4,
+        # > 0: logits of ce_chunk positions at a time (same loss, less memory when the
+        # vocabulary is large; any L, the last chunk is padded). 0 = all at once
+        ce_chunk=0,
     ))
     c.data = data_defaults(
         # One example per row: the reference (xla) attention computes every block of a

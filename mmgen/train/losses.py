@@ -55,15 +55,65 @@ def count_loss_tokens(batch: dict, cfg) -> jax.Array:
 def next_token_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
     """Cross-entropy on next tokens with per-modality weights, plus z-loss.
 
-    Logits are restricted to the real vocabulary (padding rows never get mass).
+    Logits are restricted to the real vocabulary (padding rows never get mass). With
+    `loss.ce_chunk = C > 0` the logits are computed C positions at a time
+    (`chunked_lse_and_target_logit`), so [B, L, V] float32 logits never exist at once;
+    the loss and its gradients are the same.
     """
-    modality_weights = dict(cfg.loss.modality_weights)
-    logits_BLV = model(batch)[:, :-1]
     vocab = cfg.model.vocab_size  # the layout's real vocabulary, <= padded rows
-    logits_BLV = jnp.where(jnp.arange(logits_BLV.shape[-1]) < vocab, logits_BLV, -1e9)
     targets_BL = batch["tokens"][:, 1:]
+    chunk = int(cfg.loss.get("ce_chunk", 0))
+    if chunk < 0:
+        raise ValueError(f"loss.ce_chunk must be >= 0 (0 = unchunked), got {chunk}")
+    if chunk > 0:
+        h_BLD = model.hidden(batch)[:, :-1]
+        lse_BL, target_logit_BL = chunked_lse_and_target_logit(
+            model.logits, h_BLD, targets_BL, vocab, chunk)
+    else:
+        logits_BLV = model(batch)[:, :-1]
+        lse_BL, target_logit_BL = _lse_and_target_logit(logits_BLV, targets_BL, vocab)
+    return _weighted_nll(lse_BL, target_logit_BL, batch, cfg)
+
+
+def _lse_and_target_logit(logits_BLV: jax.Array, targets_BL: jax.Array, vocab: int):
+    """log-sum-exp over the real vocabulary and the target's logit, both [B, L]."""
+    logits_BLV = jnp.where(jnp.arange(logits_BLV.shape[-1]) < vocab, logits_BLV, -1e9)
     lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return lse_BL, target_logit_BL
+
+
+def chunked_lse_and_target_logit(logits_fn: Callable[[jax.Array], jax.Array], h_BLD: jax.Array,
+                                 targets_BL: jax.Array, vocab: int, chunk: int):
+    """`_lse_and_target_logit(logits_fn(h_BLD), ...)` computed `chunk` positions at a time.
+
+    L need not divide by `chunk`: the last chunk is padded with zero hidden states whose
+    results are sliced off (they cost at most chunk - 1 extra rows of logits). Each chunk
+    runs under jax.checkpoint inside a scan, so the backward pass recomputes that chunk's
+    [B, chunk, V] logits instead of keeping all of them: peak logits memory is one chunk's.
+    """
+    B, L, D = h_BLD.shape
+    n = -(-L // chunk)
+    pad = n * chunk - L
+    h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
+    targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+    # chunks lead so lax.map walks them: [n, B, C, D] and [n, B, C]
+    h_NBCD = h_BLD.reshape(B, n, chunk, D).swapaxes(0, 1)
+    targets_NBC = targets_BL.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_BCD, targets_BC = args
+        return _lse_and_target_logit(logits_fn(h_BCD), targets_BC, vocab)
+
+    lse_NBC, target_logit_NBC = jax.lax.map(one_chunk, (h_NBCD, targets_NBC))
+    unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]  # noqa: E731
+    return unchunk(lse_NBC), unchunk(target_logit_NBC)
+
+
+def _weighted_nll(lse_BL: jax.Array, target_logit_BL: jax.Array, batch: dict, cfg):
+    """The loss and metrics from per-position log-sum-exp and target logits."""
+    modality_weights = dict(cfg.loss.modality_weights)
     nll_BL = lse_BL - target_logit_BL
     w_BL = target_weights(batch, modality_weights)
     norm = batch["loss_norm"]
