@@ -62,43 +62,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
+    from mmgen.sample import command as sample_cmd
+    from mmgen.sample.inputs import SampleError, read_items, resolve_mode
 
-    from mmgen.config import ConfigError
-    from mmgen.load import ImageCodec, load_run
-    from mmgen.sample.generate import generate_image_ids
-    from mmgen.sample.grid import make_grid, save_png
-    from mmgen.tokenizers.layout import check_same_images
-    from mmgen.tokenizers.text import tokenizer_for_run
-
-    model, cfg, layout, step = load_run(args.checkpoint, args.step)
-    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
-    codec = ImageCodec(tok_dir)
-    check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
-    text_tokenizer = tokenizer_for_run(cfg, layout)
-    grid = None
-    if args.aspect:
-        from mmgen.data import buckets
-
-        ds = codec.cfg.model.downsample
-        trained = buckets.parse(cfg.data.get("aspect_buckets", ""), cfg.data.image_size, ds)
-        (shape,) = buckets.parse(args.aspect, cfg.data.image_size, ds) or [None]
-        if shape not in trained:
-            names = cfg.data.get("aspect_buckets") or "none (square images only)"
-            raise ConfigError(f"--aspect {args.aspect} is not one of the aspect buckets the "
-                              f"model was trained on: {names}")
-        grid = (shape[0] // ds, shape[1] // ds)
-    prompts = [args.prompt] * args.num
-    h, w = grid or layout.image_grid
-    log(f"sampling {args.num} image(s) of {h}x{w} tokens from step {step}")
-    ids = generate_image_ids(model, layout, prompts, seed=args.seed,
-                             temperature=args.temperature, top_k=args.top_k,
-                             cfg_scale=args.cfg, text_tokenizer=text_tokenizer, grid=grid)
-    images = codec.decode(ids)
-    grid = make_grid(images, cols=min(args.num, int(np.ceil(np.sqrt(args.num)))))
-    out = save_png(grid, args.out, scale=args.scale)
-    log(f"wrote {out} ({grid.shape[1] * args.scale}x{grid.shape[0] * args.scale} px)")
-    return 0
+    try:
+        args.stop_ids = sample_cmd.parse_stop_ids(args.stop_ids)
+        items = read_items(args.prompt, args.prompts_file, args.image)
+        mode = resolve_mode(args.mode, items)  # checks inputs before the checkpoint loads
+        if args.aspect and mode != "image":
+            raise SampleError("--aspect applies to --mode image only")
+        s = sample_cmd.load_sampler(args, log)
+        grid = sample_cmd.aspect_grid(args, s.cfg, s.codec) if args.aspect else None
+        if mode == "caption":
+            return sample_cmd.run_caption(s, items)
+        if mode == "edit":
+            return sample_cmd.run_edit(s, items)
+        return sample_cmd.run_image(s, items, grid)
+    except SampleError as e:
+        print(f"mmgen sample: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_eval(args) -> int:
@@ -204,16 +186,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "same as --config.train.resume (see docs/checkpoints.md)")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sample", help="generate images from a text prompt")
+    s = sub.add_parser("sample", help="text -> image, image -> caption, image + text -> image",
+                       description="Generate with a joint model (docs/sampling.md). Modes: "
+                       "image (text -> image grid, the default), caption (--image -> "
+                       "captions on stdout and OUT.json), edit (--image + --prompt -> "
+                       "edited images, the default when both are given).")
     s.add_argument("--checkpoint", required=True, help="joint-model run directory")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--out", default="grid.png")
-    s.add_argument("--num", type=int, default=16, help="images to sample (one grid)")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text prompt (image) or instruction (edit)")
+    src.add_argument("--prompts-file", help="one prompt per line, or .jsonl lines "
+                     '{"prompt": ..., "image": ...}')
+    s.add_argument("--image", help="input image (caption, edit): a square PNG/JPEG")
+    s.add_argument("--mode", choices=("image", "caption", "edit"),
+                   help="default: edit with --image and a prompt, caption with --image "
+                   "alone, else image")
+    s.add_argument("--out", default="grid.png",
+                   help="PNG grid to write (caption: OUT with suffix .json)")
+    s.add_argument("--num", type=int, help="samples per prompt (default 16; edit 1)")
+    s.add_argument("--batch", type=int, default=16, help="prompts per compiled batch")
+    s.add_argument("--temperature", type=float,
+                   help="softmax temperature; 0 = greedy (default 0.8; caption 0)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus: keep the smallest set of tokens reaching mass P (1 = off)")
     s.add_argument("--cfg", type=float, default=5.0,
                    help="classifier-free guidance scale for image tokens (1 = off)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop-ids", help="caption: comma-separated token ids that end a "
+                   "caption besides <eos>")
+    s.add_argument("--max-tokens", type=int,
+                   help="caption: most text tokens (default data.max_caption_bytes)")
+    s.add_argument("--decoder-steps", type=int,
+                   help="steps of the diffusion image decoder when installed "
+                   "(mmgen/sample/render.py); ignored by the tokenizer's decoder")
     s.add_argument("--step", type=int, help="checkpoint step (default latest)")
     s.add_argument("--scale", type=int, default=1, help="integer upscaling of the PNG")
     s.add_argument("--aspect", help="W:H, one of the run's data.aspect_buckets "

@@ -1,9 +1,10 @@
-"""Generation with a KV cache: text -> image tokens, image (+ text) -> image tokens
-(editing), and image -> text (captioning).
+"""Generation with a KV cache: text -> image tokens, image + instruction -> image tokens
+(editing), and image -> text (captioning). Prompts are built here; the one jitted
+prefill + decode loop is sample/decode.py, token choice sample/sampling.py.
 
 Prompts of different lengths are left-padded with segment id 0 (padding attends to
-nothing and is never attended), so one jitted prefill + decode loop serves a batch.
-A prompt image is a bidirectional span, exactly as in training.
+nothing and is never attended), so one compiled program serves a batch.
+A prompt image is a bidirectional span without loss, exactly as in training.
 
 Text goes through a TextTokenizer (tokenizers/text.py); every function here defaults to the
 byte tokenizer and checks that the one it is given is the layout's.
@@ -11,7 +12,6 @@ byte tokenizer and checks that the one it is given is the layout's.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from mmgen.data.schema import NULL_CAPTION, Stream
+from mmgen.sample.decode import DecodeSpec, compiled_decode
+from mmgen.sample.sampling import Sampling
 from mmgen.tokenizers.layout import TokenLayout
 from mmgen.tokenizers.text import BYTES, TextTokenizer, check_matches
 
@@ -49,11 +51,12 @@ def _checked(text_tokenizer: TextTokenizer | None, layout: TokenLayout) -> TextT
     return tokenizer
 
 
-def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
-                      prompt_images: Sequence[np.ndarray] | None = None,
-                      min_len: int = 0,
-                      text_tokenizer: TextTokenizer | None = None) -> dict[str, np.ndarray]:
-    """`<bos> [prompt image] text <boi> <res>` per prompt, left-padded into [N, P]."""
+def prompt_streams(prompts: Sequence[str], layout: TokenLayout,
+                   prompt_images: Sequence[np.ndarray] | None = None,
+                   text_tokenizer: TextTokenizer | None = None) -> list[dict[str, np.ndarray]]:
+    """`<bos> [prompt image] text <boi> <res>` per prompt, as Stream arrays (with loss
+    weights): the prefix of a training example `<bos> [image span] text <boi> <res> ids
+    <eoi> <eos>`; a prompt image is a bidirectional span without loss."""
     tokenizer = _checked(text_tokenizer, layout)
     streams = []
     for i, p in enumerate(prompts):
@@ -62,6 +65,15 @@ def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
             s.image(prompt_images[i], generate=False)
         s.text(tokenizer.encode(p)).special("<boi>").special("<res>", "image")
         streams.append(s.arrays())
+    return streams
+
+
+def image_prompt_rows(prompts: Sequence[str], layout: TokenLayout,
+                      prompt_images: Sequence[np.ndarray] | None = None,
+                      min_len: int = 0,
+                      text_tokenizer: TextTokenizer | None = None) -> dict[str, np.ndarray]:
+    """prompt_streams left-padded into [N, P]."""
+    streams = prompt_streams(prompts, layout, prompt_images, text_tokenizer)
     return left_pad(streams, layout.pad, min_len)
 
 
@@ -72,127 +84,89 @@ def caption_prompt_rows(images: Sequence[np.ndarray], layout: TokenLayout) -> di
     return left_pad(streams, layout.pad)
 
 
-def sample_logits(key, logits_BV, temperature: float, top_k: int) -> jax.Array:
-    if temperature <= 0:
-        return jnp.argmax(logits_BV, axis=-1)
-    logits_BV = logits_BV / temperature
-    if 0 < top_k < logits_BV.shape[-1]:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-    return jax.random.categorical(key, logits_BV, axis=-1)
+def decode_rows(model, layout: TokenLayout, rows: dict[str, np.ndarray], spec: DecodeSpec, *,
+                seed: int = 0, cfg_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Runs the compiled loop on prompt rows: {"tokens" raw ids [n, n_steps], "steps",
+    "first_logits" [n, V]} as numpy (see decode.compiled_decode)."""
+    graphdef, params = nnx.split(model)
+    fn = compiled_decode(graphdef, layout, spec)
+    out = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()},
+             jnp.float32(cfg_scale))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def image_ids_from_tokens(tokens: np.ndarray, layout: TokenLayout,
+                          grid: tuple[int, int]) -> np.ndarray:
+    """Raw image-span tokens [N, h*w + 1] -> code indices [N, h, w], checking the
+    structure the loop enforces (h*w image ids, then <eoi>)."""
+    h, w = grid
+    ids = tokens[:, : h * w] - layout.image_offset
+    if (ids < 0).any() or (ids >= layout.image_codes).any() or (tokens[:, -1] != layout.eoi).any():
+        raise RuntimeError("decoded image span is not h*w image ids followed by <eoi>")
+    return ids.reshape(len(tokens), h, w)
 
 
 def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
-                       temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       cfg_scale: float = 1.0,
                        prompt_images: Sequence[np.ndarray] | None = None,
                        min_prompt_len: int = 0,
                        text_tokenizer: TextTokenizer | None = None,
-                       grid: tuple[int, int] | None = None) -> np.ndarray:
+                       grid: tuple[int, int] | None = None,
+                       guided: bool | None = None) -> np.ndarray:
     """Samples each prompt's image tokens; returns code indices [N, rows, cols].
 
     `grid` (rows, cols) samples another aspect than the layout's grid: one of the
     aspect-ratio buckets the model was trained on (data/buckets.py).
 
-    With `cfg_scale != 1`, classifier-free guidance: the null prompt (NULL_CAPTION,
-    which training shows with probability data.caption_dropout) runs beside each
-    prompt in the same batch, and image logits become u + s * (c - u). With
-    `prompt_images` (editing) the null branch keeps the image and drops the text.
+    Classifier-free guidance (on when `cfg_scale != 1`, or forced with `guided`): the null
+    prompt (NULL_CAPTION, which training shows with probability data.caption_dropout)
+    runs beside each prompt in the same batch, and image logits become u + s * (c - u).
+    With `prompt_images` (editing) the null branch keeps the same prompt image and drops
+    only the instruction, so guidance pushes toward the instruction while both branches
+    stay anchored to the source image (docs/sampling.md).
     """
-    guided = cfg_scale != 1.0
+    guided = cfg_scale != 1.0 if guided is None else guided
     texts = list(prompts) + ([NULL_CAPTION] * len(prompts) if guided else [])
     images = None
     if prompt_images is not None:
         images = list(prompt_images) * (2 if guided else 1)
     rows = image_prompt_rows(texts, layout, images, min_prompt_len, text_tokenizer)
-    graphdef, params = nnx.split(model)
-    h, w = grid or layout.image_grid
-    fn = _compiled_decode(graphdef, layout, "image", h * w, float(temperature), int(top_k),
-                          guided, w)
-    ids = fn(params, jax.random.key(seed), {k: jnp.asarray(v) for k, v in rows.items()},
-             jnp.float32(cfg_scale))
-    return np.asarray(ids).reshape(len(prompts), h, w)
+    grid = tuple(grid or layout.image_grid)
+    spec = DecodeSpec.image(grid, Sampling(float(temperature), int(top_k), float(top_p)), guided)
+    out = decode_rows(model, layout, rows, spec, seed=seed, cfg_scale=cfg_scale)
+    return image_ids_from_tokens(out["tokens"], layout, grid)
+
+
+def edit_image_ids(model, layout: TokenLayout, images_ids: Sequence[np.ndarray],
+                   instructions: Sequence[str], **kwargs) -> np.ndarray:
+    """Image + instruction -> edited image ids [N, rows, cols]: the source image is a
+    bidirectional prompt span (`<bos> <boi> <res> ids <eoi> instruction <boi> <res>`);
+    keyword arguments as generate_image_ids (guidance keeps the image, drops the text)."""
+    if len(images_ids) != len(instructions):
+        raise ValueError(f"{len(images_ids)} images but {len(instructions)} instructions")
+    return generate_image_ids(model, layout, instructions, prompt_images=images_ids, **kwargs)
 
 
 def generate_captions(model, layout: TokenLayout, images_ids: Sequence[np.ndarray], *,
                       max_bytes: int, seed: int = 0, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
                       text_tokenizer: TextTokenizer | None = None) -> list[str]:
-    """Captions for images given as token ids (greedy by default); stops at <eos>.
+    """Captions for images given as token ids (greedy by default).
 
-    Decodes at most `max_bytes` text tokens: a byte-level token (bytes or byte-level BPE)
-    is at least one byte, so a caption of up to `max_bytes` bytes always fits."""
+    A row stops at <eos> or at any of `stop_ids` (the stop token is not part of the
+    caption); the loop ends as soon as every row has stopped. Decodes at most
+    `max_bytes` text tokens: a byte-level token (bytes or byte-level BPE) is at least
+    one byte, so a caption of up to `max_bytes` bytes always fits."""
     tokenizer = _checked(text_tokenizer, layout)
-    rows = caption_prompt_rows(images_ids, layout)
-    graphdef, params = nnx.split(model)
-    fn = _compiled_decode(graphdef, layout, "text", max_bytes + 1, float(temperature), 0, False)
-    out = np.asarray(fn(params, jax.random.key(seed),
-                        {k: jnp.asarray(v) for k, v in rows.items()}, jnp.float32(1.0)))
-    captions = []
-    for row in out:
-        ends = np.nonzero(row == layout.eos)[0]
-        captions.append(tokenizer.decode(row[: ends[0]] if len(ends) else row))
-    return captions
+    stops = (layout.eos, *map(int, stop_ids))
+    spec = DecodeSpec.text(max_bytes + 1, Sampling(float(temperature), int(top_k),
+                                                   float(top_p)), stops)
+    out = decode_rows(model, layout, caption_prompt_rows(images_ids, layout), spec, seed=seed)
+    return [tokenizer.decode(cut_at_stop(row, spec.stop_ids)) for row in out["tokens"]]
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_decode(graphdef, layout: TokenLayout, kind: str, n_steps: int,
-                     temperature: float, top_k: int, guided: bool, width: int = 0):
-    """One jitted prefill + decode loop per model structure, output kind and sampling
-    setting; weights are arguments, so a later checkpoint reuses the program.
-
-    kind "image": exactly `n_steps` image ids, 2D grid positions `width` columns wide
-    (default the layout's grid).
-    kind "text": text ids (below `layout.text_vocab`) or <eos>; returns raw ids (the image
-    offset is not removed).
-    """
-    w = width or layout.image_grid[1]
-    if kind == "image":
-        lo, hi, offset = layout.image_offset, layout.image_offset + layout.image_codes, \
-            layout.image_offset
-    else:
-        lo, hi, offset = 0, layout.text_vocab, 0
-
-    def allowed(vocab):
-        ok = (vocab >= lo) & (vocab < hi)
-        return ok | (vocab == layout.eos) if kind == "text" else ok
-
-    @jax.jit
-    def run(params, key, prompt, cfg_scale):
-        m = nnx.merge(graphdef, params)
-        N, P = prompt["tokens"].shape
-        seg = jnp.concatenate([prompt["segment_ids"], jnp.ones((N, n_steps), jnp.int32)], 1)
-        span = jnp.concatenate([prompt["span_ids"], jnp.zeros((N, n_steps), jnp.int32)], 1)
-        cache = m.init_cache(seg, span)
-        h_BPD, cache = m.hidden(prompt, cache)
-        # the first new token is predicted at the last prompt position
-        logits = m.logits(h_BPD[:, -1:])[:, 0]
-        start_pos = prompt["positions"][:, -1] + 1
-
-        def body(i, carry):
-            key, logits, cache, out = carry
-            key, sub = jax.random.split(key)
-            logits = jnp.where(allowed(jnp.arange(logits.shape[-1])), logits, -1e30)
-            if guided:  # rows [:n] conditional, [n:] null prompt; both follow one sample
-                cond, uncond = jnp.split(logits, 2)
-                tok = sample_logits(sub, uncond + cfg_scale * (cond - uncond), temperature, top_k)
-                tok = jnp.concatenate([tok, tok])
-            else:
-                tok = sample_logits(sub, logits, temperature, top_k)
-            out = out.at[:, i].set(tok - offset)
-            if kind == "image":
-                r, c = jnp.divmod(i, w)
-                rows, cols = jnp.full((N, 1), r + 1), jnp.full((N, 1), c + 1)
-            else:
-                rows = cols = jnp.zeros((N, 1), jnp.int32)
-            step = {
-                "tokens": tok[:, None], "positions": (start_pos + i)[:, None],
-                "rows": rows, "cols": cols, "segment_ids": jnp.ones((N, 1), jnp.int32),
-                "span_ids": jnp.zeros((N, 1), jnp.int32),
-            }
-            h_B1D, cache = m.hidden(step, cache)
-            return key, m.logits(h_B1D)[:, 0], cache, out
-
-        out = jnp.zeros((N, n_steps), jnp.int32)
-        _, _, _, out = jax.lax.fori_loop(0, n_steps, body, (key, logits, cache, out))
-        return out[: N // 2] if guided else out
-
-    return run
+def cut_at_stop(row: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
+    """The ids before the first stop id (all of them if none)."""
+    ends = np.nonzero(np.isin(row, list(stop_ids)))[0]
+    return row[: ends[0]] if len(ends) else row

@@ -1,0 +1,173 @@
+"""`mmgen sample`: text -> image, image -> caption, image + instruction -> image.
+
+Prompts run in fixed-size batches (the last one padded by repetition, every prompt
+left-padded to the longest), so one compiled program serves the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mmgen.sample.generate import generate_captions, generate_image_ids
+from mmgen.sample.grid import make_grid, save_png
+from mmgen.sample.inputs import Item, Progress, SampleError, load_image, render
+
+DEFAULT_TEMPERATURE = {"image": 0.8, "edit": 0.8, "caption": 0.0}  # captions: greedy
+
+
+def _batches(n: int, batch: int):
+    for lo in range(0, n, batch):
+        yield lo, min(lo + batch, n)
+
+
+def _padded(xs: list, batch: int) -> list:
+    """Repeats the last entry up to `batch`: the same shapes, hence the same program."""
+    return xs + [xs[-1]] * (batch - len(xs))
+
+
+class Sampler:
+    """A loaded run plus the run-wide sampling settings of one command."""
+
+    def __init__(self, args, model, cfg, layout, codec, text_tokenizer, log: Callable):
+        self.args, self.model, self.cfg, self.layout = args, model, cfg, layout
+        self.codec, self.text_tokenizer, self.log = codec, text_tokenizer, log
+
+    def temperature(self, mode: str) -> float:
+        t = self.args.temperature
+        return DEFAULT_TEMPERATURE[mode] if t is None else t
+
+    def images(self, items: list[Item]) -> np.ndarray:
+        size = self.codec.cfg.data.image_size
+        note = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        return np.stack([load_image(it.image, size, note) for it in items])
+
+    def image_ids(self, prompts: list[str], mode: str, grid=None, sources=None) -> np.ndarray:
+        """Image ids [len(prompts), h, w]; `sources` (edit) are prompt-image ids."""
+        a, batch = self.args, max(1, min(self.args.batch, len(prompts)))
+        min_len = max(len(self.text_tokenizer.encode(p)) for p in prompts) + 3
+        if sources is not None:
+            min_len += sources[0].size + 3
+        progress, out = Progress(len(prompts), "images"), []
+        for b, (lo, hi) in enumerate(_batches(len(prompts), batch)):
+            imgs = None if sources is None else _padded(list(sources[lo:hi]), batch)
+            ids = generate_image_ids(
+                self.model, self.layout, _padded(prompts[lo:hi], batch), seed=a.seed + b,
+                temperature=self.temperature(mode), top_k=a.top_k, top_p=a.top_p,
+                cfg_scale=a.cfg, prompt_images=imgs, min_prompt_len=min_len,
+                text_tokenizer=self.text_tokenizer, grid=grid)
+            out.append(ids[: hi - lo])
+            progress.update(hi)
+        return np.concatenate(out)
+
+    def captions(self, ids: np.ndarray) -> list[str]:
+        a, batch = self.args, max(1, min(self.args.batch, len(ids)))
+        max_tokens = a.max_tokens or self.cfg.data.max_caption_bytes
+        progress, out = Progress(len(ids), "captions"), []
+        for b, (lo, hi) in enumerate(_batches(len(ids), batch)):
+            out += generate_captions(
+                self.model, self.layout, _padded(list(ids[lo:hi]), batch), max_bytes=max_tokens,
+                seed=a.seed + b, temperature=self.temperature("caption"), top_k=a.top_k,
+                top_p=a.top_p, stop_ids=a.stop_ids, text_tokenizer=self.text_tokenizer,
+            )[: hi - lo]
+            progress.update(hi)
+        return out
+
+    def write_grid(self, ids: np.ndarray, cols: int, first_column=None) -> Path:
+        """Renders ids; with `first_column` ([rows, H, W, 3]) each row starts with it."""
+        images = render(ids, self.codec, self.args.decoder_steps)
+        if first_column is not None:
+            rows = images.reshape(len(first_column), -1, *images.shape[1:])
+            images = np.concatenate([first_column[:, None], rows], 1).reshape(-1, *images.shape[1:])
+            cols += 1
+        sheet = make_grid(images, cols=cols)
+        out = save_png(sheet, self.args.out, scale=self.args.scale)
+        self.log(f"wrote {out} ({sheet.shape[1] * self.args.scale}x"
+                 f"{sheet.shape[0] * self.args.scale} px)")
+        return out
+
+
+def _cols(num: int, n_prompts: int) -> int:
+    """One row per prompt; a single prompt's samples in a near-square grid."""
+    return num if n_prompts > 1 else min(num, int(np.ceil(np.sqrt(num))))
+
+
+def run_image(s: Sampler, items: list[Item], grid) -> int:
+    num = s.args.num or 16
+    prompts = [it.prompt for it in items for _ in range(num)]
+    h, w = grid or s.layout.image_grid
+    s.log(f"sampling {len(prompts)} image(s) of {h}x{w} tokens")
+    s.write_grid(s.image_ids(prompts, "image", grid=grid), _cols(num, len(items)))
+    return 0
+
+
+def run_edit(s: Sampler, items: list[Item]) -> int:
+    num = s.args.num or 1
+    pixels = s.images(items)
+    sources = s.codec.encode(pixels)
+    prompts = [it.prompt for it in items for _ in range(num)]
+    s.log(f"editing {len(items)} image(s), {num} sample(s) each")
+    ids = s.image_ids(prompts, "edit", sources=np.repeat(sources, num, axis=0))
+    s.write_grid(ids, num, first_column=pixels)
+    return 0
+
+
+def run_caption(s: Sampler, items: list[Item]) -> int:
+    ids = s.codec.encode(s.images(items))
+    captions = s.captions(ids)
+    for c in captions:
+        print(one_line(c), flush=True)
+    out = Path(s.args.out).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": str(it.image), "caption": c} for it, c in zip(items, captions, strict=True)]
+    out.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines, tabs, ...) escaped: one caption per
+    stdout line whatever a model emits; OUT.json keeps the exact text."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+def parse_stop_ids(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SampleError(f"--stop-ids takes comma-separated token ids, got {text!r}") from None
+
+
+def load_sampler(args, log: Callable) -> Sampler:
+    """The run, its image tokenizer (checked against the run's layout) and text tokenizer."""
+    from mmgen.load import ImageCodec, load_run
+    from mmgen.tokenizers.layout import check_same_images
+    from mmgen.tokenizers.text import tokenizer_for_run
+
+    model, cfg, layout, step = load_run(args.checkpoint, args.step)
+    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
+    codec = ImageCodec(tok_dir)
+    check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
+    print(f"mmgen sample: {args.checkpoint} step {step}", file=sys.stderr)
+    return Sampler(args, model, cfg, layout, codec, tokenizer_for_run(cfg, layout), log)
+
+
+def aspect_grid(args, cfg, codec) -> tuple[int, int]:
+    """The token grid of --aspect W:H, which must be one of the run's trained buckets."""
+    from mmgen.config import ConfigError
+    from mmgen.data import buckets
+
+    ds = codec.cfg.model.downsample
+    trained = buckets.parse(cfg.data.get("aspect_buckets", ""), cfg.data.image_size, ds)
+    (shape,) = buckets.parse(args.aspect, cfg.data.image_size, ds) or [None]
+    if shape not in trained:
+        names = cfg.data.get("aspect_buckets") or "none (square images only)"
+        raise ConfigError(f"--aspect {args.aspect} is not one of the aspect buckets the "
+                          f"model was trained on: {names}")
+    return shape[0] // ds, shape[1] // ds
