@@ -71,6 +71,10 @@ def cmd_sample(args) -> int:
         mode = resolve_mode(args.mode, items)  # checks inputs before the checkpoint loads
         if args.aspect and mode != "image":
             raise SampleError("--aspect applies to --mode image only")
+        if args.decoder_steps is not None and not args.decoder:
+            raise SampleError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+        if args.decoder and not Path(args.decoder).exists():
+            raise SampleError(f"--decoder {args.decoder} does not exist")
         s = sample_cmd.load_sampler(args, log)
         grid = sample_cmd.aspect_grid(args, s.cfg, s.codec) if args.aspect else None
         if mode == "caption":
@@ -216,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "caption besides <eos>")
     s.add_argument("--max-tokens", type=int,
                    help="caption: most text tokens (default data.max_caption_bytes)")
+    s.add_argument("--decoder", help="diffusion decoder run (configs/decoder_tiny.py, "
+                   "docs/decoder.md) that renders the pixels; default: the tokenizer's decoder")
     s.add_argument("--decoder-steps", type=int,
-                   help="steps of the diffusion image decoder when installed "
-                   "(mmgen/sample/render.py); ignored by the tokenizer's decoder")
+                   help="Euler steps of the diffusion decoder (default: its sample.steps)")
     s.add_argument("--step", type=int, help="checkpoint step (default latest)")
     s.add_argument("--scale", type=int, default=1, help="integer upscaling of the PNG")
     s.add_argument("--aspect", help="W:H, one of the run's data.aspect_buckets "

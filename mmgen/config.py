@@ -153,14 +153,41 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
                 f"do not divide over {jax.process_count()} processes")
 
 
+def _validate_decoder(cfg: ml_collections.ConfigDict, mesh: dict) -> None:
+    """The diffusion decoder (docs/decoder.md); keys derived from the tokenizer (num_codes,
+    downsample, the number of widths) are checked when the tokenizer is loaded."""
+    m = cfg.model
+    require(bool(cfg.tokenizer.checkpoint), "tokenizer.checkpoint must name a tokenizer run")
+    require(cfg.data.source == "synthetic",
+            f"data.source={cfg.data.source!r}: the decoder trains on synthetic scenes only")
+    require(len(m.widths) >= 1 and all(int(w) >= 4 for w in m.widths),
+            f"model.widths must be >= 4 each, got {tuple(m.widths)}")
+    require(m.blocks_per_level >= 0 and m.mid_blocks >= 0,
+            "model.blocks_per_level and model.mid_blocks must be >= 0")
+    require(m.time_dim >= 2 and m.time_dim % 2 == 0,
+            f"model.time_dim must be even and >= 2, got {m.time_dim}")
+    from mmgen.models.decoder import PREDICTIONS
+
+    require(m.predict in PREDICTIONS,
+            f"model.predict must be one of {PREDICTIONS}, got {m.predict!r}")
+    require(cfg.sample.steps >= 1, f"sample.steps must be >= 1, got {cfg.sample.steps}")
+    require(cfg.sample.noise_scale >= 0,
+            f"sample.noise_scale must be >= 0, got {cfg.sample.noise_scale}")
+    require(cfg.data.num_train_scenes >= cfg.train.global_batch,
+            f"data.num_train_scenes={cfg.data.num_train_scenes} is smaller than "
+            f"train.global_batch={cfg.train.global_batch}")
+    require(mesh["sequence"] == 1, "mesh.sequence must be 1 for the diffusion decoder "
+            "(its batches are images, not token sequences)")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks shapes against each other and the device mesh; one line per failure."""
     import jax
 
     from mmgen.parallel.mesh import MeshError, resolve_axis_sizes
 
-    require(cfg.get("kind") in ("tokenizer", "joint"),
-            f"kind must be 'tokenizer' or 'joint', got {cfg.get('kind')!r}")
+    require(cfg.get("kind") in ("tokenizer", "joint", "decoder"),
+            f"kind must be 'tokenizer', 'joint' or 'decoder', got {cfg.get('kind')!r}")
     try:
         mesh = resolve_axis_sizes(dict(cfg.mesh), num_devices)
     except MeshError as e:
@@ -202,6 +229,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(mesh["sequence"] == 1, "mesh.sequence must be 1 for the image tokenizer "
                 "(its batches are images, not token sequences)")
         return
+    if cfg.kind == "decoder":
+        _validate_decoder(cfg, mesh)
+        return
     m = cfg.model
     require(m.num_heads % m.num_kv_heads == 0,
             f"model.num_heads={m.num_heads} is not a multiple of "
@@ -220,6 +250,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
     require(m.attention_impl in IMPLS,
             f"model.attention_impl={m.attention_impl!r} is not one of {IMPLS}")
+    require(int(cfg.loss.get("ce_chunk", 0)) >= 0,
+            f"loss.ce_chunk must be >= 0 (0 = unchunked), got {cfg.loss.get('ce_chunk')}")
     require(m.dtype in ("float32", "bfloat16"),
             f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
     from mmgen.models.layers import ROPE_KINDS

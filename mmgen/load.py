@@ -29,6 +29,14 @@ def build_model_fn(cfg):
             num_res_blocks=m.num_res_blocks, rngs=rngs)
     if cfg.kind == "joint":
         return lambda rngs: Transformer(transformer_config(cfg), rngs=rngs)
+    if cfg.kind == "decoder":  # num_codes and downsample are filled from the tokenizer
+        from mmgen.models.decoder import FlowDecoder
+
+        m = cfg.model
+        return lambda rngs: FlowDecoder(
+            num_codes=m.num_codes, downsample=m.downsample, widths=tuple(m.widths),
+            blocks_per_level=m.blocks_per_level, mid_blocks=m.mid_blocks,
+            time_dim=m.time_dim, refine=m.refine, predict=m.predict, rngs=rngs)
     raise ValueError(f"unknown kind {cfg.kind!r}")
 
 

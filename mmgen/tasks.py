@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from mmgen.config import require
-from mmgen.data import pipeline, steps, token_cache
+from mmgen.data import pipeline, steps, synthetic, token_cache
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
 from mmgen.train.hooks import Hook
+from mmgen.train.losses import count_images, register_loss
 
 
 def synthetic_tokens(codec: ImageCodec, data_cfg, *, split: str, num: int, seed: int,
@@ -155,4 +159,78 @@ def resolve_joint(cfg, layout: layout_lib.TokenLayout) -> None:
     cfg.model.padded_vocab_size = layout.padded_vocab_size()
 
 
-TASKS = {"tokenizer": TokenizerTask, "joint": JointTask}
+class DecoderTask:
+    """The diffusion decoder (models/decoder.py): pixels from a trained tokenizer's ids.
+
+    Its layout is the tokenizer's, stored with every checkpoint, so resuming or rendering
+    with a retrained tokenizer fails in one line instead of decoding garbage."""
+
+    name = "diffusion decoder"
+    loss = "flow_matching"
+
+    def __init__(self, cfg, log=print):
+        self.cfg, self.log = cfg, log
+        self.codec = ImageCodec(cfg.tokenizer.checkpoint)
+        self.layout = self.codec.layout
+        tok = self.codec.cfg
+        require(cfg.data.image_size == tok.data.image_size,
+                f"data.image_size={cfg.data.image_size} differs from the tokenizer's "
+                f"{tok.data.image_size}")
+        levels = int(tok.model.downsample).bit_length()
+        require(len(cfg.model.widths) == levels,
+                f"model.widths needs {levels} entries (log2 of the tokenizer's downsample "
+                f"{tok.model.downsample}, plus one), got {tuple(cfg.model.widths)}")
+        cfg.model.num_codes = self.layout.image_codes
+        cfg.model.downsample = tok.model.downsample
+        self.build_model = build_model_fn(cfg)
+        self.tokens_per_batch = cfg.train.global_batch * cfg.data.image_size**2  # pixels
+
+    def data(self):
+        d = self.cfg.data
+        source = synthetic_tokens(self.codec, d, split="train", num=d.num_train_scenes,
+                                  seed=d.seed, log=self.log)
+        decode = self.codec.decode if self.cfg.model.refine else None
+        return decoder_batches(source, d, self.layout.image_grid, per_host_batch(self.cfg),
+                               decode)
+
+    def hooks(self) -> list[Hook]:
+        return []
+
+
+def decoder_batches(source, data_cfg, grid: tuple[int, int], batch: int,
+                    decode=None) -> grain.IterDataset:
+    """Host-local batches of {"images", "image_ids", "noise_seed"[, "coarse"]}: scenes are
+    re-rendered from the cache's scene descriptions (cheaper than storing pixels), and
+    each example's flow noise and time come from its seed, a function of its index."""
+    seed, size = data_cfg.seed, data_cfg.image_size
+    ds = grain.MapDataset.source(source).shuffle(seed=seed)
+    ds = ds.repeat(2**40 // len(ds))  # "forever" as a finite count
+
+    def to_example(index: int, item: dict) -> dict:
+        scene = synthetic.Scene.from_json(item["scene"])
+        noise_seed = np.random.default_rng([seed, index, 13]).integers(2**31)
+        return {"images": synthetic.render(scene, size),
+                "image_ids": np.asarray(item["image_ids"], np.int32).reshape(grid),
+                "noise_seed": np.int32(noise_seed)}
+
+    def add_coarse(b: dict) -> dict:
+        return dict(b, coarse=decode(b["image_ids"]))
+
+    ds = ds.map_with_index(to_example)[jax.process_index()::jax.process_count()]
+    ds = ds.batch(batch, drop_remainder=True)
+    if decode is not None:  # the refiner's input: the tokenizer's own decoding
+        ds = ds.map(add_coarse)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+@register_loss("flow_matching", norm=count_images)
+def flow_matching_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
+    """The decoder's rectified-flow loss: velocity MSE per image, summed over the
+    micro-batch and divided by the global batch's image count."""
+    from mmgen.models.decoder import batch_loss
+
+    loss = jnp.sum(batch_loss(model, batch)) / batch["loss_norm"]
+    return loss, {"velocity_mse": loss}
+
+
+TASKS = {"tokenizer": TokenizerTask, "joint": JointTask, "decoder": DecoderTask}

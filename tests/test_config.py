@@ -37,6 +37,7 @@ def test_wrong_type_is_rejected(repo):
     ("eval.hook_suites=loss,vibes", 1, "unknown suites"),
     ("mesh.dcn.data=3", 4, "3 slices, which does not divide 4 devices"),
     ("mesh.dcn.fsdp=0", 4, "mesh.dcn sizes must be >= 1"),
+    ("loss.ce_chunk=-1", 1, "loss.ce_chunk must be >= 0"),
 ])
 def test_impossible_shapes_fail_before_compiling(repo, override, devices, message):
     cfg = load_config(str(repo / "configs/tiny.py"), [override])

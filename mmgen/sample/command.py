@@ -79,7 +79,8 @@ class Sampler:
 
     def write_grid(self, ids: np.ndarray, cols: int, first_column=None) -> Path:
         """Renders ids; with `first_column` ([rows, H, W, 3]) each row starts with it."""
-        images = render(ids, self.codec, self.args.decoder_steps)
+        a = self.args
+        images = render(ids, self.codec, a.decoder, a.decoder_steps, a.seed)
         if first_column is not None:
             rows = images.reshape(len(first_column), -1, *images.shape[1:])
             images = np.concatenate([first_column[:, None], rows], 1).reshape(-1, *images.shape[1:])

@@ -90,14 +90,13 @@ def load_image(path: Path, size: int, note=None) -> np.ndarray:
     return np.asarray(img, np.uint8)
 
 
-def render(ids: np.ndarray, codec, decoder_steps: int | None) -> np.ndarray:
-    """Image ids [N, h, w] -> uint8 images: the diffusion decoder when installed
-    (sample/render.py), else the tokenizer's own decoder."""
-    try:
-        from mmgen.sample.render import render_images
-    except ImportError:
-        return codec.decode(ids)
-    return render_images(ids, codec, decoder_steps)
+def render(ids: np.ndarray, codec, decoder_dir: str | None, decoder_steps: int | None,
+           seed: int = 0) -> np.ndarray:
+    """Image ids [N, h, w] -> uint8 images: the diffusion decoder of `decoder_dir` (a
+    decoder run, docs/decoder.md) in `decoder_steps` steps, else the tokenizer's decoder."""
+    from mmgen.sample.render import render_images
+
+    return render_images(ids, codec, decoder_steps, decoder_dir=decoder_dir, seed=seed)
 
 
 class Progress:
