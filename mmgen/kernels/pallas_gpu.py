@@ -6,7 +6,9 @@ probabilities from it, one kernel for dK/dV (one program per key block and kv
 head, looping over that group's query heads, so repeated K/V are never built)
 and one for dQ. Each program loops only over the block range the plan
 (block_plan.py) marks as non-empty, so causal upper triangles and cross-segment
-tiles of packed rows cost nothing in any pass.
+tiles of packed rows cost nothing in any pass; inside it, the run of fully visible
+tiles skips the element-wise mask (`_loop`). Under a causal mask the grid launches
+the heaviest query blocks first.
 
 Scores are kept in base 2 (exp2 is one instruction); the log-sum-exp stored
 between passes is base 2 as well and converted only at the API boundary.
