@@ -153,7 +153,7 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
                 f"do not divide over {jax.process_count()} processes")
 
 
-def _validate_decoder(cfg: ml_collections.ConfigDict, mesh: dict) -> None:
+def _validate_decoder(cfg: ml_collections.ConfigDict) -> None:
     """The diffusion decoder (docs/decoder.md); keys derived from the tokenizer (num_codes,
     downsample, the number of widths) are checked when the tokenizer is loaded."""
     m = cfg.model
@@ -176,8 +176,6 @@ def _validate_decoder(cfg: ml_collections.ConfigDict, mesh: dict) -> None:
     require(cfg.data.num_train_scenes >= cfg.train.global_batch,
             f"data.num_train_scenes={cfg.data.num_train_scenes} is smaller than "
             f"train.global_batch={cfg.train.global_batch}")
-    require(mesh["sequence"] == 1, "mesh.sequence must be 1 for the diffusion decoder "
-            "(its batches are images, not token sequences)")
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -215,6 +213,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     require(micro % batch_shards == 0,
             f"micro-batch {micro} (train.global_batch / train.grad_accum) does not divide "
             f"over mesh data x fsdp = {batch_shards} devices")
+    image_models = {"tokenizer": "the image tokenizer", "decoder": "the diffusion decoder"}
+    if cfg.kind in image_models:
+        require(mesh["sequence"] == 1, f"mesh.sequence must be 1 for {image_models[cfg.kind]} "
+                "(its batches are images, not token sequences)")
     o = cfg.optim
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
@@ -226,11 +228,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
         require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
                 f"model.downsample={m.downsample} must be a power of 2")
-        require(mesh["sequence"] == 1, "mesh.sequence must be 1 for the image tokenizer "
-                "(its batches are images, not token sequences)")
         return
     if cfg.kind == "decoder":
-        _validate_decoder(cfg, mesh)
+        _validate_decoder(cfg)
         return
     m = cfg.model
     require(m.num_heads % m.num_kv_heads == 0,
