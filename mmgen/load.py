@@ -122,6 +122,19 @@ def tokenizer_layout_from_config(tok_cfg, weights_id: str = "untrained") -> layo
                                   tokenizer_id=text_tok.TOKENIZER_ID, image_tokenizer_id=ident)
 
 
+def chunked_call(fn, arrays: list[np.ndarray], chunk: int) -> np.ndarray:
+    """fn(*arrays) over zero-padded chunks of `chunk` rows (all arrays [N, ...]), results
+    concatenated without the padding: one compiled program serves every N."""
+    outs = []
+    for lo in range(0, len(arrays[0]), chunk):
+        parts = [np.asarray(a[lo:lo + chunk]) for a in arrays]
+        pad = chunk - len(parts[0])
+        if pad:
+            parts = [np.concatenate([p, np.zeros((pad, *p.shape[1:]), p.dtype)]) for p in parts]
+        outs.append(np.asarray(fn(*parts))[:chunk - pad])
+    return np.concatenate(outs)
+
+
 class ImageCodec:
     """uint8 images <-> image token ids with a trained tokenizer.
 
@@ -140,21 +153,10 @@ class ImageCodec:
             lambda x: nnx.merge(graphdef, params).encode_ids(images_to_unit(x)))
         self._decode = jax.jit(lambda i: nnx.merge(graphdef, params).decode_ids(i))
 
-    def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        outs = []
-        for lo in range(0, len(x), self.CHUNK):
-            chunk = x[lo:lo + self.CHUNK]
-            pad = self.CHUNK - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(np.asarray(fn(chunk))[:self.CHUNK - pad])
-        return np.concatenate(outs)
-
     def encode(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> int32 code ids [N, h, w]."""
-        return self._chunked(self._encode, np.asarray(images_uint8, np.uint8))
+        return chunked_call(self._encode, [np.asarray(images_uint8, np.uint8)], self.CHUNK)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Code ids [N, h, w] -> uint8 images [N, H, W, 3]."""
-        return unit_to_images(self._chunked(self._decode, np.asarray(ids, np.int32)))
+        return unit_to_images(chunked_call(self._decode, [np.asarray(ids, np.int32)], self.CHUNK))
