@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 from mmgen.config_groups import (
     data_defaults,
     init_defaults,
+    lora_defaults,
     mesh_defaults,
     optim_defaults,
     train_defaults,
@@ -76,6 +77,7 @@ def get_config(arg=None) -> ConfigDict:
     ))
     c.mesh = mesh_defaults()
     c.init = init_defaults()
+    c.lora = lora_defaults()
     if arg == "smoke":  # seconds, for tests
         c.data.num_train_scenes = 512
         c.train.steps = 10

@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from mmgen.tasks import TASKS, inherit_init_model
+    from mmgen.tasks import inherit_init_model, make_task
 
     inherit_init_model(cfg, log)
     validate(cfg, jax.device_count())
@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
     from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train
     from mmgen.train.step import NonFiniteError
 
-    task = TASKS[cfg.kind](cfg, log=log)
+    task = make_task(cfg, log=log)
     try:
         final = train(cfg, workdir, task, log=log)
     except Preempted as e:

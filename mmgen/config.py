@@ -267,6 +267,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
     unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})
     require(not unknown, f"loss.modality_weights has unknown modalities: {sorted(unknown)}")
+    post = cfg.get("posttrain")
+    if post is not None:
+        from mmgen.posttrain.tasks import POSTTRAIN_TASKS
+
+        require(post.objective in POSTTRAIN_TASKS,
+                f"posttrain.objective must be one of {list(POSTTRAIN_TASKS)}, got "
+                f"{post.objective!r}")
+        require(bool(cfg.init.checkpoint), f"posttrain.objective={post.objective!r} needs "
+                "init.checkpoint (the pretrained run or export to start from)")
+    lora = cfg.get("lora")
+    if lora is not None and lora.rank:
+        require(lora.rank > 0 and lora.alpha > 0,
+                f"lora.rank and lora.alpha must be positive, got {lora.rank}, {lora.alpha}")
     from mmgen.eval.suites import SUITES
 
     hook = {x.strip() for x in cfg.eval.get("hook_suites", "").split(",") if x.strip()}

@@ -83,3 +83,25 @@ def init_defaults() -> ConfigDict:
         checkpoint="",          # run directory or exported directory ("" = random init)
         step=-1,                # checkpoint step of a run directory (-1 = latest)
     ))
+
+
+def lora_defaults(**overrides) -> ConfigDict:
+    # Low-rank adapters (mmgen/posttrain/lora.py): every parameter whose path matches
+    # `targets` gets W + (alpha / rank) * A @ B, with A, B trained and W frozen.
+    lo = ConfigDict(dict(
+        rank=0,                 # adapter rank (0 = no adapters)
+        alpha=16.0,             # scale numerator: the update is (alpha / rank) * A @ B
+        targets=r"attn/w_(q|k|v|o)_|mlp/w_",  # regex on parameter paths
+    ))
+    lo.update(overrides)
+    return lo
+
+
+def posttrain_defaults(objective: str, **overrides) -> ConfigDict:
+    # Post-training (docs/post-training.md): what the joint model is tuned for.
+    p = ConfigDict(dict(
+        objective=objective,    # sft | dpo | grpo (pretraining configs have no such group)
+        reference="",           # dpo/grpo: frozen reference model ("" = init.checkpoint)
+    ))
+    p.update(overrides)
+    return p

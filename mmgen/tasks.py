@@ -125,13 +125,17 @@ class JointTask:
                 f"model.max_image_grid={cfg.model.max_image_grid} is smaller than the "
                 f"largest image grid side {grid} (tokenizer grid or data.aspect_buckets; "
                 "0 turns the embeddings off)")
-        if cfg.data.source == "synthetic":
-            problem = pipeline.row_length_problem(cfg.data, self.layout)
-        else:
-            problem = steps.row_length_problem(cfg.data, self.layout, downsample)
-        require(problem is None, problem)
+        require((problem := self.row_length_problem()) is None, problem)
         self.build_model = build_model_fn(cfg)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
+
+    def row_length_problem(self) -> str | None:
+        """Why rows of data.seq_len cannot hold this task's examples, or None (post-training
+        tasks override it for their own example shapes)."""
+        if self.cfg.data.source == "synthetic":
+            return pipeline.row_length_problem(self.cfg.data, self.layout)
+        return steps.row_length_problem(self.cfg.data, self.layout,
+                                        self.codec.cfg.model.downsample)
 
     def data(self):
         d = self.cfg.data
@@ -234,3 +238,19 @@ def flow_matching_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
 
 
 TASKS = {"tokenizer": TokenizerTask, "joint": JointTask, "decoder": DecoderTask}
+
+
+def objective(cfg) -> str:
+    """The joint model's training objective: "pretrain", or a post-training objective
+    (`posttrain.objective`: sft | dpo | grpo, mmgen/posttrain/)."""
+    group = cfg.get("posttrain") or {}
+    return group.get("objective", "pretrain") or "pretrain"
+
+
+def make_task(cfg, log=print):
+    """The task a config trains: by `kind`, and for the joint model by its objective."""
+    if cfg.kind == "joint" and objective(cfg) != "pretrain":
+        from mmgen.posttrain.tasks import POSTTRAIN_TASKS
+
+        return POSTTRAIN_TASKS[objective(cfg)](cfg, log=log)
+    return TASKS[cfg.kind](cfg, log=log)

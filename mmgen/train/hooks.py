@@ -37,6 +37,9 @@ class Hook:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
+    def begin(self, ctx: Context) -> None:
+        """Called once before the first step (e.g. to give a data source the live state)."""
+
     def __call__(self, ctx: Context) -> None:
         raise NotImplementedError
 

@@ -153,6 +153,8 @@ def _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, 
              ProfilerHook(cfg.train.profile_start, cfg.train.profile_steps)]
     ctx = Context(cfg=cfg, workdir=workdir, step=start, state=state, spec=spec, writer=writer,
                   data_iter=data_iter, layout=task.layout, mesh=mesh)
+    for hook in hooks:
+        hook.begin(ctx)
     total = cfg.train.steps
     t_window, wait_window, steps_window = time.time(), 0.0, 0
     with _StopSignal() as stop, jax.set_mesh(mesh):
