@@ -220,6 +220,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     o = cfg.optim
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    from mmgen.train.optimizer import parse_decay_rules
+
+    try:
+        parse_decay_rules(o.get("decay_rules", ""))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.kind == "tokenizer":
         m = cfg.model
         require(cfg.data.image_size % m.downsample == 0,

@@ -35,6 +35,9 @@ def optim_defaults(**overrides) -> ConfigDict:
         weight_decay=0.1,       # AdamW decoupled decay
         no_decay=r"(norm|bias|^embed_VD$)",  # regex on parameter paths: excluded from decay
         freeze="",              # regex on parameter paths: frozen (no updates); "" = none
+        # "REGEX=RATE;REGEX=RATE": the first matching rule sets a parameter's decoupled
+        # decay rate; unmatched parameters: weight_decay, or 0 where no_decay matches
+        decay_rules="",
         grad_clip=1.0,          # global-norm clipping (0 = off)
         ema_decay=0.0,          # EMA of weights for eval/sampling (0 = off)
     ))

@@ -117,7 +117,11 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
 
 def export_params(params: nnx.State, cfg, layout: TokenLayout | None, out_dir: str | Path, *,
                   dtype: str = "float32", source: dict | None = None) -> Path:
-    """Exports an nnx.State of Params (a train state's "params" or "ema")."""
+    """Exports an nnx.State of Params (a train state's "params" or "ema"). LoRA adapters
+    are merged into their weights and the config says lora.rank = 0: a plain model."""
+    from mmgen.posttrain.lora import merge_for_export
+
+    params, cfg = merge_for_export(params, cfg)
     return write_flat(flatten_params(params), cfg, layout, out_dir, dtype=dtype, source=source)
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from mmgen import export
 from mmgen.models.transformer import Transformer, TransformerConfig
 from mmgen.parallel.mesh import make_mesh
+from mmgen.posttrain import lora
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.image_autoencoder import ImageAutoencoder, images_to_unit, unit_to_images
@@ -28,6 +29,9 @@ def build_model_fn(cfg):
             levels=tuple(m.levels), channels=m.channels, downsample=m.downsample,
             num_res_blocks=m.num_res_blocks, rngs=rngs)
     if cfg.kind == "joint":
+        if lora.rank(cfg) > 0:  # base first: adding adapters leaves its init unchanged
+            return lambda rngs: lora.attach_adapters(
+                Transformer(transformer_config(cfg), rngs=rngs), cfg.lora, rngs)
         return lambda rngs: Transformer(transformer_config(cfg), rngs=rngs)
     if cfg.kind == "decoder":  # num_codes and downsample are filled from the tokenizer
         from mmgen.models.decoder import FlowDecoder

@@ -128,14 +128,19 @@ def init_state(cfg, spec: StateSpec, task, log) -> dict:
         return state
     from mmgen.export import flatten_params, params_from_flat
     from mmgen.load import load_run
+    from mmgen.posttrain import lora
 
     step = init.get("step", -1)
     model, _, layout, step = load_run(source, None if step < 0 else step, use_ema=True)
     if task.layout is not None and layout is not None:
         check_same(task.layout, layout, f"init.checkpoint {source}")
-    flat = flatten_params(nnx.state(model, nnx.Param))
-    state["params"] = params_from_flat(flat, spec.abstract_with_shardings()["params"],
-                                       source=f"init.checkpoint {source}")
+    # load_run's model has a LoRA source's adapters folded in already: its base weights
+    # are the whole model. This run's own adapters (if any) keep their fresh init.
+    flat = {name: x for name, x in flatten_params(nnx.state(model, nnx.Param)).items()
+            if not lora.is_adapter(name)}
+    base_abstract, _ = lora.split(spec.abstract_with_shardings()["params"])
+    base = params_from_flat(flat, base_abstract, source=f"init.checkpoint {source}")
+    state["params"] = lora.join(base, lora.split(state["params"])[1])
     if "ema" in state:
         state["ema"] = jax.tree.map(jnp.copy, state["params"])
     log(f"initialised parameters from {source} (step {step})")

@@ -35,18 +35,82 @@ def schedule(cfg) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg, params) -> optax.GradientTransformation:
-    """Weight decay applies to paths NOT matching `optim.no_decay`; parameters matching
-    `optim.freeze` get zero updates (and no optimizer moments)."""
+def parse_decay_rules(text: str) -> list[tuple[re.Pattern, float]]:
+    """[(regex, rate)] from "REGEX=RATE;REGEX=RATE" (big_vision style); "" = no rules.
+    Raises ValueError (one line) on a malformed rule, a bad regex or a negative rate."""
+    rules = []
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        pattern, eq, rate_text = item.rpartition("=")  # rpartition: a regex may hold '='
+        if not eq or not pattern:
+            raise ValueError(f"optim.decay_rules: {item!r} is not REGEX=RATE")
+        try:
+            rate = float(rate_text)
+        except ValueError:
+            raise ValueError(f"optim.decay_rules: rate {rate_text!r} in {item!r} is not a "
+                             "number") from None
+        if not rate >= 0:
+            raise ValueError(f"optim.decay_rules: rate in {item!r} must be >= 0")
+        try:
+            rules.append((re.compile(pattern), rate))
+        except re.error as e:
+            raise ValueError(f"optim.decay_rules: bad regex {pattern!r}: {e}") from None
+    return rules
+
+
+def decay_rates(cfg, params):
+    """Each parameter's decoupled weight-decay rate: the first matching
+    `optim.decay_rules` rule, else `optim.weight_decay` unless `optim.no_decay` matches."""
     o = cfg.optim
-    decay_mask = jax.tree.map(lambda m: not m, regex_mask(params, o.no_decay))
+    rules = parse_decay_rules(o.get("decay_rules", ""))
+    no_decay = re.compile(o.no_decay) if o.no_decay else None
+
+    def rate(path, _):
+        name = param_path(path)
+        for rx, r in rules:
+            if rx.search(name):
+                return r
+        return 0.0 if no_decay and no_decay.search(name) else float(o.weight_decay)
+
+    return jax.tree_util.tree_map_with_path(rate, params)
+
+
+def adamw(cfg, params) -> optax.GradientTransformation:
+    """AdamW with a decay rate per parameter: scale_by_adam, then one masked
+    add_decayed_weights per distinct rate, then -lr. Without decay_rules this is
+    optax.adamw's chain with the same mask (same numbers, same state tree, so old
+    checkpoints restore)."""
+    o = cfg.optim
+    if parse_decay_rules(o.get("decay_rules", "")):
+        rates = decay_rates(cfg, params)
+        masks = {r: jax.tree.map(lambda x, r=r: x == r, rates)
+                 for r in sorted({r for r in jax.tree.leaves(rates) if r > 0})}
+    else:  # exactly optax.adamw's one masked decay
+        masks = {float(o.weight_decay): jax.tree.map(lambda m: not m,
+                                                     regex_mask(params, o.no_decay))}
+    decays = [optax.add_decayed_weights(r, mask=m) for r, m in masks.items()]
+    return optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), *decays,
+                       optax.scale_by_learning_rate(schedule(cfg)))
+
+
+def make_optimizer(cfg, params) -> optax.GradientTransformation:
+    """AdamW (`adamw`: decay per `optim.decay_rules` / `optim.no_decay`); parameters
+    matching `optim.freeze` get zero updates (and no optimizer moments). A LoRA model
+    (posttrain/lora.py) trains only its adapters: every other parameter is frozen too."""
+    from mmgen.posttrain.lora import is_adapter  # lora imports this module
+
+    o = cfg.optim
     tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=decay_mask),
+        adamw(cfg, params),
     )
-    if o.freeze:
-        frozen = regex_mask(params, o.freeze)
+    frozen = regex_mask(params, o.freeze)
+    paths = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p), params)
+    lora = any(is_adapter(p) for p in jax.tree.leaves(paths))
+    if lora:
+        frozen = jax.tree.map(lambda f, p: f or not is_adapter(p), frozen, paths)
+    if o.freeze or lora:
         labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from mmgen.parallel.sharding import state_shardings
+from mmgen.posttrain import lora
 from mmgen.train.optimizer import make_optimizer
 
 BuildModel = Callable[[nnx.Rngs], nnx.Module]
@@ -28,6 +29,7 @@ class StateSpec:
 
     def __init__(self, cfg, build_model: BuildModel, mesh: jax.sharding.Mesh):
         self.cfg, self.build_model, self.mesh = cfg, build_model, mesh
+        self.lora_scale = lora.scale(cfg)
         abstract_model = nnx.eval_shape(lambda: build_model(nnx.Rngs(0)))
         self.graphdef, abstract_params = split_params(abstract_model)
         self.tx: optax.GradientTransformation = make_optimizer(cfg, abstract_params)
@@ -55,4 +57,6 @@ class StateSpec:
         )
 
     def model(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, params)
+        """The model these params define: LoRA adapters (if any) folded into their
+        weights, so every caller (step, hooks, sampler, load_run) sees a plain model."""
+        return nnx.merge(self.graphdef, lora.fold(params, self.lora_scale))

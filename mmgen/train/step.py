@@ -63,7 +63,10 @@ def make_train_step(spec: StateSpec, loss_name: str):
         new = {"params": params, "opt": opt}
         if "ema" in state:
             d = cfg.optim.ema_decay
-            new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+            # e + (1-d)(p - e), not d*e + (1-d)*p: when p == e (a frozen parameter, e.g.
+            # a LoRA base weight) the update is exactly 0 and the EMA stays bit-identical;
+            # the other form rounds and drifts.
+            new["ema"] = jax.tree.map(lambda e, p: e + (1 - d) * (p - e), state["ema"], params)
         grad_norm = optax.tree.norm(grads)
         new, health = _guard_nonfinite(state, new, loss, grad_norm, cfg.train.nonfinite)
         new["step"] = state["step"] + 1
