@@ -105,6 +105,8 @@ def posttrain_defaults(objective: str, **overrides) -> ConfigDict:
     p = ConfigDict(dict(
         objective=objective,    # sft | dpo | grpo (pretraining configs have no such group)
         reference="",           # dpo/grpo: frozen reference model ("" = init.checkpoint)
+        image_offset=0,         # derived from the tokenizer's layout (do not set)
+        image_codes=0,          # derived from the tokenizer's layout (do not set)
     ))
     p.update(overrides)
     return p

@@ -94,16 +94,21 @@ def scenes_suite(ctx: EvalContext, num: int) -> SuiteResult:
     metrics, examples = {}, []
     categories = [c for c in scene_checker.CATEGORIES if c != "text"]
     for cat in categories:
-        scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, "heldout")
-        prompts = _captions(scenes, HELDOUT_SEED)
-        ctx.log(f"scenes/{cat}: {num} prompts")
-        images = _sample_images(ctx, prompts)
-        oks = [scene_checker.check(im, s, cat) for im, s in zip(images, scenes, strict=True)]
-        metrics[f"scenes/{cat}"] = float(np.mean(oks))
-        examples += [Example(cat, p, im, ok) for p, im, ok in zip(prompts, images, oks,
-                                                                  strict=True)]
+        metrics[f"scenes/{cat}"], exs = category_score(ctx, cat, num)
+        examples += exs
     metrics["scenes/overall"] = float(np.mean([metrics[f"scenes/{c}"] for c in categories]))
     return SuiteResult(metrics, examples)
+
+
+def category_score(ctx: EvalContext, category: str, num: int) -> tuple[float, list[Example]]:
+    """The scene checker's pass rate on `num` held-out prompts of one object category."""
+    scenes = scene_checker.category_scenes(category, num, HELDOUT_SEED, "heldout")
+    prompts = _captions(scenes, HELDOUT_SEED)
+    ctx.log(f"scenes/{category}: {num} prompts")
+    images = _sample_images(ctx, prompts)
+    oks = [scene_checker.check(im, s, category) for im, s in zip(images, scenes, strict=True)]
+    return float(np.mean(oks)), [Example(category, p, im, ok)
+                                 for p, im, ok in zip(prompts, images, oks, strict=True)]
 
 
 @register_suite("text")

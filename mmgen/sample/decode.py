@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmgen.sample.sampling import MASKED, Sampling, guide, sample_logits
+from mmgen.sample.sampling import MASKED, Sampling, guide, sample_logits, token_logp
 from mmgen.tokenizers.layout import TokenLayout
 
 
@@ -76,11 +76,10 @@ def _step_rows(layout: TokenLayout, spec: DecodeSpec, tok_B, step, start_pos_B):
 @functools.lru_cache(maxsize=32)
 def compiled_decode(graphdef, layout: TokenLayout, spec: DecodeSpec):
     """params, key, prompt rows [N, P], guidance scale -> {"tokens" [n, n_steps] raw ids,
-    "steps" (decode iterations run), "first_logits" [n, V] (the guided next-token logits
-    after the prompt, before any constraint)}, n = N/2 when guided else N.
-
-    One program per model structure, layout and spec; weights are arguments, so a later
-    checkpoint of the same model reuses it."""
+    "logps" [n, n_steps] (each token's log-probability under the distribution it was
+    drawn from: constrained, guided, tempered, truncated; GRPO checks its loss against
+    these), "steps" (decode iterations run), "first_logits" [n, V] (the guided next-token
+    logits after the prompt, before any constraint)}, n = N/2 when guided else N."""
     stop_ids = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
 
     @jax.jit
@@ -106,19 +105,22 @@ def compiled_decode(graphdef, layout: TokenLayout, spec: DecodeSpec):
             return (i < spec.n_steps) & ~jnp.all(done_n)
 
         def body(carry):
-            i, key, logits_NV, cache, out_nT, done_n = carry
+            i, key, logits_NV, cache, out_nT, logp_nT, done_n = carry
             key, sub = jax.random.split(key)
             logits_nV = jnp.where(allowed_ids(layout, spec, i, V), combine(logits_NV), MASKED)
             tok_n = jnp.where(done_n, layout.pad, sample_logits(sub, logits_nV, spec.sampling))
             out_nT = out_nT.at[:, i].set(tok_n)
+            logp_nT = logp_nT.at[:, i].set(token_logp(logits_nV, tok_n, spec.sampling))
             done_n = done_n | jnp.isin(tok_n, stop_ids)
             tok_N = jnp.concatenate([tok_n, tok_n]) if spec.guided else tok_n
             h_N1D, cache = m.hidden(_step_rows(layout, spec, tok_N, i, start_pos_N), cache)
-            return i + 1, key, m.logits(h_N1D)[:, 0], cache, out_nT, done_n
+            return i + 1, key, m.logits(h_N1D)[:, 0], cache, out_nT, logp_nT, done_n
 
         out_nT = jnp.full((n, spec.n_steps), layout.pad, jnp.int32)
-        init = (jnp.int32(0), key, logits_NV, cache, out_nT, jnp.zeros((n,), bool))
-        steps, _, _, _, out_nT, _ = jax.lax.while_loop(cond, body, init)
-        return {"tokens": out_nT, "steps": steps, "first_logits": combine(logits_NV)}
+        logp_nT = jnp.zeros((n, spec.n_steps), jnp.float32)
+        init = (jnp.int32(0), key, logits_NV, cache, out_nT, logp_nT, jnp.zeros((n,), bool))
+        steps, _, _, _, out_nT, logp_nT, _ = jax.lax.while_loop(cond, body, init)
+        return {"tokens": out_nT, "logps": logp_nT, "steps": steps,
+                "first_logits": combine(logits_NV)}
 
     return run

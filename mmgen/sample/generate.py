@@ -106,15 +106,23 @@ def image_ids_from_tokens(tokens: np.ndarray, layout: TokenLayout,
     return ids.reshape(len(tokens), h, w)
 
 
-def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
-                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       cfg_scale: float = 1.0,
-                       prompt_images: Sequence[np.ndarray] | None = None,
-                       min_prompt_len: int = 0,
-                       text_tokenizer: TextTokenizer | None = None,
-                       grid: tuple[int, int] | None = None,
-                       guided: bool | None = None) -> np.ndarray:
-    """Samples each prompt's image tokens; returns code indices [N, rows, cols].
+def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str],
+                       **kwargs) -> np.ndarray:
+    """Samples each prompt's image tokens; returns code indices [N, rows, cols]. Keyword
+    arguments as sample_images."""
+    return sample_images(model, layout, prompts, **kwargs)[0]
+
+
+def sample_images(model, layout: TokenLayout, prompts: Sequence[str], *, seed: int = 0,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  cfg_scale: float = 1.0,
+                  prompt_images: Sequence[np.ndarray] | None = None,
+                  min_prompt_len: int = 0,
+                  text_tokenizer: TextTokenizer | None = None,
+                  grid: tuple[int, int] | None = None,
+                  guided: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(code indices [N, rows, cols], log-probabilities [N, rows*cols] of the sampled ids
+    under the distribution they were drawn from) for each prompt.
 
     `grid` (rows, cols) samples another aspect than the layout's grid: one of the
     aspect-ratio buckets the model was trained on (data/buckets.py).
@@ -135,7 +143,7 @@ def generate_image_ids(model, layout: TokenLayout, prompts: Sequence[str], *, se
     grid = tuple(grid or layout.image_grid)
     spec = DecodeSpec.image(grid, Sampling(float(temperature), int(top_k), float(top_p)), guided)
     out = decode_rows(model, layout, rows, spec, seed=seed, cfg_scale=cfg_scale)
-    return image_ids_from_tokens(out["tokens"], layout, grid)
+    return image_ids_from_tokens(out["tokens"], layout, grid), out["logps"][:, :-1]
 
 
 def edit_image_ids(model, layout: TokenLayout, images_ids: Sequence[np.ndarray],

@@ -66,6 +66,15 @@ def sample_logits(key: jax.Array, logits_BV: jax.Array, s: Sampling) -> jax.Arra
     return jax.random.categorical(key, truncate(logits_BV, s), axis=-1).astype(jnp.int32)
 
 
+def token_logp(logits_BV: jax.Array, tok_B: jax.Array, s: Sampling) -> jax.Array:
+    """log-probability [B] of `tok_B` under the distribution sample_logits draws from
+    (greedy counts as temperature 1: its choice has no distribution to report)."""
+    if s.temperature <= 0:
+        s = dataclasses.replace(s, temperature=1.0)
+    logp_BV = jax.nn.log_softmax(truncate(logits_BV, s), axis=-1)
+    return jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
 def guide(cond_BV: jax.Array, uncond_BV: jax.Array, scale: jax.Array) -> jax.Array:
     """Classifier-free guidance u + s (c - u): s = 1 is the conditional logits (up to one
     rounding of u + (c - u)), s = 0 the unconditional ones, s > 1 extrapolates."""

@@ -1,0 +1,202 @@
+"""DPO and GRPO pieces on a small random model: log-probabilities as the sampler defines
+them, the sampler/loss agreement GRPO relies on, the losses against hand computations,
+advantages, and preference pairs that contradict their caption in exactly one place."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from mmgen.data import synthetic as syn
+from mmgen.models.transformer import Transformer, TransformerConfig
+from mmgen.posttrain import preference_data as pref
+from mmgen.posttrain.dpo import count_pairs, dpo_loss, pair_sums
+from mmgen.posttrain.grpo import grpo_loss
+from mmgen.posttrain.logprobs import target_logps
+from mmgen.posttrain.reference import per_token
+from mmgen.posttrain.rewards import group_advantages
+from mmgen.posttrain.rollout import prompt_scenes, rollout_rows
+from mmgen.sample.generate import sample_images
+from mmgen.tokenizers.layout import MODALITIES, TokenLayout
+from mmgen.tokenizers.text import BYTES
+from mmgen.train.losses import count_loss_tokens
+
+LAYOUT = TokenLayout(image_codes=16, image_grid=(2, 3), image_tokenizer_id="test")
+FIELDS = ("tokens", "segment_ids", "positions", "rows", "cols", "span_ids")
+
+
+def _model(seed: int = 1):
+    cfg = TransformerConfig(vocab_size=LAYOUT.padded_vocab_size(), d_model=32, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _cfg(**rl) -> ConfigDict:
+    return ConfigDict(dict(
+        model=dict(vocab_size=LAYOUT.vocab_size),
+        posttrain=dict(image_offset=LAYOUT.image_offset, image_codes=LAYOUT.image_codes),
+        loss=dict(modality_weights=dict(text=1.0, image=1.0)),
+        rl=dict(dict(temperature=1.0, kl_coef=0.1, clip_eps=0.2), **rl),
+        dpo=dict(beta=0.5)))
+
+
+def _sampled_rows(model, temperature: float, seed: int = 0):
+    captions = ["a red circle", "two blue squares at the left and right"]
+    ids, logps = sample_images(model, LAYOUT, captions, seed=seed, temperature=temperature)
+    adv = np.array([1.0, -1.0], np.float32)
+    rows = rollout_rows(ids, logps, captions, adv, LAYOUT, 64, BYTES)
+    return ids, logps, rows
+
+
+def test_image_targets_are_normalised_over_image_codes():
+    model, cfg = _model(), _cfg()
+    _, _, rows = _sampled_rows(model, 1.0)
+    batch = {k: jnp.asarray(rows[k]) for k in FIELDS}
+    logp = np.asarray(target_logps(model, batch, cfg))
+    logits = np.asarray(model(batch))[:, :-1].astype(np.float64)
+    lo, hi = LAYOUT.image_offset, LAYOUT.image_offset + LAYOUT.image_codes
+    targets = rows["tokens"][:, 1:]
+    for b, t in zip(*np.nonzero((targets >= lo) & (targets < hi)), strict=True):
+        codes = logits[b, t, lo:hi]
+        want = codes[targets[b, t] - lo] - np.log(np.exp(codes - codes.max()).sum()) - codes.max()
+        assert abs(logp[b, t] - want) < 1e-4
+    text = (targets < LAYOUT.text_vocab) & (rows["segment_ids"][:, 1:] > 0)
+    real = logits[..., :LAYOUT.vocab_size]
+    lse = np.log(np.exp(real - real.max(-1, keepdims=True)).sum(-1)) + real.max(-1)
+    want_text = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
+    np.testing.assert_allclose(logp[text], want_text[text], atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_log_probs_are_the_samplers(temperature):
+    """The loss differentiates exactly the distribution the KV-cache sampler drew from:
+    its per-token log-probabilities agree with the sampler's, so the PPO ratio is 1."""
+    model, cfg = _model(), _cfg(temperature=temperature)
+    ids, logps, rows = _sampled_rows(model, temperature)
+    assert logps.shape == (2, 6) and (logps < 0).all()
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    logp = np.asarray(target_logps(model, batch, cfg, temperature))
+    w = rows["loss_weight"][:, 1:] > 0
+    assert w.sum() == ids.size  # loss on image ids only, not <res>/<eoi>/text
+    np.testing.assert_allclose(logp[w], rows["sample_logp"][:, 1:][w], atol=1e-4)
+    batch = dict(batch, ref_logp=jnp.asarray(per_token(logp)),
+                 loss_norm=count_loss_tokens(batch, cfg))
+    _, metrics = grpo_loss(model, batch, cfg)
+    assert float(metrics["rl/logp_gap"]) < 1e-4
+    assert abs(float(metrics["rl/kl"])) < 1e-6  # policy == reference
+
+
+def test_grpo_gradient_raises_the_advantaged_sample():
+    model, cfg = _model(), _cfg(kl_coef=0.0)
+    _, _, rows = _sampled_rows(model, 1.0)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    batch["ref_logp"] = batch["sample_logp"]
+    batch["loss_norm"] = count_loss_tokens(batch, cfg)
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        return grpo_loss(nnx.merge(graphdef, p), batch, cfg)[0]
+
+    def seq_logps(p):
+        lp = target_logps(nnx.merge(graphdef, p), batch, cfg)
+        return jnp.sum(lp * batch["loss_weight"][:, 1:], axis=1)
+
+    grads = jax.grad(loss)(params)
+    stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+    before, after = np.asarray(seq_logps(params)), np.asarray(seq_logps(stepped))
+    assert after[0] > before[0] and after[1] < before[1]  # advantages +1 and -1
+
+
+def test_grpo_loss_matches_a_hand_computation():
+    model, cfg = _model(), _cfg(kl_coef=0.3, clip_eps=0.2)
+    _, _, rows = _sampled_rows(model, 1.0)
+    rng = np.random.default_rng(0)
+    rows["sample_logp"] = rows["sample_logp"] + rng.normal(0, 0.3, rows["tokens"].shape)
+    rows["ref_logp"] = rows["sample_logp"] + rng.normal(0, 0.3, rows["tokens"].shape)
+    batch = {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype)
+             for k, v in rows.items()}
+    batch["loss_norm"] = count_loss_tokens(batch, cfg)
+    loss, _ = grpo_loss(model, batch, cfg)
+    logp = np.asarray(target_logps(model, batch, cfg), np.float64)
+    w = rows["loss_weight"][:, 1:]
+    adv = rows["advantage"][:, 1:]
+    ratio = np.exp(logp - rows["sample_logp"][:, 1:])
+    pg = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
+    d = rows["ref_logp"][:, 1:] - logp
+    want = np.sum(w * (pg + 0.3 * (np.exp(d) - d - 1))) / w.sum()
+    assert abs(float(loss) - want) < 1e-4 * max(1.0, abs(want))
+
+
+def test_group_advantages():
+    r = np.array([[1, 0, 0, 1], [0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0.9]], np.float32)
+    a = group_advantages(r)
+    np.testing.assert_allclose(a.mean(1), 0, atol=1e-6)
+    np.testing.assert_allclose(a[[0, 2]].std(1), 1, atol=1e-5)
+    assert (a[1] == 0).all()  # no signal in a group that scored alike
+    assert a[2, 3] > 0 > a[2, 0]
+
+
+def test_rl_prompts_are_training_compositions_and_deterministic():
+    cats = ["single_object", "colours", "counting", "text"]
+    a = prompt_scenes(cats, 12, seed=0, index=3)
+    assert a == prompt_scenes(cats, 12, seed=0, index=3)
+    assert a != prompt_scenes(cats, 12, seed=0, index=4)
+    for _, scene, caption in a:
+        assert all((o.colour, o.shape) not in syn.HELD_OUT_COLOUR_SHAPE for o in scene.objects)
+        assert (scene.word, scene.word_colour) not in syn.HELD_OUT_WORD_COLOUR
+        assert caption
+
+
+def _differences(a: syn.Scene, b: syn.Scene) -> int:
+    fields = sum(x != y for o, p in zip(a.objects, b.objects, strict=True)
+                 for x, y in zip(dataclasses.astuple(o), dataclasses.astuple(p), strict=True))
+    return fields + (a.word != b.word)
+
+
+def test_preference_pairs_contradict_the_caption_once():
+    data_cfg = ConfigDict(dict(image_size=64, max_objects=4, p_word=0.3, p_texture=0.3))
+    kinds = set()
+    for i in range(200):
+        for split in ("train", "heldout"):
+            p = pref.pair(i, seed=0, split=split, data_cfg=data_cfg)
+            c, r = p["chosen"], p["rejected"]
+            assert _differences(c, r) == 1, (c, r)
+            assert not np.array_equal(syn.render(c), syn.render(r))
+            kinds.add(p["kind"])
+            if split == "train":
+                assert all((o.colour, o.shape) not in syn.HELD_OUT_COLOUR_SHAPE
+                           for o in (*c.objects, *r.objects))
+    assert kinds == set(pref.PERTURBATIONS)
+
+
+def test_dpo_rows_and_loss():
+    ids = np.arange(6).reshape(2, 3)
+    item = {"chosen_ids": ids, "rejected_ids": ids[::-1]}
+    row = pref.pair_row(item, "a red circle", LAYOUT, 48)
+    assert set(np.unique(row["segment_ids"])) == {0, 1, 2}
+    images = row["modality"] == MODALITIES["image"]
+    assert (row["loss_weight"][~images] == 0).all()  # the caption is the shared prompt
+    assert (row["loss_weight"][images] > 0).sum() == 2 * (1 + 6 + 1)  # <res> ids <eoi>
+    model, cfg = _model(), _cfg()
+    batch = {k: jnp.asarray(np.stack([row[k], row[k]])) for k in row}
+    logp = target_logps(model, batch, cfg)
+    pi_c, pi_r = np.asarray(pair_sums(logp, batch))
+    assert (pi_c < 0).all() and (pi_r < 0).all() and (pi_c != pi_r).all()
+    batch["loss_norm"] = count_pairs(batch, cfg)
+    assert float(batch["loss_norm"]) == 2
+    # a zero reference: z = beta * (pi_c - pi_r)
+    loss, metrics = dpo_loss(model, dict(batch, ref_logp=jnp.zeros((2, 48))),
+                             cfg)
+    want = np.mean(np.log1p(np.exp(-0.5 * (pi_c - pi_r))))
+    assert abs(float(loss) - want) < 1e-5
+    assert float(metrics["dpo/logp_margin"]) == pytest.approx(float(np.mean(pi_c - pi_r)),
+                                                              abs=1e-4)
+    # the policy itself as the reference: every implicit reward is 0, the loss log 2
+    loss, metrics = dpo_loss(model, dict(batch, ref_logp=jnp.asarray(per_token(
+        np.asarray(logp)))), cfg)
+    assert abs(float(loss) - np.log(2)) < 1e-5
+    assert abs(float(metrics["dpo/reward_margin"])) < 1e-4
