@@ -28,8 +28,8 @@ import safetensors.numpy
 from flax import nnx
 
 from mmgen.config import from_json, to_json
+from mmgen.models.paths import param_path
 from mmgen.tokenizers.layout import TokenLayout
-from mmgen.train.optimizer import param_path
 
 FORMAT = "mmgen-export"
 VERSION = 1
@@ -119,7 +119,7 @@ def export_params(params: nnx.State, cfg, layout: TokenLayout | None, out_dir: s
                   dtype: str = "float32", source: dict | None = None) -> Path:
     """Exports an nnx.State of Params (a train state's "params" or "ema"). LoRA adapters
     are merged into their weights and the config says lora.rank = 0: a plain model."""
-    from mmgen.posttrain.lora import merge_for_export
+    from mmgen.models.lora import merge_for_export
 
     params, cfg = merge_for_export(params, cfg)
     return write_flat(flatten_params(params), cfg, layout, out_dir, dtype=dtype, source=source)

@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 
 from mmgen import export
+from mmgen.models import lora
 from mmgen.models.transformer import Transformer, TransformerConfig
 from mmgen.parallel.mesh import make_mesh
-from mmgen.posttrain import lora
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.image_autoencoder import ImageAutoencoder, images_to_unit, unit_to_images

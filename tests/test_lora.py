@@ -15,12 +15,13 @@ from mmgen.data.pipeline import example_stream
 from mmgen.data.schema import pack_row
 from mmgen.export import ParamMismatchError, export_params, read_exported
 from mmgen.load import build_model_fn, load_run
+from mmgen.models import lora
+from mmgen.models.paths import param_path
 from mmgen.parallel.mesh import make_mesh
-from mmgen.posttrain import lora
 from mmgen.tasks import resolve_joint
 from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.loop import init_state
-from mmgen.train.optimizer import adamw, param_path, regex_mask, schedule
+from mmgen.train.optimizer import adamw, regex_mask, schedule
 from mmgen.train.state import StateSpec
 from mmgen.train.step import make_train_step
 

@@ -9,10 +9,10 @@ from mmgen.config import load_config
 from mmgen.data.pipeline import example_stream
 from mmgen.data.schema import pack_row
 from mmgen.load import build_model_fn
+from mmgen.models.paths import param_path
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tasks import resolve_joint
 from mmgen.tokenizers.layout import TokenLayout
-from mmgen.train.optimizer import param_path
 from mmgen.train.state import StateSpec
 from mmgen.train.step import make_train_step
 

@@ -128,7 +128,7 @@ def init_state(cfg, spec: StateSpec, task, log) -> dict:
         return state
     from mmgen.export import flatten_params, params_from_flat
     from mmgen.load import load_run
-    from mmgen.posttrain import lora
+    from mmgen.models import lora
 
     step = init.get("step", -1)
     model, _, layout, step = load_run(source, None if step < 0 else step, use_ema=True)

@@ -7,16 +7,7 @@ import re
 import jax
 import optax
 
-
-def param_path(path) -> str:
-    """'blocks/0/attn/w_q_DHK' from a jax key path (the trailing '.value' dropped)."""
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
-        if name == "value":
-            continue
-        parts.append(str(name))
-    return "/".join(parts)
+from mmgen.models.paths import param_path
 
 
 def regex_mask(params, pattern: str):
@@ -97,8 +88,8 @@ def adamw(cfg, params) -> optax.GradientTransformation:
 def make_optimizer(cfg, params) -> optax.GradientTransformation:
     """AdamW (`adamw`: decay per `optim.decay_rules` / `optim.no_decay`); parameters
     matching `optim.freeze` get zero updates (and no optimizer moments). A LoRA model
-    (posttrain/lora.py) trains only its adapters: every other parameter is frozen too."""
-    from mmgen.posttrain.lora import is_adapter  # lora imports this module
+    (models/lora.py) trains only its adapters: every other parameter is frozen too."""
+    from mmgen.models.lora import is_adapter  # lora imports this module
 
     o = cfg.optim
     tx = optax.chain(

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mmgen.models import lora
 from mmgen.parallel.sharding import state_shardings
-from mmgen.posttrain import lora
 from mmgen.train.optimizer import make_optimizer
 
 BuildModel = Callable[[nnx.Rngs], nnx.Module]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mmgen.train.optimizer import param_path
+from mmgen.models.paths import param_path
 
 ADAPTERS = "lora"  # the model attribute (and first path part) holding every adapter
 # weights whose activations contract more than their first dimension
