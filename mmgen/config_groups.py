@@ -89,7 +89,7 @@ def init_defaults() -> ConfigDict:
 
 
 def lora_defaults(**overrides) -> ConfigDict:
-    # Low-rank adapters (mmgen/posttrain/lora.py): every parameter whose path matches
+    # Low-rank adapters (mmgen/models/lora.py): every parameter whose path matches
     # `targets` gets W + (alpha / rank) * A @ B, with A, B trained and W frozen.
     lo = ConfigDict(dict(
         rank=0,                 # adapter rank (0 = no adapters)
