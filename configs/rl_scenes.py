@@ -24,15 +24,16 @@ def get_config(arg=None) -> ConfigDict:
     c.init.checkpoint = "runs/tiny"
     c.rl = ConfigDict(dict(
         categories="single_object,colours",  # scene-checker categories of the prompts
-        prompts_per_step=8,     # prompts per rollout
-        group_size=4,           # images sampled per prompt (advantages are within a group)
+        prompts_per_step=4,     # prompts per rollout
+        group_size=8,           # images sampled per prompt (advantages are within a group)
+        reward="partial",       # "check": pass/fail; "partial": + credit per attribute
         temperature=1.0,        # sampling temperature, also used by the loss's log-probs
         kl_coef=0.02,           # weight of the KL(policy || reference) penalty
         clip_eps=0.2,           # PPO-style ratio clipping
         seed=0,                 # seeds prompts and sampling
-        num_heldout=64,         # held-out prompts per category for rl/heldout_* metrics
+        num_heldout=128,        # held-out prompts per category for rl/heldout_* metrics
     ))
-    c.optim.update(dict(lr=2e-4, warmup_steps=5, weight_decay=0.0, grad_clip=1.0))
+    c.optim.update(dict(lr=1e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0))
     c.train.update(dict(steps=40, global_batch=32, log_every=5, checkpoint_every=20,
                         eval_every=20, sample_every=0))
     if arg == "smoke":

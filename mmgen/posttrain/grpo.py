@@ -49,8 +49,9 @@ def grpo_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
 
 
 class HeldoutScoreHook(Hook):
-    """The scene checker on held-out prompts of the RL categories, sampled with the eval
-    settings (eval.temperature, eval.cfg_scale), as `mmgen eval --suite scenes` does."""
+    """The scene checker's pass rate on held-out prompts of the RL categories, sampled
+    the way the policy samples during RL (rl.temperature, no guidance, no truncation);
+    `mmgen eval` measures the eval settings (docs/post-training.md reports both)."""
 
     def __init__(self, every: int, task: GRPOTask):
         self.every, self.task = every, task
@@ -60,7 +61,8 @@ class HeldoutScoreHook(Hook):
             self(ctx)
 
     def __call__(self, ctx: Context) -> None:
-        cfg = ctx.cfg
+        cfg = ctx.cfg.copy_and_resolve_references()
+        cfg.eval.update(dict(temperature=cfg.rl.temperature, cfg_scale=1.0, top_k=0))
         ectx = EvalContext(model=ctx.model(), cfg=cfg, layout=ctx.layout, codec=self.task.codec,
                            log=lambda _: None, text_tokenizer=self.task.text_tokenizer)
         metrics = {}
@@ -87,6 +89,9 @@ class GRPOTask(JointTask):
         require(r.prompts_per_step * r.group_size == cfg.train.global_batch,
                 f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * r.group_size} "
                 f"must equal train.global_batch={cfg.train.global_batch} (one row per sample)")
+        from mmgen.posttrain.rewards import KINDS
+
+        require(r.reward in KINDS, f"rl.reward must be one of {KINDS}, got {r.reward!r}")
         require(r.temperature > 0, f"rl.temperature must be positive, got {r.temperature}")
         require(jax.process_count() == 1, "GRPO rollouts run in a single process")
         cfg.posttrain.image_offset = self.layout.image_offset

@@ -15,19 +15,37 @@ import numpy as np
 from mmgen.data.synthetic import Scene
 from mmgen.eval import scene_checker
 
+KINDS = ("check", "partial")
 
-def reward(image: np.ndarray, scene: Scene, category: str) -> float:
+
+def attribute_credit(analysis: scene_checker.Analysis, scene: Scene) -> float:
+    """Mean over the scene's objects of three indicators: some detection has its colour,
+    its shape, and its shape in its colour."""
+    found = [(d.shape, d.colour) for d in analysis.detections]
+    per_object = [np.mean([any(c == o.colour for _, c in found),
+                           any(s == o.shape for s, _ in found),
+                           (o.shape, o.colour) in found]) for o in scene.objects]
+    return float(np.mean(per_object))
+
+
+def reward(image: np.ndarray, scene: Scene, category: str, kind: str = "check") -> float:
+    """kind "check": the category's pass/fail check; "partial": half the check plus half
+    attribute_credit, which still ranks the samples of a group when none passes (a
+    sparse reward leaves most groups of a weak model without any signal)."""
     analysis = scene_checker.analyse(image)
     if category == "text":
         return max(0.0, 1.0 - scene_checker.char_error_rate(analysis.word, scene.word))
-    return float(scene_checker.check_analysis(analysis, scene, category))
+    passed = float(scene_checker.check_analysis(analysis, scene, category))
+    if kind == "check":
+        return passed
+    return 0.5 * passed + 0.5 * attribute_credit(analysis, scene)
 
 
 def rewards(images: Sequence[np.ndarray], scenes: Sequence[Scene],
-            categories: Sequence[str]) -> np.ndarray:
+            categories: Sequence[str], kind: str = "check") -> np.ndarray:
     """float32 [N] rewards (module docstring)."""
-    return np.asarray([reward(im, s, c) for im, s, c in zip(images, scenes, categories,
-                                                          strict=True)], np.float32)
+    return np.asarray([reward(im, s, c, kind) for im, s, c in zip(images, scenes, categories,
+                                                                strict=True)], np.float32)
 
 
 def group_advantages(rewards_PG: np.ndarray, eps: float = 1e-6) -> np.ndarray:

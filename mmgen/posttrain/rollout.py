@@ -83,7 +83,8 @@ class Rollouts:
         images = self.codec.decode(ids_NHW)
         scenes = [s for _, s, _ in prompts for _ in range(G)]
         cats = [c for c, _, _ in prompts for _ in range(G)]
-        reward_N = rewards(images, scenes, cats)
+        reward_N = rewards(images, scenes, cats, r.reward)
+        passed_N = rewards(images, scenes, cats) if r.reward != "check" else reward_N
         adv_N = group_advantages(reward_N.reshape(-1, G)).reshape(-1)
         batch = rollout_rows(ids_NHW, logps_NT, captions, adv_N, self.layout,
                              self.cfg.data.seq_len, self.text_tokenizer)
@@ -91,6 +92,7 @@ class Rollouts:
         self.index += 1
         groups = reward_N.reshape(-1, G)
         self._stats = {"rl/reward": float(reward_N.mean()),
+                       "rl/pass_rate": float(passed_N.mean()),
                        "rl/reward_best_of_group": float(groups.max(axis=1).mean()),
                        "rl/groups_without_signal": float((groups.std(axis=1) == 0).mean()),
                        "rl/rollout_s": time.time() - t0}
