@@ -28,14 +28,14 @@ def get_config(arg=None) -> ConfigDict:
         group_size=8,           # images sampled per prompt (advantages are within a group)
         reward="partial",       # "check": pass/fail; "partial": + credit per attribute
         temperature=1.0,        # sampling temperature, also used by the loss's log-probs
-        kl_coef=0.02,           # weight of the KL(policy || reference) penalty
+        kl_coef=0.05,           # weight of the KL(policy || reference) penalty
         clip_eps=0.2,           # PPO-style ratio clipping
         seed=0,                 # seeds prompts and sampling
         num_heldout=128,        # held-out prompts per category for rl/heldout_* metrics
     ))
-    c.optim.update(dict(lr=1e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0))
-    c.train.update(dict(steps=40, global_batch=32, log_every=5, checkpoint_every=20,
-                        eval_every=20, sample_every=0))
+    c.optim.update(dict(lr=2e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0))
+    c.train.update(dict(steps=20, global_batch=32, log_every=5, checkpoint_every=20,
+                        eval_every=10, sample_every=0))
     if arg == "smoke":
         c.rl.update(dict(prompts_per_step=2, group_size=2, num_heldout=4))
         c.train.update(dict(steps=3, global_batch=4, log_every=1, checkpoint_every=3,
