@@ -55,3 +55,17 @@ def test_target_renders_are_checkable():
         got = sorted((d.colour, d.shape, d.position) for d in dets)
         ok += got == sorted((o.colour, o.shape, o.position) for o in tgt.objects)
     assert ok >= 49
+
+
+def test_every_instruction_fits_the_edit_stream_bound():
+    longest = lambda xs: max(xs, key=len)  # noqa: E731
+    colour, shape = longest(syn.COLOURS), longest(syn.SHAPES)
+    worst = [f"add a {longest(syn.SIZES)} {colour} {shape} {longest(syn._POS_PHRASE.values())}",
+             f"move the {colour} {shape} to the {longest(syn.POSITIONS)}",
+             f"make the {colour} {shape} {colour}", f"remove the {colour} {shape}",
+             f'change the word to "{longest(syn.WORDS)}"']
+    assert max(len(w.encode()) for w in worst) <= edits.MAX_INSTRUCTION_BYTES
+    for i in range(300):
+        for split in ("train", "heldout"):
+            instruction = edits.edit_pair(i, 3, split)["instruction"]
+            assert len(instruction.encode()) <= edits.MAX_INSTRUCTION_BYTES

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmgen.cli import main as mmgen
 from mmgen.config import ConfigError, load_config_file
-from mmgen.data import synthetic
+from mmgen.data import edits, synthetic
 from mmgen.data.schema import check_no_loss_in_spans
 from mmgen.data.steps import DataError
 from mmgen.posttrain import sft_data
@@ -41,7 +41,7 @@ def _scenes(n: int) -> list[dict]:
 
 def test_edit_example_is_the_sampler_prompt_then_a_weighted_target():
     src, tgt = _ids(0), _ids(1)
-    ex = sft_data.edit_example(src, "make the red circle blue", tgt, LAYOUT, text_tok.BYTES)
+    ex = edits.edit_stream(src, "make the red circle blue", tgt, LAYOUT, text_tok.BYTES)
     (prompt,) = prompt_streams(["make the red circle blue"], LAYOUT, [src])
     P = len(prompt["tokens"])
     for k in ("tokens", "positions", "rows", "cols", "modality", "span_ids"):

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from mmgen.data import synthetic as syn
+from mmgen.data.schema import Stream, response_image
 
 EDIT_KINDS = ("recolour", "move", "add", "remove", "change_word")
 _PHRASE = syn._POS_PHRASE  # "on the left", "at the top", ...
@@ -98,3 +99,18 @@ def _apply(rng, src: syn.Scene, kind: str, split: str):
         return f'change the word to "{word}"', target, None
     target = dataclasses.replace(src, objects=tuple(objs))
     return text, target, new
+
+
+MAX_INSTRUCTION_BYTES = 64  # every instruction edit_pair writes fits (tests/test_edits.py)
+
+
+def edit_stream(source_ids, instruction: str, target_ids, layout, text_tokenizer
+                ) -> dict[str, np.ndarray]:
+    """An edit example, loss on the response only: `<bos> [source image span] instruction
+    <boi> <res>` (exactly the sampler's edit prompt, sample/generate.py) -> target ids
+    `<eoi> <eos>`. Used by SFT and by the eval's held-out edit loss."""
+    if len(instruction.encode("utf-8")) > MAX_INSTRUCTION_BYTES:
+        raise ValueError(f"{instruction!r} is longer than {MAX_INSTRUCTION_BYTES} bytes")
+    s = Stream(layout).special("<bos>", loss=False).image(source_ids, generate=False)
+    s.text(text_tokenizer.encode(instruction), loss=False)
+    return response_image(s, target_ids, first=True).special("<eos>").arrays()

@@ -86,6 +86,17 @@ class Stream:
         return out
 
 
+def response_image(s: Stream, image_ids, *, first: bool) -> Stream:
+    """A generated image in the response. As the response's first part its `<boi> <res>`
+    end the prompt (the sampler feeds them), so they carry no loss; later in a response
+    the model must learn to open the image itself."""
+    at = len(s)
+    s.image(image_ids, generate=True)
+    if first:
+        s.cols["loss_weight"][at] = s.cols["loss_weight"][at + 1] = 0.0
+    return s
+
+
 def pack_row(examples: Sequence[dict[str, np.ndarray]], length: int, pad_id: int) -> dict:
     """Concatenates examples into one row of `length` tokens with segment ids 1..k."""
     row = {f: np.zeros((length,), np.float32 if f == "loss_weight" else np.int32) for f in FIELDS}

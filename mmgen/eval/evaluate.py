@@ -23,6 +23,7 @@ def default_num(cfg, suite: str, num: int | None = None) -> int:
         return num
     # .get: checkpoints written before a key existed still evaluate
     return {"loss": e.num_heldout_scenes, "tokenizer": e.num_heldout_scenes,
+            "edit_loss": e.num_heldout_scenes,
             "colour": e.num_colour_prompts}.get(suite, e.get("num_per_category", 500))
 
 

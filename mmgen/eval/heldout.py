@@ -6,9 +6,11 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mmgen.data import pipeline, token_cache
+from mmgen.data.schema import pack_row
 from mmgen.load import ImageCodec
 from mmgen.train.losses import next_token_loss
 from mmgen.train.metrics import summarise
@@ -53,6 +55,26 @@ def sequence_losses(model, cfg, layout, source, batch_rows: int = 8,
     for batch in rows.batch(batch_rows):  # last batch may be short: one extra compile
         for k, v in sums(params, batch).items():
             total[k] = total.get(k, 0.0) + float(v)
+    return summarise(total)
+
+
+def stream_losses(model, cfg, streams: list[dict], pad_id: int, batch_rows: int = 8
+                  ) -> dict[str, float]:
+    """Mean NLL per modality (`nll/<m>`) and over all weighted tokens (`nll/all`) of example
+    streams (Stream arrays), one per row of the longest stream's length (empty rows fill
+    the last batch)."""
+    length = max(len(s["tokens"]) for s in streams)
+    rows = [pack_row([s], length, pad_id) for s in streams]
+    rows += [pack_row([], length, pad_id)] * (-len(rows) % batch_rows)
+    graphdef, params = nnx.split(model)
+    sums = _loss_sums_fn(graphdef, cfg)
+    total: dict[str, float] = {}
+    for lo in range(0, len(rows), batch_rows):
+        batch = {k: np.stack([r[k] for r in rows[lo:lo + batch_rows]]) for k in rows[0]}
+        for k, v in sums(params, batch).items():
+            total[k] = total.get(k, 0.0) + float(v)
+    total["nll_sum/all"] = sum(v for k, v in total.items() if k.startswith("nll_sum/"))
+    total["count/all"] = sum(v for k, v in total.items() if k.startswith("count/"))
     return summarise(total)
 
 

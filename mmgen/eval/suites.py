@@ -16,7 +16,13 @@ from PIL import Image
 from mmgen.data import edits, synthetic
 from mmgen.eval import scene_checker
 from mmgen.eval.colour import colour_match_rate, dominant_object_colour
-from mmgen.eval.heldout import HELDOUT_SEED, ShuffledCaptions, heldout_source, sequence_losses
+from mmgen.eval.heldout import (
+    HELDOUT_SEED,
+    ShuffledCaptions,
+    heldout_source,
+    sequence_losses,
+    stream_losses,
+)
 from mmgen.eval.image_metrics import codebook_utilisation, psnr, ssim
 from mmgen.sample.generate import generate_captions, generate_image_ids
 from mmgen.tokenizers.text import BYTES, TextTokenizer
@@ -193,6 +199,23 @@ def edit_suite(ctx: EvalContext, num: int) -> SuiteResult:
                "edit/exact": float(np.mean(exact))}
     return SuiteResult(metrics, [Example("edit", p["instruction"], im, ok)
                                  for p, im, ok in zip(pairs, images, exact, strict=True)])
+
+
+@register_suite("edit_loss")
+def edit_loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
+    """Held-out edit pairs: NLL (nats per token) of the target image, its <eoi> and <eos>
+    given the source image and the instruction: SFT's objective on held-out pairs. It moves
+    before sampled edits do."""
+    pairs = [edits.edit_pair(i, HELDOUT_SEED, "heldout") for i in range(num)]
+    size = ctx.cfg.data.image_size
+    ids = {side: ctx.codec.encode(np.stack([synthetic.render(p[side], size) for p in pairs]))
+           for side in ("source", "target")}
+    ctx.log(f"edit_loss: {num} pairs")
+    streams = [edits.edit_stream(s, p["instruction"], t, ctx.layout, ctx.text_tokenizer)
+               for s, t, p in zip(ids["source"], ids["target"], pairs, strict=True)]
+    losses = stream_losses(ctx.model, ctx.cfg, streams, ctx.layout.pad)
+    return SuiteResult({"edit_loss/nll": losses["nll/all"],
+                        "edit_loss/nll_image": losses["nll/image"]})
 
 
 @register_suite("tokenizer")

@@ -29,7 +29,7 @@ from mmgen.data.schema import NULL_CAPTION, Stream, check_no_loss_in_spans, pack
 from mmgen.tokenizers.layout import TokenLayout
 
 TASKS = ("edit", "caption_qa", "caption")
-MAX_PROMPT_TEXT_BYTES = 64  # instructions and questions (checked when built)
+MAX_PROMPT_TEXT_BYTES = edits.MAX_INSTRUCTION_BYTES  # instructions and questions (checked)
 MAX_ANSWER_BYTES = 16       # caption_qa answers, with their leading space
 _NUMBERS = ("zero", "one", "two", "three", "four")
 
@@ -67,28 +67,10 @@ def longest_example(task: str, layout: TokenLayout) -> int:
     return 1 + image + text + 1  # <bos> prompt image ... <eos>
 
 
-def response_image(s: Stream, image_ids, *, first: bool) -> Stream:
-    """A generated image in the response. As the response's first part its `<boi> <res>`
-    end the prompt (the sampler feeds them), so they carry no loss; later in a response
-    the model must learn to open the image itself."""
-    at = len(s)
-    s.image(image_ids, generate=True)
-    if first:
-        s.cols["loss_weight"][at] = s.cols["loss_weight"][at + 1] = 0.0
-    return s
-
-
 def _short_text(text: str, limit: int) -> str:
     if len(text.encode("utf-8")) > limit:
         raise ValueError(f"{text!r} is longer than {limit} bytes")
     return text
-
-
-def edit_example(source_ids, instruction: str, target_ids, layout: TokenLayout,
-                 text_tokenizer) -> Example:
-    s = Stream(layout).special("<bos>", loss=False).image(source_ids, generate=False)
-    s.text(text_tokenizer.encode(_short_text(instruction, MAX_PROMPT_TEXT_BYTES)), loss=False)
-    return response_image(s, target_ids, first=True).special("<eos>").arrays()
 
 
 def image_text_example(image_ids, prompt: str, response: str, layout: TokenLayout,
@@ -193,9 +175,9 @@ def synthetic_draw(weights: dict[str, float], layout: TokenLayout, text_tokenize
         item = sources[task][int(rng.integers(len(sources[task])))]
         if task == "edit":
             if edit_null_fraction and rng.random() < edit_null_fraction:
-                return edit_example(item["source_ids"], NULL_CAPTION, item["source_ids"],
+                return edits.edit_stream(item["source_ids"], NULL_CAPTION, item["source_ids"],
                                     layout, text_tokenizer)
-            return edit_example(item["source_ids"], item["instruction"], item["target_ids"],
+            return edits.edit_stream(item["source_ids"], item["instruction"], item["target_ids"],
                                 layout, text_tokenizer)
         scene = synthetic.Scene.from_json(item["scene"])
         if task == "caption_qa":

@@ -23,9 +23,9 @@ import numpy as np
 
 from mmgen.data import transforms
 from mmgen.data.records import BadExample
-from mmgen.data.schema import Stream
+from mmgen.data.schema import Stream, response_image
 from mmgen.data.steps import DataError
-from mmgen.posttrain.sft_data import Example, response_image
+from mmgen.posttrain.sft_data import Example
 from mmgen.tokenizers.layout import TokenLayout
 
 
