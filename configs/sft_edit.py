@@ -1,5 +1,5 @@
 """SFT of a pretrained tiny joint model on synthetic edits and image questions: loss only
-on the responses (docs/post-training-sft.md).
+on the responses (docs/post-training.md).
 
     mmgen train --config configs/sft_edit.py --workdir runs/sft_edit \
         --config.init.checkpoint=runs/tiny --config.tokenizer.checkpoint=runs/tokenizer_tiny
@@ -33,7 +33,7 @@ def get_config(arg=None) -> ConfigDict:
     ))
     # An edit example is two images (2 x 259 tokens) plus an instruction: up to 585 tokens.
     c.data.seq_len = 640
-    # about 6.5 minutes on 2 CPU cores (docs/post-training-sft.md has the measurement)
+    # about 6.5 minutes on 2 CPU cores (docs/post-training.md has the measurement)
     c.optim.update(dict(lr=2e-3, warmup_steps=20, weight_decay=0.0))
     c.train.update(dict(steps=500, global_batch=4, log_every=25, checkpoint_every=500,
                         eval_every=0, sample_every=0))

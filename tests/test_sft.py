@@ -1,4 +1,4 @@
-"""SFT (docs/post-training-sft.md): examples weigh only their responses, prompt images are
+"""SFT (docs/post-training.md): examples weigh only their responses, prompt images are
 lossless spans, the jsonl source skips and counts bad lines, and a smoke fine-tune of the
 shared tiny run learns."""
 

@@ -2,7 +2,7 @@
 examples whose loss weights are non-zero only on the response (posttrain/sft_data.py).
 
 The loss, step and loop are pretraining's: only the data differs, so SFT is a task.
-Config: the `sft` group (configs/sft_edit.py, docs/post-training-sft.md).
+Config: the `sft` group (configs/sft_edit.py, docs/post-training.md).
 """
 
 from __future__ import annotations
