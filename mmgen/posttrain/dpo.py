@@ -16,7 +16,7 @@ from flax import nnx
 
 from mmgen.config import require
 from mmgen.posttrain import preference_data as pref
-from mmgen.posttrain.logprobs import target_logps
+from mmgen.posttrain.logprobs import resolve_code_range, target_logps
 from mmgen.posttrain.reference import ReferenceScorer
 from mmgen.tasks import JointTask, per_host_batch
 from mmgen.train.hooks import Context, Hook
@@ -134,8 +134,7 @@ class DPOTask(JointTask):
                 f"dpo.num_pairs={d.num_pairs} is smaller than the per-host batch")
         require(cfg.data.source == "synthetic",
                 f"data.source={cfg.data.source!r}: DPO pairs come from the synthetic world")
-        cfg.posttrain.image_offset = self.layout.image_offset
-        cfg.posttrain.image_codes = self.layout.image_codes
+        resolve_code_range(cfg, self.layout)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 
     def row_length_problem(self) -> str | None:

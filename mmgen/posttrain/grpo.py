@@ -21,7 +21,7 @@ import numpy as np
 from mmgen.config import require
 from mmgen.eval.scene_checker import CATEGORIES
 from mmgen.eval.suites import EvalContext, category_score
-from mmgen.posttrain.logprobs import target_logps
+from mmgen.posttrain.logprobs import resolve_code_range, target_logps
 from mmgen.posttrain.reference import ReferenceScorer
 from mmgen.posttrain.rollout import RolloutHook, Rollouts
 from mmgen.tasks import JointTask
@@ -94,8 +94,7 @@ class GRPOTask(JointTask):
         require(r.reward in KINDS, f"rl.reward must be one of {KINDS}, got {r.reward!r}")
         require(r.temperature > 0, f"rl.temperature must be positive, got {r.temperature}")
         require(jax.process_count() == 1, "GRPO rollouts run in a single process")
-        cfg.posttrain.image_offset = self.layout.image_offset
-        cfg.posttrain.image_codes = self.layout.image_codes
+        resolve_code_range(cfg, self.layout)
 
     def row_length_problem(self) -> str | None:
         from mmgen.data.pipeline import max_example_length

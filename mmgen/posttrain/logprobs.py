@@ -12,6 +12,13 @@ import jax
 import jax.numpy as jnp
 
 
+def resolve_code_range(cfg, layout) -> None:
+    """Fills the derived `posttrain.image_offset/image_codes` keys from the token layout
+    (losses see only the config); saved with every checkpoint like model.vocab_size."""
+    cfg.posttrain.image_offset = layout.image_offset
+    cfg.posttrain.image_codes = layout.image_codes
+
+
 def code_range(cfg) -> tuple[int, int]:
     """[lo, hi) of the image-code ids, filled into `posttrain` from the layout by the task."""
     p = cfg.posttrain
