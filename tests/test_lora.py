@@ -237,6 +237,11 @@ def test_init_checkpoint_fills_the_base_of_a_lora_model(repo, tmp_path):
         assert np.array_equal(x, want), name
     assert all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"]), strict=True))
+    # the filled state has the structure the jitted step was built for, and trains
+    assert jax.tree.structure(state) == jax.tree.structure(spec.abstract)
+    with jax.set_mesh(spec.mesh):
+        state, metrics = make_train_step(spec, "next_token")(state, _batch())
+    assert np.isfinite(float(metrics["loss"]))
     # base shapes that differ still fail in one line
     bad = _cfg(repo, "model.mlp_dim=32", "lora.rank=4", f"init.checkpoint={tmp_path / 'src'}")
     with pytest.raises(ParamMismatchError, match="shape mismatch") as e:

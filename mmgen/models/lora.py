@@ -135,15 +135,18 @@ def split(params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
     """(base params, adapters or None)."""
     if ADAPTERS not in params:
         return params, None
-    base = nnx.State({k: v for k, v in params.items() if k != ADAPTERS})
-    return base, params[ADAPTERS]
+    # raw_mapping: nested levels stay plain dicts, so the pytree structure (and with it
+    # the shardings and jit signatures) is the one nnx.split gives
+    raw = params.raw_mapping
+    return (nnx.State({k: v for k, v in raw.items() if k != ADAPTERS}),
+            nnx.State(raw[ADAPTERS]))
 
 
 def join(base: nnx.State, adapters: nnx.State | None) -> nnx.State:
     """The inverse of `split`."""
     if adapters is None:
         return base
-    return nnx.State({**dict(base.items()), ADAPTERS: adapters})
+    return nnx.State({**base.raw_mapping, ADAPTERS: adapters.raw_mapping})
 
 
 def merge_for_export(params: nnx.State, cfg) -> tuple[nnx.State, ml_collections.ConfigDict]:
