@@ -200,3 +200,25 @@ def test_dpo_rows_and_loss():
         np.asarray(logp)))), cfg)
     assert abs(float(loss) - np.log(2)) < 1e-5
     assert abs(float(metrics["dpo/reward_margin"])) < 1e-4
+
+
+def test_rewards_score_ground_truth_renders_and_text():
+    from mmgen.eval.scene_checker import category_scenes
+    from mmgen.posttrain.rewards import reward
+
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    for cat in ("single_object", "colours"):
+        scene = category_scenes(cat, 1, seed=5, split="train")[0]
+        image = syn.render(scene)
+        assert reward(image, scene, cat, "check") == 1.0
+        assert reward(image, scene, cat, "partial") == 1.0
+        assert reward(blank, scene, cat, "partial") == 0.0
+        wrong = dataclasses.replace(scene, objects=tuple(
+            dataclasses.replace(o, colour=next(c for c in syn.COLOURS if c != o.colour))
+            for o in scene.objects))
+        # the shape is there in the wrong colour: partial credit, between 0 and 1
+        assert 0.0 < reward(syn.render(wrong), scene, cat, "partial") < 1.0
+    scene = category_scenes("text", 1, seed=5, split="train")[0]
+    assert reward(syn.render(scene), scene, "text") == 1.0
+    other = dataclasses.replace(scene, word=next(w for w in syn.WORDS if w != scene.word))
+    assert reward(syn.render(other), scene, "text") < 1.0
