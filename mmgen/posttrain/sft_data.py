@@ -176,9 +176,9 @@ def synthetic_draw(weights: dict[str, float], layout: TokenLayout, text_tokenize
         if task == "edit":
             if edit_null_fraction and rng.random() < edit_null_fraction:
                 return edits.edit_stream(item["source_ids"], NULL_CAPTION, item["source_ids"],
-                                    layout, text_tokenizer)
-            return edits.edit_stream(item["source_ids"], item["instruction"], item["target_ids"],
-                                layout, text_tokenizer)
+                                         layout, text_tokenizer)
+            return edits.edit_stream(item["source_ids"], item["instruction"],
+                                     item["target_ids"], layout, text_tokenizer)
         scene = synthetic.Scene.from_json(item["scene"])
         if task == "caption_qa":
             question, answer = question_answer(scene, rng)
