@@ -23,6 +23,9 @@ def get_config(arg=None) -> ConfigDict:
     c.init.checkpoint = "runs/tiny"
     c.dpo = ConfigDict(dict(
         beta=0.1,               # inverse temperature of the implicit reward
+        source="synthetic",     # synthetic | jsonl (dpo.path: prompt, chosen, rejected)
+        path="",                # the jsonl file of the jsonl source
+        heldout_path="",        # jsonl: held-out pairs for dpo/heldout_* ("" = none)
         num_pairs=4096,         # training pairs (train compositions), encoded once
         num_heldout_pairs=256,  # held-out pairs for dpo/heldout_* metrics
     ))

@@ -222,3 +222,51 @@ def test_rewards_score_ground_truth_renders_and_text():
     assert reward(syn.render(scene), scene, "text") == 1.0
     other = dataclasses.replace(scene, word=next(w for w in syn.WORDS if w != scene.word))
     assert reward(syn.render(other), scene, "text") < 1.0
+
+
+def test_dpo_jsonl_pairs_share_the_prompt_and_weigh_responses(tmp_path):
+    import json
+    import types
+
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "img" / "red.png")
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "img" / "blue.png")
+    lines = [{"prompt": "a red square", "chosen": [{"image": "img/red.png"}],
+              "rejected": [{"image": "img/blue.png"}]},
+             {"prompt": [{"image": "img/red.png"}, {"text": "colour?"}], "chosen": "red",
+              "rejected": "blue"},
+             {"prompt": "x", "chosen": "y"},                       # missing_rejected
+             {"prompt": "x", "chosen": [{"image": "img/gone.png"}], "rejected": "z"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = ConfigDict(dict(data=dict(image_size=32, seq_len=64, max_bad_fraction=0.5,
+                                    max_pixels=10**6)))
+
+    def encode(images):  # stands in for the codec: every id is the mean red / 16
+        red = images[..., 0].mean(axis=(1, 2)) // 16
+        return np.broadcast_to(red[:, None, None], (len(images), *LAYOUT.image_grid)).astype(int)
+
+    logs = []
+    rows = pref.jsonl_pair_rows(str(path), cfg, LAYOUT, types.SimpleNamespace(encode=encode),
+                                BYTES, log=logs.append)
+    assert len(rows) == 2 and "2 of 4 lines skipped" in logs[0]
+    assert "missing_rejected 1" in logs[0] and "missing_image 1" in logs[0]
+    image_row, text_row = rows
+    for row in rows:
+        w = row["loss_weight"] > 0
+        for seg in (1, 2):  # each side weighs its response only (and <eos>)
+            assert w[row["segment_ids"] == seg].any()
+        a, b = (row["tokens"][(row["segment_ids"] == s) & (row["loss_weight"] == 0)]
+                for s in (1, 2))
+        np.testing.assert_array_equal(a, b)  # the same prompt before both responses
+    red, blue = 255 // 16 + LAYOUT.image_offset, LAYOUT.image_offset
+    w = image_row["loss_weight"] > 0
+    assert set(image_row["tokens"][w & (image_row["segment_ids"] == 1)]) == {
+        red, LAYOUT.eoi, LAYOUT.eos}
+    assert set(image_row["tokens"][w & (image_row["segment_ids"] == 2)]) == {
+        blue, LAYOUT.eoi, LAYOUT.eos}
+    assert bytes(text_row["tokens"][(text_row["loss_weight"] > 0)
+                                    & (text_row["segment_ids"] == 2)][:-1]
+                 .astype(np.uint8)) == b"blue"

@@ -101,3 +101,29 @@ def test_grpo_resume_continues_the_uninterrupted_run(repo, runs, tmp_path):
               for w in ("a", "b"))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_dpo_from_a_jsonl_file_of_image_pairs(repo, runs, tmp_path):
+    from PIL import Image
+
+    from mmgen.data import synthetic as syn
+    from mmgen.posttrain.preference_data import perturb
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(12):
+        scene = syn.sample_scene(rng, p_texture=0.0)
+        for side, s in (("chosen", scene), ("rejected", perturb(scene, rng, "train")[0])):
+            Image.fromarray(syn.render(s)).save(tmp_path / f"{i}_{side}.png")
+        lines.append({"prompt": syn.caption(scene, rng),
+                      "chosen": [{"image": f"{i}_chosen.png"}],
+                      "rejected": [{"image": f"{i}_rejected.png"}]})
+    lines.append({"prompt": "no pair here", "chosen": "only one side"})  # skipped, counted
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _posttrain(repo, runs, "configs/dpo.py:smoke", tmp_path / "dpo", "--config.dpo.source=jsonl",
+               f"--config.dpo.path={path}", f"--config.dpo.heldout_path={path}")
+    margin = _metrics(tmp_path / "dpo", "dpo/heldout_logp_margin")
+    assert set(margin) == {0, 6} and all(np.isfinite(list(margin.values())))
+    assert _metrics(tmp_path / "dpo", "dpo/accuracy")  # the loss ran on the file's pairs

@@ -177,7 +177,7 @@ def test_jsonl_source_weighs_responses_and_counts_bad_lines(tmp_path):
     assert len(examples) == 3 and len(logs) == 1 and "6 of 9 lines skipped" in logs[0]
     assert skipped == {"invalid_json": 1, "missing_response": 1, "empty_response": 1,
                        "missing_image": 1, "not_an_image": 1, "bad_prompt": 1}
-    text, qa, edit = examples
+    (text,), (qa,), (edit,) = examples
     assert bytes(_weighted(text)[:-1].astype(np.uint8)) == b"hi"
     assert bytes(_weighted(qa)[:-1].astype(np.uint8)) == b"red"
     assert (qa["span_ids"] > 0).sum() == T  # the prompt image: one span, no loss
@@ -186,7 +186,7 @@ def test_jsonl_source_weighs_responses_and_counts_bad_lines(tmp_path):
     assert (qa["tokens"][qa["span_ids"] > 0] == red).all()
     # the response image: its ids, <eoi> and <eos> weigh; its <boi> <res> are prompt
     assert list(_weighted(edit)) == [blue] * T + [LAYOUT.eoi, LAYOUT.eos]
-    for ex in examples:
+    for (ex,) in examples:
         check_no_loss_in_spans(ex)
 
 

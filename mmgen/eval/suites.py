@@ -107,7 +107,8 @@ def scenes_suite(ctx: EvalContext, num: int) -> SuiteResult:
 
 
 def category_score(ctx: EvalContext, category: str, num: int) -> tuple[float, list[Example]]:
-    """The scene checker's pass rate on `num` held-out prompts of one object category."""
+    """The scene checker's pass rate on `num` held-out prompts of one category (for "text":
+    the read word equals the prompted one)."""
     scenes = scene_checker.category_scenes(category, num, HELDOUT_SEED, "heldout")
     prompts = _captions(scenes, HELDOUT_SEED)
     ctx.log(f"scenes/{category}: {num} prompts")

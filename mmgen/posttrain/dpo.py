@@ -74,8 +74,15 @@ def logp_margins(model, rows: grain.MapDataset, cfg, batch_rows: int = 16) -> np
     return np.concatenate(out)
 
 
-def heldout_rows(codec, cfg, layout, log=print) -> grain.MapDataset:
-    """Held-out pairs (held-out compositions), one fixed caption each."""
+def heldout_rows(codec, cfg, layout, text_tokenizer=None, log=print
+                 ) -> grain.MapDataset | None:
+    """Held-out pairs: of held-out compositions (one fixed caption each) for the synthetic
+    source, of dpo.heldout_path for jsonl (None without one)."""
+    if cfg.dpo.get("source", "synthetic") == "jsonl":
+        if not cfg.dpo.heldout_path:
+            return None
+        return grain.MapDataset.source(pref.jsonl_pair_rows(
+            cfg.dpo.heldout_path, cfg, layout, codec, text_tokenizer, log=log))
     source = pref.build_pairs(codec, cfg.data, num=cfg.dpo.num_heldout_pairs,
                               seed=HELDOUT_PAIR_SEED, split="heldout", log=log)
     return pref.pair_rows(source, cfg.data, layout, seed=HELDOUT_PAIR_SEED, shuffle=False,
@@ -130,14 +137,18 @@ class DPOTask(JointTask):
         super().__init__(cfg, log=log)
         d = cfg.dpo
         require(d.beta > 0, f"dpo.beta must be positive, got {d.beta}")
-        require(d.num_pairs >= per_host_batch(cfg),
+        require(d.source in ("synthetic", "jsonl"),
+                f"dpo.source must be synthetic or jsonl, got {d.source!r}")
+        require(d.source == "synthetic" or bool(d.path),
+                "dpo.source=jsonl needs dpo.path (lines of prompt, chosen, rejected)")
+        require(d.source == "jsonl" or d.num_pairs >= per_host_batch(cfg),
                 f"dpo.num_pairs={d.num_pairs} is smaller than the per-host batch")
-        require(cfg.data.source == "synthetic",
-                f"data.source={cfg.data.source!r}: DPO pairs come from the synthetic world")
         resolve_code_range(cfg, self.layout)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 
     def row_length_problem(self) -> str | None:
+        if self.cfg.dpo.source == "jsonl":
+            return None  # longer pairs are skipped and counted as too_long
         need = pref.pair_length(self.layout)
         if self.cfg.data.seq_len >= need:
             return None
@@ -145,9 +156,15 @@ class DPOTask(JointTask):
 
     def data(self):
         d = self.cfg.data
-        source = pref.build_pairs(self.codec, d, num=self.cfg.dpo.num_pairs, seed=d.seed,
-                                  split="train", log=self.log)
-        rows = pref.pair_rows(source, d, self.layout, seed=d.seed)
+        if self.cfg.dpo.source == "jsonl":
+            rows = grain.MapDataset.source(pref.jsonl_pair_rows(
+                self.cfg.dpo.path, self.cfg, self.layout, self.codec, self.text_tokenizer,
+                log=self.log)).shuffle(seed=d.seed)
+            rows = rows.repeat(2**40 // len(rows))
+        else:
+            source = pref.build_pairs(self.codec, d, num=self.cfg.dpo.num_pairs, seed=d.seed,
+                                      split="train", log=self.log)
+            rows = pref.pair_rows(source, d, self.layout, seed=d.seed)
         rows = rows[jax.process_index()::jax.process_count()]
         batches = rows.batch(per_host_batch(self.cfg), drop_remainder=True)
         inner = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=2,
@@ -155,5 +172,6 @@ class DPOTask(JointTask):
         return WithReference(inner, ReferenceScorer(self.cfg, self.layout, log=self.log))
 
     def hooks(self) -> list[Hook]:
-        rows = heldout_rows(self.codec, self.cfg, self.layout, log=self.log)
-        return [*super().hooks(), MarginHook(self.cfg.train.eval_every, rows)]
+        rows = heldout_rows(self.codec, self.cfg, self.layout, self.text_tokenizer, self.log)
+        margins = [] if rows is None else [MarginHook(self.cfg.train.eval_every, rows)]
+        return [*super().hooks(), *margins]

@@ -66,9 +66,8 @@ class HeldoutScoreHook(Hook):
         ectx = EvalContext(model=ctx.model(), cfg=cfg, layout=ctx.layout, codec=self.task.codec,
                            log=lambda _: None, text_tokenizer=self.task.text_tokenizer)
         metrics = {}
-        for cat in self.task.categories:
-            if cat != "text":
-                metrics[f"rl/heldout/{cat}"], _ = category_score(ectx, cat, cfg.rl.num_heldout)
+        for cat in self.task.categories:  # "text": the read word equals the prompt's
+            metrics[f"rl/heldout/{cat}"], _ = category_score(ectx, cat, cfg.rl.num_heldout)
         metrics["rl/heldout_score"] = float(np.mean(list(metrics.values())))
         ctx.writer.scalars(ctx.step, metrics)
         print(f"step {ctx.step}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),

@@ -124,12 +124,32 @@ def response_only(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def pair_row(item: dict, caption: str, layout: TokenLayout, seq_len: int) -> dict:
     """One row: segment 1 = chosen, segment 2 = rejected (module docstring)."""
-    examples = [response_only(example_stream(item[f"{side}_ids"], caption, layout,
-                                             captioning=False))
-                for side in ("chosen", "rejected")]
-    row = pack_row(examples, seq_len, layout.pad)
+    chosen, rejected = (response_only(example_stream(item[f"{side}_ids"], caption, layout,
+                                                     captioning=False))
+                        for side in ("chosen", "rejected"))
+    return pack_pair(chosen, rejected, layout, seq_len)
+
+
+def pack_pair(chosen: dict, rejected: dict, layout: TokenLayout, seq_len: int) -> dict:
+    """Two examples (Stream arrays, weight on their responses) as one row's segments 1, 2."""
+    row = pack_row([chosen, rejected], seq_len, layout.pad)
     check_no_loss_in_spans(row)
     return row
+
+
+def jsonl_pair_rows(path: str, cfg, layout: TokenLayout, codec, text_tokenizer,
+                    log=print) -> list[dict]:
+    """Rows of a jsonl file of {"prompt", "chosen", "rejected"} (each a string or a list of
+    text/image parts, as SFT's jsonl; posttrain/sft_jsonl.py): bad lines are skipped and
+    counted, a pair longer than data.seq_len is too_long."""
+    from mmgen.posttrain.sft_jsonl import load_jsonl
+
+    d = cfg.data
+    pairs, _ = load_jsonl(path, layout=layout, text_tokenizer=text_tokenizer,
+                          encode=codec.encode, image_size=d.image_size, max_len=d.seq_len,
+                          max_bad_fraction=d.max_bad_fraction, max_pixels=d.max_pixels,
+                          responses=("chosen", "rejected"), what="dpo", log=log)
+    return [pack_pair(c, r, layout, d.seq_len) for c, r in pairs]
 
 
 def pair_length(layout: TokenLayout) -> int:

@@ -78,7 +78,7 @@ class SFTTask(JointTask):
             stats = {"data/examples": float(len(examples)),
                      "data/bad": float(sum(skipped.values()))}
             self.data_stats = lambda: stats
-            draw = sft_data.uniform_draw(examples)
+            draw = sft_data.uniform_draw([ex for (ex,) in examples])
         else:
             draw = sft_data.synthetic_draw(self.weights, self.layout, self.text_tokenizer,
                                            edit_null_fraction=float(s.edit_null_fraction),

@@ -56,7 +56,7 @@ def _parts(obj: dict, key: str) -> list[tuple[str, str]]:
             except BadExample:  # empty after cleaning: a part that says nothing
                 continue
         out.append((kind, text))
-    if key == "response" and not out:
+    if key != "prompt" and not out:
         raise _Skip("empty_response")
     return out
 
@@ -92,8 +92,11 @@ def build_example(prompt, response, image_ids: dict[str, np.ndarray], layout: To
 
 def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
                image_size: int, max_len: int, max_bad_fraction: float,
-               max_pixels: int = 50_000_000, log=print) -> tuple[list[Example], Counter]:
-    """Every usable line as an example (<= max_len tokens), and the skip counts by reason.
+               max_pixels: int = 50_000_000, responses: tuple[str, ...] = ("response",),
+               what: str = "sft", log=print) -> tuple[list[tuple[Example, ...]], Counter]:
+    """Every usable line as one example per key of `responses` (the same prompt before
+    each: ("response",) for SFT, ("chosen", "rejected") for DPO), whose lengths sum to at
+    most max_len tokens, and the skip counts by reason.
 
     Raises DataError (one line) if nothing is usable or the bad share exceeds
     max_bad_fraction."""
@@ -101,7 +104,7 @@ def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"sft.path {path}: cannot read it ({e})") from None
+        raise DataError(f"{what}.path {path}: cannot read it ({e})") from None
     skipped: Counter = Counter()
     parsed, pixels, slot = [], [], {}
     for line in lines:
@@ -114,9 +117,10 @@ def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
                 raise _Skip("invalid_json") from None
             if not isinstance(obj, dict):
                 raise _Skip("invalid_json")
-            prompt, response = _parts(obj, "prompt"), _parts(obj, "response")
+            prompt = _parts(obj, "prompt")
+            answers = [_parts(obj, key) for key in responses]
             new = {}
-            for kind, value in prompt + response:
+            for kind, value in prompt + [p for parts in answers for p in parts]:
                 if kind == "image" and value not in slot and value not in new:
                     new[value] = _image(value, path.parent, image_size, max_pixels)
         except _Skip as e:
@@ -125,20 +129,20 @@ def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
         for name, image in new.items():  # decoded once per distinct path
             slot[name] = len(pixels)
             pixels.append(image)
-        parsed.append((prompt, response))
+        parsed.append((prompt, answers))
     ids = np.asarray(encode(np.stack(pixels))) if pixels else np.zeros((0,))
     by_path = {name: ids[i] for name, i in slot.items()}
     examples = []
-    for prompt, response in parsed:
-        ex = build_example(prompt, response, by_path, layout, text_tokenizer)
-        if len(ex["tokens"]) > max_len:
+    for prompt, answers in parsed:
+        exs = tuple(build_example(prompt, a, by_path, layout, text_tokenizer) for a in answers)
+        if sum(len(ex["tokens"]) for ex in exs) > max_len:
             skipped["too_long"] += 1
         else:
-            examples.append(ex)
+            examples.append(exs)
     bad = sum(skipped.values())
     total = len(examples) + bad
     reasons = ", ".join(f"{r} {c}" for r, c in skipped.most_common()) or "none"
-    summary = (f"sft jsonl {path}: {len(examples)} examples, {bad} of {total} lines skipped "
+    summary = (f"{what} jsonl {path}: {len(examples)} examples, {bad} of {total} lines skipped "
                f"({reasons}), {len(pixels)} images encoded")
     log(summary)
     if not examples:
