@@ -7,6 +7,7 @@ import re
 import jax
 import optax
 
+from mmgen.models.lora import is_adapter
 from mmgen.models.paths import param_path
 
 
@@ -89,8 +90,6 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
     """AdamW (`adamw`: decay per `optim.decay_rules` / `optim.no_decay`); parameters
     matching `optim.freeze` get zero updates (and no optimizer moments). A LoRA model
     (models/lora.py) trains only its adapters: every other parameter is frozen too."""
-    from mmgen.models.lora import is_adapter  # lora imports this module
-
     o = cfg.optim
     tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
