@@ -9,46 +9,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from small_joint import LAYOUT, small_batch, small_cfg, small_spec
 
-from mmgen.config import ConfigError, load_config, validate
-from mmgen.data.pipeline import example_stream
-from mmgen.data.schema import pack_row
+from mmgen.config import ConfigError, validate
 from mmgen.export import ParamMismatchError, export_params, read_exported
 from mmgen.load import build_model_fn, load_run
 from mmgen.models import lora
 from mmgen.models.paths import param_path
-from mmgen.parallel.mesh import make_mesh
-from mmgen.tasks import resolve_joint
-from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.loop import init_state
 from mmgen.train.optimizer import adamw, regex_mask, schedule
-from mmgen.train.state import StateSpec
 from mmgen.train.step import make_train_step
-
-LAYOUT = TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t")
-
-
-def _cfg(repo, *overrides):
-    cfg = load_config(str(repo / "configs/tiny.py"), [
-        "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.head_dim=8", "model.mlp_dim=64", "train.global_batch=4", "optim.warmup_steps=1",
-        *overrides])
-    resolve_joint(cfg, LAYOUT)
-    return cfg
-
-
-def _spec(cfg) -> StateSpec:
-    return StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
-
-
-def _batch(n_rows=4, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r in range(n_rows):
-        exs = [example_stream(rng.integers(0, 32, 16), f"scene {r} {k}", LAYOUT, captioning=k == 1)
-               for k in range(2)]
-        rows.append(pack_row(exs, 80, LAYOUT.pad))
-    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -71,10 +41,10 @@ def _random_b(params, seed=0, std=0.1):
 
 def test_fold_equals_unmerged_adapter_path(repo):
     # "attn/" also matches the 1-D q_norm/k_norm scales, which get no adapter
-    cfg = _cfg(repo, "lora.rank=4", "lora.alpha=8.0", "lora.targets=attn/|mlp/w_down")
+    cfg = small_cfg(repo, "lora.rank=4", "lora.alpha=8.0", "lora.targets=attn/|mlp/w_down")
     s = lora.scale(cfg)
     assert s == 2.0
-    params = _random_b(_spec(cfg).init(0)["params"])
+    params = _random_b(small_spec(cfg).init(0)["params"])
     flat, folded = _flat(params), _flat(lora.fold(params, s))
     rng = np.random.default_rng(0)
     cases = {  # weight -> (activation shape, einsum of activation and weight, x @ A, (x A) @ B)
@@ -97,15 +67,15 @@ def test_fold_equals_unmerged_adapter_path(repo):
 
 def test_merged_export_gives_the_lora_models_logits(repo, tmp_path):
     targets = "lora.targets=attn/w_(q|o)_|mlp/w_down|^unembed_DV$"
-    cfg = _cfg(repo, "lora.rank=4", targets)
-    spec = _spec(cfg)
+    cfg = small_cfg(repo, "lora.rank=4", targets)
+    spec = small_spec(cfg)
     params = _random_b(spec.init(0)["params"])
-    batch = _batch(n_rows=2)
+    batch = small_batch(n_rows=2)
     logits = np.asarray(spec.model(params)(batch))
     unfolded = nnx.merge(spec.graphdef, params)  # the base model: adapters ignored
     assert not np.allclose(logits, np.asarray(unfolded(batch)), atol=1e-3)  # they matter
     # the fold happens before the model: scanned, rematerialised layers see the same
-    scanned = _spec(_cfg(repo, "lora.rank=4", targets, "model.scan_layers=True",
+    scanned = small_spec(small_cfg(repo, "lora.rank=4", targets, "model.scan_layers=True",
                          "model.remat=full"))
     np.testing.assert_allclose(np.asarray(scanned.model(params)(batch)), logits,
                                rtol=1e-5, atol=1e-5)
@@ -120,13 +90,13 @@ def test_merged_export_gives_the_lora_models_logits(repo, tmp_path):
 
 def test_lora_trains_only_adapters_and_frozen_ema_is_bit_identical(repo):
     # 0.9, not 0.5: d*e + (1-d)*p rounds away from e == p for 0.9 (not for 0.5)
-    cfg = _cfg(repo, "lora.rank=4", "optim.ema_decay=0.9")
-    spec = _spec(cfg)
+    cfg = small_cfg(repo, "lora.rank=4", "optim.ema_decay=0.9")
+    spec = small_spec(cfg)
     state = spec.init(0)
     before = _flat(state["params"])
     step = make_train_step(spec, "next_token")
     for i in range(3):
-        state, metrics = step(state, _batch(seed=i))
+        state, metrics = step(state, small_batch(seed=i))
         assert np.isfinite(float(metrics["loss"]))
     after, ema = _flat(state["params"]), _flat(state["ema"])
     adapters = [n for n in before if lora.is_adapter(n)]
@@ -143,13 +113,13 @@ def test_lora_trains_only_adapters_and_frozen_ema_is_bit_identical(repo):
 
 
 def test_freeze_regex_is_bit_identical_for_params_and_ema(repo):
-    cfg = _cfg(repo, "optim.freeze=attn/", "optim.ema_decay=0.9")
-    spec = _spec(cfg)
+    cfg = small_cfg(repo, "optim.freeze=attn/", "optim.ema_decay=0.9")
+    spec = small_spec(cfg)
     state = spec.init(0)
     before = _flat(state["params"])
     step = make_train_step(spec, "next_token")
     for i in range(3):
-        state, _ = step(state, _batch(seed=i))
+        state, _ = step(state, small_batch(seed=i))
     after, ema = _flat(state["params"]), _flat(state["ema"])
     for name, x in before.items():
         if "attn/" in name:
@@ -159,8 +129,8 @@ def test_freeze_regex_is_bit_identical_for_params_and_ema(repo):
 
 
 def _params(repo, *overrides):
-    cfg = _cfg(repo, *overrides)
-    return cfg, _spec(cfg).init(0)["params"]
+    cfg = small_cfg(repo, *overrides)
+    return cfg, small_spec(cfg).init(0)["params"]
 
 
 def test_no_decay_rules_is_optax_adamw(repo):
@@ -208,26 +178,27 @@ def test_decay_rules_first_match_sets_the_rate(repo):
 
 @pytest.mark.parametrize("rules", ["w_up", "w_up=fast", "w_(up=0.1", "w_up=-1", "=0.1"])
 def test_bad_decay_rules_fail_in_one_line(repo, rules):
-    cfg = _cfg(repo, f"optim.decay_rules={rules}")
+    cfg = small_cfg(repo, f"optim.decay_rules={rules}")
     with pytest.raises(ConfigError, match="optim.decay_rules") as e:
         validate(cfg, 1)
     assert "\n" not in str(e.value)
 
 
 def test_targets_matching_nothing_is_a_clear_error(repo):
-    cfg = _cfg(repo, "lora.rank=4", "lora.targets=no_such_weight")
+    cfg = small_cfg(repo, "lora.rank=4", "lora.targets=no_such_weight")
     with pytest.raises(ValueError, match="lora.targets='no_such_weight' matches no") as e:
         build_model_fn(cfg)(nnx.Rngs(0))
     assert "\n" not in str(e.value) and "w_q_DHK" in str(e.value)
 
 
 def test_init_checkpoint_fills_the_base_of_a_lora_model(repo, tmp_path):
-    src_cfg = _cfg(repo)
-    source = _spec(src_cfg).init(7)["params"]
+    src_cfg = small_cfg(repo)
+    source = small_spec(src_cfg).init(7)["params"]
     src = _flat(source)
     export_params(source, src_cfg, LAYOUT, tmp_path / "src")
-    cfg = _cfg(repo, "lora.rank=4", f"init.checkpoint={tmp_path / 'src'}", "optim.ema_decay=0.5")
-    spec = _spec(cfg)
+    cfg = small_cfg(repo, "lora.rank=4", f"init.checkpoint={tmp_path / 'src'}",
+                    "optim.ema_decay=0.5")
+    spec = small_spec(cfg)
     task = types.SimpleNamespace(layout=LAYOUT)
     state = init_state(cfg, spec, task, log=lambda _: None)
     got, fresh = _flat(state["params"]), _flat(spec.init(cfg.seed)["params"])
@@ -240,10 +211,10 @@ def test_init_checkpoint_fills_the_base_of_a_lora_model(repo, tmp_path):
     # the filled state has the structure the jitted step was built for, and trains
     assert jax.tree.structure(state) == jax.tree.structure(spec.abstract)
     with jax.set_mesh(spec.mesh):
-        state, metrics = make_train_step(spec, "next_token")(state, _batch())
+        state, metrics = make_train_step(spec, "next_token")(state, small_batch())
     assert np.isfinite(float(metrics["loss"]))
     # base shapes that differ still fail in one line
-    bad = _cfg(repo, "model.mlp_dim=32", "lora.rank=4", f"init.checkpoint={tmp_path / 'src'}")
+    bad = small_cfg(repo, "model.mlp_dim=32", "lora.rank=4", f"init.checkpoint={tmp_path / 'src'}")
     with pytest.raises(ParamMismatchError, match="shape mismatch") as e:
-        init_state(bad, _spec(bad), task, log=lambda _: None)
+        init_state(bad, small_spec(bad), task, log=lambda _: None)
     assert "\n" not in str(e.value)

@@ -1,41 +1,15 @@
 """The one train step: accumulation is exact, freezing and EMA do what they say."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_joint import small_batch, small_cfg
 
-from mmgen.config import load_config
-from mmgen.data.pipeline import example_stream
-from mmgen.data.schema import pack_row
 from mmgen.load import build_model_fn
 from mmgen.models.paths import param_path
 from mmgen.parallel.mesh import make_mesh
-from mmgen.tasks import resolve_joint
-from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.state import StateSpec
 from mmgen.train.step import make_train_step
-
-LAYOUT = TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t")
-
-
-def _cfg(repo, *overrides):
-    cfg = load_config(str(repo / "configs/tiny.py"), [
-        "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.head_dim=8", "model.mlp_dim=64", "train.global_batch=4", "optim.warmup_steps=1",
-        *overrides])
-    resolve_joint(cfg, LAYOUT)
-    return cfg
-
-
-def _batch(n_rows=4, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r in range(n_rows):
-        exs = [example_stream(rng.integers(0, 32, 16), f"scene {r} {k}", LAYOUT, captioning=k == 1)
-               for k in range(2)]
-        rows.append(pack_row(exs, 80, LAYOUT.pad))
-    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
 def _run(cfg, steps=2):
@@ -44,14 +18,14 @@ def _run(cfg, steps=2):
     step = make_train_step(spec, "next_token")
     out = []
     for i in range(steps):
-        state, metrics = step(state, _batch(seed=i))
+        state, metrics = step(state, small_batch(seed=i))
         out.append(metrics)
     return state, out
 
 
 def test_grad_accumulation_matches_full_batch(repo):
-    s1, m1 = _run(_cfg(repo, "train.grad_accum=1"))
-    s2, m2 = _run(_cfg(repo, "train.grad_accum=2"))
+    s1, m1 = _run(small_cfg(repo, "train.grad_accum=1"))
+    s2, m2 = _run(small_cfg(repo, "train.grad_accum=2"))
     for a, b in zip(m1, m2, strict=True):
         np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
         np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-4)
@@ -60,7 +34,7 @@ def test_grad_accumulation_matches_full_batch(repo):
 
 
 def test_freeze_regex_keeps_params_fixed_and_ema_tracks(repo):
-    cfg = _cfg(repo, "optim.freeze=^embed_VD$", "optim.ema_decay=0.5")
+    cfg = small_cfg(repo, "optim.freeze=^embed_VD$", "optim.ema_decay=0.5")
     spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
     init = jax.tree.map(np.asarray, spec.init(0))
     state, _ = _run(cfg, steps=2)
@@ -79,7 +53,7 @@ def test_freeze_regex_keeps_params_fixed_and_ema_tracks(repo):
 
 
 def test_loss_is_normalised_by_global_loss_tokens(repo):
-    _, metrics = _run(_cfg(repo), steps=1)
+    _, metrics = _run(small_cfg(repo), steps=1)
     m = metrics[0]
     per_token = sum(float(m[f"nll_sum/{k}"]) for k in ("text", "image"))
     count = sum(float(m[f"count/{k}"]) for k in ("text", "image"))
@@ -89,7 +63,7 @@ def test_loss_is_normalised_by_global_loss_tokens(repo):
 
 def test_bfloat16_compute_tracks_float32(repo):
     """bf16 activations with f32 params: same first loss within bf16 rounding."""
-    _, m32 = _run(_cfg(repo), steps=1)
-    _, m16 = _run(_cfg(repo, "model.dtype=bfloat16"), steps=1)
+    _, m32 = _run(small_cfg(repo), steps=1)
+    _, m16 = _run(small_cfg(repo, "model.dtype=bfloat16"), steps=1)
     a, b = float(m32[0]["loss"]), float(m16[0]["loss"])
     assert np.isfinite(b) and abs(a - b) < 0.02 * a, (a, b)
