@@ -106,7 +106,7 @@ class GRPOTask(JointTask):
     def data(self):
         scorer = ReferenceScorer(self.cfg, self.layout, temperature=self.cfg.rl.temperature,
                                  log=self.log)
-        self.rollouts = Rollouts(self.cfg, self.layout, self.codec, scorer,
+        self.rollouts = Rollouts(self.cfg, self.categories, self.layout, self.codec, scorer,
                                  self.text_tokenizer, log=self.log)
         self.data_stats = self.rollouts.metrics
         return self.rollouts

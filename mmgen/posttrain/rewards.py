@@ -28,24 +28,33 @@ def attribute_credit(analysis: scene_checker.Analysis, scene: Scene) -> float:
     return float(np.mean(per_object))
 
 
-def reward(image: np.ndarray, scene: Scene, category: str, kind: str = "check") -> float:
-    """kind "check": the category's pass/fail check; "partial": half the check plus half
+def score(image: np.ndarray, scene: Scene, category: str, kind: str = "check"
+          ) -> tuple[float, bool]:
+    """(reward, whether the category's check passes), from one analysis of the image.
+
+    kind "check": the reward is the check; "partial": half the check plus half
     attribute_credit, which still ranks the samples of a group when none passes (a
     sparse reward leaves most groups of a weak model without any signal)."""
     analysis = scene_checker.analyse(image)
+    passed = scene_checker.check_analysis(analysis, scene, category)
     if category == "text":
-        return max(0.0, 1.0 - scene_checker.char_error_rate(analysis.word, scene.word))
-    passed = float(scene_checker.check_analysis(analysis, scene, category))
+        return max(0.0, 1.0 - scene_checker.char_error_rate(analysis.word, scene.word)), passed
     if kind == "check":
-        return passed
-    return 0.5 * passed + 0.5 * attribute_credit(analysis, scene)
+        return float(passed), passed
+    return 0.5 * float(passed) + 0.5 * attribute_credit(analysis, scene), passed
+
+
+def reward(image: np.ndarray, scene: Scene, category: str, kind: str = "check") -> float:
+    return score(image, scene, category, kind)[0]
 
 
 def rewards(images: Sequence[np.ndarray], scenes: Sequence[Scene],
-            categories: Sequence[str], kind: str = "check") -> np.ndarray:
-    """float32 [N] rewards (module docstring)."""
-    return np.asarray([reward(im, s, c, kind) for im, s, c in zip(images, scenes, categories,
-                                                                strict=True)], np.float32)
+            categories: Sequence[str], kind: str = "check") -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N] rewards, bool [N] checks passed): each image analysed once."""
+    scored = [score(im, s, c, kind) for im, s, c in zip(images, scenes, categories,
+                                                      strict=True)]
+    return (np.asarray([r for r, _ in scored], np.float32),
+            np.asarray([p for _, p in scored], bool))
 
 
 def group_advantages(rewards_PG: np.ndarray, eps: float = 1e-6) -> np.ndarray:

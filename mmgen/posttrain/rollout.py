@@ -44,10 +44,11 @@ def prompt_scenes(categories: list[str], n: int, seed: int, index: int
 
 
 class Rollouts:
-    def __init__(self, cfg, layout, codec, scorer, text_tokenizer, log=print):
+    def __init__(self, cfg, categories: list[str], layout, codec, scorer, text_tokenizer,
+                 log=print):
         self.cfg, self.layout, self.codec, self.scorer = cfg, layout, codec, scorer
         self.text_tokenizer, self.log = text_tokenizer, log
-        self.categories = [c.strip() for c in cfg.rl.categories.split(",") if c.strip()]
+        self.categories = categories
         self.index = 0
         self.ctx: Context | None = None
         self._stats: dict[str, float] = {}
@@ -83,8 +84,7 @@ class Rollouts:
         images = self.codec.decode(ids_NHW)
         scenes = [s for _, s, _ in prompts for _ in range(G)]
         cats = [c for c, _, _ in prompts for _ in range(G)]
-        reward_N = rewards(images, scenes, cats, r.reward)
-        passed_N = rewards(images, scenes, cats) if r.reward != "check" else reward_N
+        reward_N, passed_N = rewards(images, scenes, cats, r.reward)
         adv_N = group_advantages(reward_N.reshape(-1, G)).reshape(-1)
         batch = rollout_rows(ids_NHW, logps_NT, captions, adv_N, self.layout,
                              self.cfg.data.seq_len, self.text_tokenizer)
