@@ -24,6 +24,9 @@ def get_config(arg=None) -> ConfigDict:
         downsample=4,           # 64 px -> 16x16 tokens
         num_res_blocks=2,
     ))
+    c.loss = ConfigDict(dict(
+        code_snap=0.0,          # weight of the latents' distance to their FSQ level (stable ids)
+    ))
     c.data = data_defaults()
     c.optim = optim_defaults(lr=5e-3, warmup_steps=100, min_lr_ratio=0.02, weight_decay=1e-4,
                              b2=0.99)

@@ -90,6 +90,28 @@ def test_autoencoder_loss_and_grads(tiny_ae):
     assert float(jnp.abs(grads["downs"][0]["kernel"][...]).sum()) > 0
 
 
+def test_rounding_gap_is_zero_on_levels_and_quarter_on_boundaries():
+    on_levels = jnp.array([[-2.0, 0.0, 1.0]])
+    assert float(FSQ.rounding_gap(on_levels)) == 0.0
+    assert float(FSQ.rounding_gap(on_levels + 0.5)) == pytest.approx(0.25)
+    # The gradient pulls each latent towards its level: d/db (b - round(b))^2 = 2 (b - round b)/n.
+    b = jnp.array([[0.3, -1.2]])
+    np.testing.assert_allclose(jax.grad(lambda x: FSQ.rounding_gap(x))(b), [[0.3, -0.2]],
+                               atol=1e-6)
+
+
+def test_code_snap_adds_the_weighted_rounding_gap(tiny_ae):
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    loss0, m0 = autoencoder_loss(tiny_ae, {"images": images})
+    loss1, m1 = autoencoder_loss(tiny_ae, {"images": images}, code_snap=2.0)
+    assert 0.0 < float(m0["rounding_gap"]) <= 0.25
+    np.testing.assert_allclose(float(loss1 - loss0), 2.0 * float(m0["rounding_gap"]), rtol=1e-4)
+    # The snap term's gradient reaches the encoder (latents move towards their levels).
+    grads = nnx.grad(lambda m: autoencoder_loss(m, {"images": images}, code_snap=1.0)[0]
+                     - autoencoder_loss(m, {"images": images})[0])(tiny_ae)
+    assert float(jnp.abs(grads["to_code"]["kernel"][...]).sum()) > 0
+
+
 def test_every_param_has_logical_axis_names(tiny_ae):
     params = nnx.to_flat_state(nnx.state(tiny_ae, nnx.Param))
     assert params

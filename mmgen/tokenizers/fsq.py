@@ -59,8 +59,17 @@ class FSQ:
 
     def quantize(self, z_NC: jax.Array) -> jax.Array:
         """Bound, round (straight-through) and normalise to [-1, 1]."""
-        q_NC = _round_ste(self.bound(z_NC))
-        return q_NC / self._hw
+        return self.quantize_bounded(self.bound(z_NC))
+
+    def quantize_bounded(self, b_NC: jax.Array) -> jax.Array:
+        """Round already bounded latents (straight-through) and normalise to [-1, 1]."""
+        return _round_ste(b_NC) / self._hw
+
+    @staticmethod
+    def rounding_gap(b_NC: jax.Array) -> jax.Array:
+        """Mean squared distance of bounded latents to their level (0 at level centres,
+        0.25 on a rounding boundary); gradients only move the latents."""
+        return jnp.mean(jnp.square(b_NC - jax.lax.stop_gradient(jnp.round(b_NC))))
 
     def codes_to_indices(self, zhat_NC: jax.Array) -> jax.Array:
         """Normalised codes -> int32 mixed-radix indices in [0, num_codes)."""

@@ -127,6 +127,10 @@ class ImageAutoencoder(nnx.Module):
 
     def encode(self, images_BHWC: jax.Array) -> jax.Array:
         """Images in [-1, 1] -> quantised codes zhat_BhwC (straight-through)."""
+        return self.fsq.quantize_bounded(self.latents(images_BHWC))
+
+    def latents(self, images_BHWC: jax.Array) -> jax.Array:
+        """Images in [-1, 1] -> bounded latents before rounding, float32 [B, h, w, C]."""
         x = images_BHWC.astype(self.dtype)
         if self.enc_in is not None:
             x = self.enc_in(x)
@@ -135,7 +139,7 @@ class ImageAutoencoder(nnx.Module):
         for block in self.enc_blocks:
             x = block(x)
         z_BhwC = self.to_code(jax.nn.silu(self.enc_norm(x)))
-        return self.fsq.quantize(z_BhwC.astype(jnp.float32))
+        return self.fsq.bound(z_BhwC.astype(jnp.float32))
 
     def encode_ids(self, images_BHWC: jax.Array) -> jax.Array:
         """Images in [-1, 1] -> int32 code ids [B, H/ds, W/ds]."""
@@ -169,19 +173,25 @@ def unit_to_images(x_BHWC) -> np.ndarray:
     return np.clip(np.round((np.asarray(x_BHWC) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def autoencoder_loss(model: ImageAutoencoder, batch: dict) -> tuple[jax.Array, dict]:
+def autoencoder_loss(model: ImageAutoencoder, batch: dict,
+                     code_snap: float = 0.0) -> tuple[jax.Array, dict]:
     """Reconstruction loss on batch["images"] (uint8 [B, H, W, 3]).
 
     L1 + MSE: L1 keeps gradients alive on small errors (sharp edges, thin
     strokes of rendered words) while MSE matches the PSNR we report.
+    `code_snap` weighs the latents' squared distance to their FSQ level: latents that
+    sit near a rounding boundary give one flat colour several ids depending on far-away
+    context, noise the joint model must then learn; snapped latents give it one id.
     """
     x_BHWC = images_to_unit(batch["images"])
-    recon_BHWC, _ = model(x_BHWC)
+    b_BhwC = model.latents(x_BHWC)
+    recon_BHWC = model.decode(model.fsq.quantize_bounded(b_BhwC))
     err = recon_BHWC - x_BHWC
     mse = jnp.mean(jnp.square(err))
     l1 = jnp.mean(jnp.abs(err))
-    loss = l1 + mse
+    gap = model.fsq.rounding_gap(b_BhwC)
+    loss = l1 + mse + code_snap * gap
     # PSNR on the [0, 1] scale: an error of e in [-1, 1] is e/2 there.
     mse01 = jnp.mean(jnp.square(jnp.clip(recon_BHWC, -1, 1) - x_BHWC)) / 4
     psnr = -10.0 * jnp.log10(jnp.maximum(mse01, 1e-10))
-    return loss, {"loss": loss, "mse": mse, "l1": l1, "psnr": psnr}
+    return loss, {"loss": loss, "mse": mse, "l1": l1, "psnr": psnr, "rounding_gap": gap}

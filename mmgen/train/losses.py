@@ -136,6 +136,7 @@ def count_images(batch: dict, cfg) -> jax.Array:
 @register_loss("autoencoder", norm=count_images)
 def autoencoder_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
     """The image tokenizer's reconstruction loss, weighted by its share of the batch."""
-    loss, metrics = ae_loss(model, batch)
+    # .get: tokenizer configs written before the loss group existed
+    loss, metrics = ae_loss(model, batch, cfg.get("loss", {}).get("code_snap", 0.0))
     share = batch["images"].shape[0] / batch["loss_norm"]
     return loss * share, {k: v * share for k, v in metrics.items()}
