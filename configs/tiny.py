@@ -37,6 +37,7 @@ def get_config(arg=None) -> ConfigDict:
         attention_impl="auto",  # auto | xla | cudnn | pallas_gpu | pallas_tpu (docs/configs.md)
         remat="none",           # none | full | dots_saveable | offload (activation memory)
         scan_layers=False,      # one traced block scanned over the layers (compile time)
+        bidirectional_prompts=True,  # prompt images attend both ways (False: causal, ablation)
         # switches for models imported from an LLM (mmgen import-llama, docs/export.md):
         qk_norm=True,           # RMSNorm on queries and keys (Llama: False)
         norm_eps=1e-6,          # RMSNorm epsilon (Llama: its rms_norm_eps)

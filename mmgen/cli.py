@@ -88,12 +88,18 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from mmgen.config import ConfigError
     from mmgen.eval import report as report_lib
     from mmgen.eval.evaluate import evaluate
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if args.decoder_steps is not None and not args.decoder:
+        raise ConfigError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+    sampling = {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}
     report, examples = evaluate(args.checkpoint, suites=suites, num=args.num, step=args.step,
-                                tokenizer_dir=args.tokenizer, log=log)
+                                tokenizer_dir=args.tokenizer, sampling=sampling,
+                                decoder_dir=args.decoder, decoder_steps=args.decoder_steps,
+                                log=log)
     command = "mmgen " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     out = report_lib.write(report, examples, args.out, command)
     for k, v in sorted(report.items()):
@@ -244,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "and edit (default eval.num_per_category = 500)")
     e.add_argument("--step", type=int, help="checkpoint step (default latest)")
     e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
+    e.add_argument("--cfg", type=float, help="classifier-free guidance scale of the generative "
+                   "suites (default: the run's eval.cfg_scale; 1 = off)")
+    e.add_argument("--temperature", type=float,
+                   help="sampling temperature (default: the run's eval.temperature)")
+    e.add_argument("--top-k", type=int, help="top-k truncation, 0 = none (default: the run's "
+                   "eval.top_k)")
+    e.add_argument("--decoder", help="diffusion decoder run (docs/decoder.md) that renders the "
+                   "generated images; default: the tokenizer's decoder")
+    e.add_argument("--decoder-steps", type=int,
+                   help="Euler steps of the diffusion decoder (default: its sample.steps)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="prepare, inspect, or learn a text tokenizer from data",

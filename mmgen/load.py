@@ -55,7 +55,8 @@ def transformer_config(cfg) -> TransformerConfig:
         # .get: configs saved before these switches existed mean today's defaults
         qk_norm=m.get("qk_norm", True), norm_eps=m.get("norm_eps", 1e-6),
         rope=m.get("rope", "mm"), remat=m.get("remat", "none"),
-        scan_layers=m.get("scan_layers", False))
+        scan_layers=m.get("scan_layers", False),
+        bidirectional_prompts=m.get("bidirectional_prompts", True))
 
 
 def read_run_metadata(path: str | Path, step: int | None = None):

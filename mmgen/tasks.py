@@ -59,7 +59,8 @@ class TokenizerTask:
 
 
 # Runtime choices a fine-tune may change; every other model key is the architecture.
-RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "remat", "vocab_size", "padded_vocab_size")
+RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "remat", "vocab_size", "padded_vocab_size",
+                      "bidirectional_prompts")
 
 
 def init_source(cfg):

@@ -74,3 +74,30 @@ def test_captions_are_text_and_deterministic():
     a = generate_captions(model, LAYOUT, images, max_bytes=10)
     b = generate_captions(model, LAYOUT, images, max_bytes=10)
     assert a == b and len(a) == 2 and all(isinstance(c, str) and len(c) <= 10 * 4 for c in a)
+
+
+def test_causal_prompt_images_switch():
+    """model.bidirectional_prompts=False: a prompt image is attended causally, in the full
+    forward and in the cache, with the same parameters."""
+    import dataclasses
+
+    model = _model()
+    causal = Transformer(dataclasses.replace(model.cfg, bidirectional_prompts=False),
+                         rngs=nnx.Rngs(1))
+    nnx.update(causal, nnx.state(model))
+    rng = np.random.default_rng(2)
+    rows = image_prompt_rows(["make it red", "x"], LAYOUT,
+                             prompt_images=[rng.integers(0, 16, (2, 3)) for _ in range(2)])
+    full = {k: jnp.asarray(v) for k, v in rows.items()}
+    no_span = dict(full, span_ids=jnp.zeros_like(full["span_ids"]))
+    want = np.asarray(model(no_span))
+    np.testing.assert_allclose(np.asarray(causal(full)), want, atol=1e-6)
+    span = np.asarray(full["span_ids"]) > 0
+    # bidirectional: the first prompt-image token sees the rest of its image
+    assert not np.allclose(np.asarray(model(full))[span], want[span], atol=1e-4)
+    N, P = rows["tokens"].shape
+    cache = causal.init_cache(full["segment_ids"], full["span_ids"])
+    h, cache = causal.hidden({k: v[:, :P - 1] for k, v in full.items()}, cache)
+    h_last, _ = causal.hidden({k: v[:, P - 1:] for k, v in full.items()}, cache)
+    np.testing.assert_allclose(np.asarray(causal.logits(h_last))[:, 0], want[:, -1],
+                               atol=2e-5, rtol=2e-5)

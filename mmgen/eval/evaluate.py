@@ -27,9 +27,17 @@ def default_num(cfg, suite: str, num: int | None = None) -> int:
             "colour": e.num_colour_prompts}.get(suite, e.get("num_per_category", 500))
 
 
+SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k")  # eval.* keys `sampling` may override
+
+
 def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int | None = None,
-             step: int | None = None, tokenizer_dir: str | None = None, log=print):
-    """Runs `suites` on a joint-model checkpoint: (flat JSON-able report, examples by suite)."""
+             step: int | None = None, tokenizer_dir: str | None = None,
+             sampling: dict | None = None, decoder_dir: str | None = None,
+             decoder_steps: int | None = None, log=print):
+    """Runs `suites` on a joint-model checkpoint: (flat JSON-able report, examples by suite).
+
+    `sampling` overrides the run's eval.cfg_scale / temperature / top_k (None values keep
+    the run's); `decoder_dir` renders generated ids with a diffusion decoder run."""
     start = time.time()
     names = list(SUITES) if "all" in suites else list(suites)
     unknown = set(names) - set(SUITES)
@@ -38,15 +46,28 @@ def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int 
     model, cfg, layout, step = load_run(run_dir, step)
     if cfg.kind != "joint":
         raise ConfigError(f"{run_dir} is a {cfg.kind!r} run; mmgen eval needs a joint model run")
+    for key, value in (sampling or {}).items():
+        if key not in SAMPLING_KEYS:
+            raise ConfigError(f"unknown sampling override {key!r}; known: {SAMPLING_KEYS}")
+        if value is not None:
+            cfg.eval[key] = type(cfg.eval[key])(value)
     tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
     codec = ImageCodec(tok_dir)
     text_tokenizer = tokenizer_for_run(cfg, layout)
     # the text part of the layout was just checked against the text tokenizer
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
+    if decoder_dir is not None:
+        from mmgen.sample.render import load_decoder
+
+        # fail before any suite runs: a decoder trained on another tokenizer is refused here
+        load_decoder(decoder_dir).check_codec(codec)
     ctx = EvalContext(model=model, cfg=cfg, layout=layout, codec=codec, log=log,
-                      text_tokenizer=text_tokenizer)
+                      text_tokenizer=text_tokenizer, decoder_dir=decoder_dir,
+                      decoder_steps=decoder_steps)
     report: dict = {"checkpoint": str(run_dir), "step": step,
-                    "layout_fingerprint": layout.fingerprint, "suites": names}
+                    "layout_fingerprint": layout.fingerprint, "suites": names,
+                    "decoder": decoder_dir or "tokenizer",
+                    **{f"sampling/{k}": cfg.eval[k] for k in SAMPLING_KEYS}}
     examples = {}
     for name in names:
         n = default_num(cfg, name, num)

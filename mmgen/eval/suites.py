@@ -38,6 +38,15 @@ class EvalContext:
     codec: object      # load.ImageCodec
     log: Callable[[str], None] = print
     text_tokenizer: TextTokenizer = BYTES  # the run's (text.tokenizer_for_run)
+    # renders generated ids: a diffusion decoder run (docs/decoder.md) or, when None, the
+    # tokenizer's own decoder; tokenizer-quality metrics always use the tokenizer's
+    decoder_dir: str | None = None
+    decoder_steps: int | None = None
+
+    def render(self, ids: np.ndarray, seed: int = 0) -> np.ndarray:
+        from mmgen.sample.render import render_images
+
+        return render_images(ids, self.codec, self.decoder_steps, self.decoder_dir, seed)
 
 
 @dataclasses.dataclass
@@ -84,7 +93,7 @@ def _sample_images(ctx: EvalContext, prompts: list[str], prompt_images=None) -> 
         ids = generate_image_ids(ctx.model, ctx.layout, chunk, seed=lo, temperature=e.temperature,
                                  top_k=e.top_k, cfg_scale=e.cfg_scale, prompt_images=images,
                                  min_prompt_len=min_len, text_tokenizer=ctx.text_tokenizer)
-        out.append(ctx.codec.decode(ids[:n]))
+        out.append(ctx.render(ids[:n], seed=lo))
         ctx.log(f"  generated {min(lo + BATCH, len(prompts))}/{len(prompts)}")
     return np.concatenate(out)
 

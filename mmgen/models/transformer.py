@@ -33,6 +33,9 @@ class TransformerConfig:
     rope: str = "mm"         # "mm" | "mrope": see layers.rope_angles
     remat: str = "none"      # activation checkpointing per block: see REMAT_POLICIES
     scan_layers: bool = False  # trace one block and scan it over the layers' weights
+    # False: prompt images (span_ids > 0) are attended causally like everything else
+    # (the ablation of bidirectional prompt-image attention; no parameter changes)
+    bidirectional_prompts: bool = True
 
 
 def _remat_policies() -> dict:
@@ -157,6 +160,8 @@ class Transformer(nnx.Module):
         """Final hidden states [B, L, D]; with a KV cache also returns the updated cache.
 
         `x_BLD` replaces the token embeddings (tests differentiate through it)."""
+        if not self.cfg.bidirectional_prompts:
+            batch = dict(batch, span_ids=jnp.zeros_like(batch["span_ids"]))
         if x_BLD is None:
             x_BLD = self.embed(batch)
         angles_BLP = rope_angles(batch["positions"], batch["rows"], batch["cols"],
@@ -212,5 +217,7 @@ class Transformer(nnx.Module):
         B, T = segment_ids_BT.shape
         shape = (c.num_layers, B, T, c.num_kv_heads, c.head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+        if not c.bidirectional_prompts:
+            span_ids_BT = jnp.zeros_like(span_ids_BT)
         return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32),
                 "segment_ids": segment_ids_BT, "span_ids": span_ids_BT}

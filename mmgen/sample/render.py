@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mmgen.config import ConfigError
 from mmgen.load import ImageCodec, chunked_call, load_run
 from mmgen.models.decoder import euler_sample
 from mmgen.tokenizers.image_autoencoder import images_to_unit, unit_to_images
@@ -23,13 +24,18 @@ class DiffusionDecoder:
     def __init__(self, decoder_dir: str | Path):
         self.model, self.cfg, self.layout, self.step = load_run(decoder_dir, use_ema=True)
         if self.cfg.kind != "decoder":
-            raise ValueError(f"{decoder_dir} is a {self.cfg.kind!r} run, not a decoder")
+            raise ConfigError(f"{decoder_dir} is a {self.cfg.kind!r} run, not a diffusion "
+                              "decoder run (configs/decoder_tiny.py)")
         self.dir = str(decoder_dir)
         graphdef, params = nnx.split(self.model)
         self._sample = jax.jit(
             lambda ids, noise, coarse, steps: euler_sample(
                 nnx.merge(graphdef, params), ids, noise, steps, coarse),
             static_argnums=3)
+
+    def check_codec(self, codec: ImageCodec) -> None:
+        """Raises LayoutMismatchError unless the decoder was trained on `codec`'s ids."""
+        check_same(self.layout, codec.layout, f"the tokenizer given to render with {self.dir}")
 
     def noise(self, n: int, seed: int) -> np.ndarray:
         """Starting noise [n, H, W, 3] times sample.noise_scale; image i's depends on
@@ -43,7 +49,7 @@ class DiffusionDecoder:
     def render(self, ids_NHW: np.ndarray, codec: ImageCodec, steps: int | None = None,
                seed: int = 0) -> np.ndarray:
         """uint8 [N, H, W, 3] sampled in `steps` Euler steps (default: sample.steps)."""
-        check_same(self.layout, codec.layout, f"the tokenizer given to render with {self.dir}")
+        self.check_codec(codec)
         steps = int(steps or self.cfg.sample.steps)
         ids_NHW = np.asarray(ids_NHW, np.int32)
         noise = self.noise(len(ids_NHW), seed)
