@@ -49,3 +49,42 @@ def test_gpu_1b_structure_trains_at_cpu_size(repo, runs, tmp_path):
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").open()
               if "loss" in json.loads(x)]
     assert len(losses) >= 2 and all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "joint", "decoder"])
+def test_small_recipe_stages_validate(repo, stage):
+    cfg = load_config(str(repo / f"configs/small.py:{stage}"))
+    assert cfg.kind == stage
+    if stage == "joint":
+        resolve_joint(cfg, TokenLayout(image_codes=1000, image_grid=(16, 16)))
+        assert 10e6 < _params(cfg) < 16e6 and cfg.model.dtype == "bfloat16"
+    validate(cfg, 1)
+    smoke = load_config(str(repo / f"configs/small.py:{stage}-smoke"))
+    assert smoke.kind == stage and smoke.train.steps < cfg.train.steps
+
+
+def test_small_recipe_refuses_unknown_stage(repo):
+    with pytest.raises(ValueError, match="unknown argument 'vae'"):
+        load_config(str(repo / "configs/small.py:vae"))
+
+
+@pytest.mark.slow
+def test_small_script_trains_every_stage_and_evaluates(repo, tmp_path):
+    """`scripts/small.sh` (the recipe's one command) at CPU size: tokenizer, joint model
+    and diffusion decoder train, and both eval reports are written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "small"
+    env = dict(os.environ, ARG_SUFFIX="-smoke", NUM="4", MMGEN=f"{sys.executable} -m mmgen.cli")
+    proc = subprocess.run(["bash", str(repo / "scripts/small.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("tokenizer", "joint", "decoder"):
+        assert sorted((out / stage / "checkpoints").iterdir()), stage
+    ae = json.loads((out / "eval" / "report.json").read_text())
+    diffusion = json.loads((out / "eval_decoder" / "report.json").read_text())
+    assert ae["decoder"] == "tokenizer" and diffusion["decoder"] == str(out / "decoder")
+    assert ae["sampling/cfg_scale"] == 3.0 and 0.0 <= diffusion["scenes/overall"] <= 1.0
+    assert "joint model:" in proc.stdout and "done:" in proc.stdout
