@@ -1,7 +1,7 @@
 # Sourced by the scripts/gpu_*.sh checks (run from the repo root): installs the wheels in
 # .whl/ (../shared/tools/gpu-wheels, carried) beside the machine's jax into .gpu-site,
 # says which of mmgen's imports are missing, and sets the XLA memory, compilation-cache
-# and scheduler settings every GPU check uses.
+# and scheduler settings every GPU check uses; prints the card and the jax version.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target .gpu-site .whl/*.whl
@@ -37,3 +37,5 @@ mkdir -p "$JAX_COMPILATION_CACHE_DIR/autotune"
 #  per-fusion autotune cache: GEMM/fusion autotuning results reused by later compiles.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_per_fusion_autotune_cache_dir=$JAX_COMPILATION_CACHE_DIR/autotune"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"

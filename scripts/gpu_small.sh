@@ -2,16 +2,14 @@
 # Issue 12's GPU run in one call: configs/small.py on one GPU via scripts/small.sh, with
 # the stage timings (the joint model's budget is 8 minutes) and the eval reports.
 #   bash scripts/gpu_small.sh [OUT_DIR]
-# Carry runs/small/tokenizer and runs/small/decoder (trained beforehand, e.g. on CPU, with
-# `bash scripts/small.sh` stopped after stage 1 and 3) to spend the device time on the
-# joint model and the eval only; finished stages are skipped.
+# Carry runs/small/tokenizer and runs/small/decoder, trained beforehand (e.g. on CPU with
+# the commands in configs/small.py's docstring), to spend the device time on the joint
+# model and the eval only: finished stages are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/mmgen-gpu}}
 mkdir -p "$out"
 source scripts/gpu_env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
 MMGEN="python3 -m mmgen.cli" timeout 560 bash scripts/small.sh runs/small 2>&1 \
   | grep -v "^  generated" | tee "$out/small.log"
 rc=${PIPESTATUS[0]}

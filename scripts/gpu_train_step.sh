@@ -11,8 +11,6 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/mmgen-gpu}}
 mkdir -p "$out"
 source scripts/gpu_env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
 # 450 s at most; no new lever starts after 330 s (one lever: compile + 7 steps, < 2 min).
 timeout 450 python3 bench/train_step.py --levers --budget-s 330 --json "$out/train_step.json" \
   2> "$out/train_step.log" | tee "$out/train_step.txt"
