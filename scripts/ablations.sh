@@ -8,6 +8,7 @@
 #   (default runs/demo); results go to OUT (default RUN_ROOT/ablations), with a summary
 #   table in OUT/results.md. Every step reuses finished outputs, so a rerun resumes.
 # Environment: NUM (prompts per category, default 100), SCALES (default "1 2 3 5 8"),
+#   MMGEN / PYTHON (default .venv/bin/mmgen / .venv/bin/python),
 #   DECODER_STEPS / SFT_STEPS (training steps, defaults 800 / 500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ for attn in bidirectional causal; do
 done
 
 stamp "summary -> $out/results.md"
-.venv/bin/python - "$out" "$scales" > "$out/results.md" <<'EOF'
+${PYTHON:-.venv/bin/python} - "$out" "$scales" > "$out/results.md" <<'EOF'
 import json, sys
 from pathlib import Path
 
