@@ -204,7 +204,10 @@ def test_dpo_rows_and_loss():
 
 def test_rewards_score_ground_truth_renders_and_text():
     from mmgen.eval.scene_checker import category_scenes
-    from mmgen.posttrain.rewards import reward
+    from mmgen.posttrain.rewards import score
+
+    def reward(*args):
+        return score(*args)[0]
 
     blank = np.full((64, 64, 3), 255, np.uint8)
     for cat in ("single_object", "colours"):
@@ -213,6 +216,7 @@ def test_rewards_score_ground_truth_renders_and_text():
         assert reward(image, scene, cat, "check") == 1.0
         assert reward(image, scene, cat, "partial") == 1.0
         assert reward(blank, scene, cat, "partial") == 0.0
+        assert score(image, scene, cat)[1] and not score(blank, scene, cat)[1]
         wrong = dataclasses.replace(scene, objects=tuple(
             dataclasses.replace(o, colour=next(c for c in syn.COLOURS if c != o.colour))
             for o in scene.objects))

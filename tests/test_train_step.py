@@ -3,17 +3,14 @@
 import jax
 import numpy as np
 import pytest
-from small_joint import small_batch, small_cfg
+from small_joint import small_batch, small_cfg, small_spec
 
-from mmgen.load import build_model_fn
 from mmgen.models.paths import param_path
-from mmgen.parallel.mesh import make_mesh
-from mmgen.train.state import StateSpec
 from mmgen.train.step import make_train_step
 
 
 def _run(cfg, steps=2):
-    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    spec = small_spec(cfg)
     state = spec.init(0)
     step = make_train_step(spec, "next_token")
     out = []
@@ -35,7 +32,7 @@ def test_grad_accumulation_matches_full_batch(repo):
 
 def test_freeze_regex_keeps_params_fixed_and_ema_tracks(repo):
     cfg = small_cfg(repo, "optim.freeze=^embed_VD$", "optim.ema_decay=0.5")
-    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    spec = small_spec(cfg)
     init = jax.tree.map(np.asarray, spec.init(0))
     state, _ = _run(cfg, steps=2)
     leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]

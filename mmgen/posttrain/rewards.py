@@ -44,10 +44,6 @@ def score(image: np.ndarray, scene: Scene, category: str, kind: str = "check"
     return 0.5 * float(passed) + 0.5 * attribute_credit(analysis, scene), passed
 
 
-def reward(image: np.ndarray, scene: Scene, category: str, kind: str = "check") -> float:
-    return score(image, scene, category, kind)[0]
-
-
 def rewards(images: Sequence[np.ndarray], scenes: Sequence[Scene],
             categories: Sequence[str], kind: str = "check") -> tuple[np.ndarray, np.ndarray]:
     """(float32 [N] rewards, bool [N] checks passed): each image analysed once."""
