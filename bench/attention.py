@@ -12,7 +12,9 @@ about 5% padding at the row's end). Columns: TFLOP/s forward and forward+backwar
   jax_pallas  JAX's shipped Pallas Triton mha (segment ids, no spans: on the packed row
               it is timed with segments only and marked as not expressing the mask)
   tokamax     if installed (Python >= 3.12, jax >= 0.11.1)
-  ours        kernels/pallas_gpu.py
+  ours        kernels/pallas_gpu.py (Triton; any NVIDIA GPU)
+  ours_mgpu   kernels/pallas_mgpu.py: the Mosaic GPU forward for Hopper, with ours'
+              backward (so its fwd+bwd gain is the forward's alone)
 FLOPs count only visible (query, key) pairs of the mask: 4*B*H*D per pair forward
 (Q K^T and P V), 3.5x that for forward+backward; a causal row is therefore about half
 of a full one, and the packed row far less. `ours / best` divides by the fastest other
@@ -26,16 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if "--cpu-smoke" in sys.argv:  # the Mosaic GPU simulator needs a thread per warpgroup
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmgen.kernels import pallas_gpu  # noqa: E402
+from mmgen.kernels import pallas_gpu, pallas_mgpu  # noqa: E402
 from mmgen.kernels.attention import attention  # noqa: E402
 from mmgen.kernels.block_plan import block_plan  # noqa: E402
 from mmgen.kernels.mask import attention_mask  # noqa: E402
@@ -96,6 +102,14 @@ def ours_fn(ids, causal, blocks):
                                                       blocks=blocks, interpret=INTERPRET)[0]
 
 
+def mgpu_fn(ids, causal, blocks):
+    return lambda q, k, v: pallas_mgpu.flash_attention(q, k, v, ids, ids, causal=causal,
+                                                       blocks=blocks, interpret=INTERPRET)[0]
+
+
+OURS = ("ours", "ours_mgpu")
+
+
 def impls(ids, causal, packed, blocks, only=None):
     seg, span, _ = ids
     if only == "ours":
@@ -128,6 +142,7 @@ def impls(ids, causal, packed, blocks, only=None):
     except ImportError:
         pass
     out["ours"] = (ours_fn(ids, causal, blocks), True)
+    out["ours_mgpu"] = (mgpu_fn(ids, causal, blocks), True)
     return out
 
 
@@ -175,9 +190,13 @@ def bench_row(name, B, S, causal, packed, iters, blocks, only=None):
         tiles = lambda i: int(block_plan(i[0], i[0], i[1], i[1], i[2], i[2], block_q=128,  # noqa: E731
                                          block_k=128).visit_BNM.sum())
         result["ideal_speedup"] = tiles(dense) / tiles(ids)
-        fwd, train = fwd_and_train(ours_fn(dense, True, blocks))
-        result["ours_dense_causal_ms"] = {"fwd": timed(fwd, (q, k, v), iters) * 1e3,
-                                          "fwd_bwd": timed(train, (q, k, v, do), iters) * 1e3}
+        for name, make in (("ours", ours_fn), ("ours_mgpu", mgpu_fn)):
+            if "error" in result.get(name, {"error": ""}):
+                continue
+            fwd, train = fwd_and_train(make(dense, True, blocks))
+            result[f"{name}_dense_causal_ms"] = {
+                "fwd": timed(fwd, (q, k, v), iters) * 1e3,
+                "fwd_bwd": timed(train, (q, k, v, do), iters) * 1e3}
     return result
 
 
@@ -202,9 +221,11 @@ def correctness(blocks):
                                           kv_segment_ids_BK=ids[0], q_span_ids_BQ=ids[1],
                                           kv_span_ids_BK=ids[1], impl="xla")
         ours_f = ours_fn(ids, True, blocks if d == D and h == g else None)
+        mgpu_f = mgpu_fn(ids, True, blocks if d == D and h == g else None)
         ref = run(ref_f, jnp.float32)
         for label, f, dt in [("xla bf16", ref_f, jnp.bfloat16), ("ours bf16", ours_f, jnp.bfloat16),
-                             ("ours f32", ours_f, jnp.float32)]:
+                             ("ours f32", ours_f, jnp.float32),
+                             ("ours_mgpu bf16", mgpu_f, jnp.bfloat16)]:
             label = f"H{h} G{g} D{d} {label}"
             try:
                 got = run(f, dt)
@@ -260,10 +281,11 @@ def main():
         errs = errs if isinstance(errs, str) else " ".join(f"{e:.2e}" for e in errs)
         print(f"  {label:24s} {errs}", flush=True)
     results = [bench_row(*row, iters, blocks) for row in ROWS]
-    names = ["xla", "cudnn", "jax_pallas", "tokamax", "ours"]
+    names = ["xla", "cudnn", "jax_pallas", "tokamax", *OURS]
     print("\nTFLOP/s fwd / fwd+bwd (visible pairs only; * = cannot express the row's mask)")
-    print("| row | " + " | ".join(names) + " | ours / best other (fwd, fwd+bwd) |")
-    print("|---" * (len(names) + 2) + "|")
+    print("| row | " + " | ".join(names) + " | "
+          + " | ".join(f"{o} / best other (fwd, fwd+bwd)" for o in OURS) + " |")
+    print("|---" * (len(names) + 1 + len(OURS)) + "|")
     for r in results:
         cells, best_f, best_t = [], 0.0, 0.0
         for n in names:
@@ -275,19 +297,20 @@ def main():
             else:
                 star = "" if c["expresses"] else "*"
                 cells.append(f"{c['fwd']:.0f} / {c['fwd_bwd']:.0f}{star}")
-                if n != "ours" and c["expresses"]:
+                if n not in OURS and c["expresses"]:
                     best_f, best_t = max(best_f, c["fwd"]), max(best_t, c["fwd_bwd"])
-        o = r.get("ours", {})
-        ratio = (f"{o['fwd'] / best_f:.2f}x, {o['fwd_bwd'] / best_t:.2f}x"
-                 if "fwd" in o and best_f else "-")
-        print(f"| {r['row']} | " + " | ".join(cells) + f" | {ratio} |")
-    for r in results:
-        if "ideal_speedup" in r and "ms_fwd" in r.get("ours", {}):
-            got_f = r["ours_dense_causal_ms"]["fwd"] / r["ours"]["ms_fwd"]
-            got_t = r["ours_dense_causal_ms"]["fwd_bwd"] / r["ours"]["ms_fwd_bwd"]
-            print(f"\npacked row: visible fraction {r['visible_fraction']:.3f}; ours vs ours dense "
-                  f"causal: {got_f:.2f}x fwd, {got_t:.2f}x fwd+bwd; ideal from active tiles "
-                  f"{r['ideal_speedup']:.2f}x -> {got_f / r['ideal_speedup']:.2f} / "
+        for name in OURS:
+            o = r.get(name, {})
+            cells.append(f"{o['fwd'] / best_f:.2f}x, {o['fwd_bwd'] / best_t:.2f}x"
+                         if "fwd" in o and best_f else "-")
+        print(f"| {r['row']} | " + " | ".join(cells) + " |")
+    for r, name in ((r, n) for r in results for n in OURS):
+        if "ideal_speedup" in r and f"{name}_dense_causal_ms" in r:
+            dense, got = r[f"{name}_dense_causal_ms"], r[name]
+            got_f, got_t = dense["fwd"] / got["ms_fwd"], dense["fwd_bwd"] / got["ms_fwd_bwd"]
+            print(f"\npacked row, {name}: visible fraction {r['visible_fraction']:.3f}; vs its "
+                  f"own dense causal run: {got_f:.2f}x fwd, {got_t:.2f}x fwd+bwd; ideal from "
+                  f"active tiles {r['ideal_speedup']:.2f}x -> {got_f / r['ideal_speedup']:.2f} / "
                   f"{got_t / r['ideal_speedup']:.2f} of ideal")
     if args.json:
         args.json.write_text(json.dumps({"device": jax.devices()[0].device_kind,

@@ -34,7 +34,7 @@ def get_config(arg=None) -> ConfigDict:
         rope_theta=10_000.0,
         max_image_grid=16,      # learned absolute row/col embeddings up to 16x16 (0 = off)
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
-        attention_impl="auto",  # auto | xla | cudnn | pallas_gpu | pallas_tpu (docs/configs.md)
+        attention_impl="auto",  # auto | xla | cudnn | pallas_gpu | pallas_mgpu | pallas_tpu
         remat="none",           # none | full | dots_saveable | offload (activation memory)
         scan_layers=False,      # one traced block scanned over the layers (compile time)
         bidirectional_prompts=True,  # prompt images attend both ways (False: causal, ablation)

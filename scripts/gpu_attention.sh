@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The attention issue's GPU check in one run (under 8 minutes on one H100/H200):
-# correctness of our Triton-backend kernel against the f32 reference and the
-# side-by-side table of bench/attention.py, with the kernel's default tiles (SWEEP=1
-# first picks tiles by timing a few shapes). Needs only jax (the GPU image's own);
-# mmgen's kernels import nothing else.
+# correctness of our GPU kernels (Triton; the Mosaic GPU forward on Hopper) against the
+# f32 reference and the side-by-side table of bench/attention.py, with the kernels'
+# default tiles (SWEEP=1 first picks the Triton kernel's tiles by timing a few shapes).
+# Needs only jax (the GPU image's own); mmgen's kernels import nothing else.
 #   bash scripts/gpu_attention.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Decode latency of the 1B model at batch 1 against the memory-bandwidth floor on one GPU
-# (bench/decode.py --gpu-1b), then the CPU-mode comparison for reference. Needs jax[cuda].
-set -euo pipefail
+# Issue 9's GPU check: decode latency of the 1B model at batch 1 against the
+# memory-bandwidth floor (bench/decode.py --gpu-1b), on one GPU.
+#   bash scripts/gpu_decode.sh [OUT_DIR] [bench/decode.py args...]
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-"$PY" bench/decode.py --gpu-1b "$@"
+out=${1:-${OUT:-/tmp/mmgen-gpu}}
+shift || true
+mkdir -p "$out"
+source scripts/gpu_env.sh
+timeout 300 python3 bench/decode.py --gpu-1b "$@" 2> "$out/decode.log" | tee "$out/decode.txt"
+rc=${PIPESTATUS[0]}
+tail -n 5 "$out/decode.log"
+exit "$rc"

@@ -5,6 +5,8 @@ impl:
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") with the mask as an
               explicit [B, 1, Q, K] mask (cuDNN has no segment/span masks of its own)
   pallas_gpu  our Triton-backend flash kernel (kernels/pallas_gpu.py), any NVIDIA GPU
+  pallas_mgpu our Mosaic GPU forward kernel for Hopper (kernels/pallas_mgpu.py; bf16/f16)
+              with pallas_gpu's backward; explicit only until a GPU run has measured it
   pallas_tpu  our Mosaic TPU flash kernel (kernels/pallas_tpu.py)
   auto        pallas_gpu on GPU, pallas_tpu on TPU (head dims 64/128/256), else xla:
               mmgen's rows are packed and carry prompt-image spans, which only our
@@ -28,7 +30,7 @@ from jax.sharding import PartitionSpec
 
 from mmgen.kernels.mask import attention_mask
 
-IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
 
 
 KERNEL_HEAD_DIMS = (64, 128, 256)
@@ -145,6 +147,18 @@ def _pallas_gpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
                                       interpret=_platform() == "cpu")
 
 
+def _pallas_mgpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
+    from mmgen.kernels import pallas_mgpu
+
+    if _platform() not in ("gpu", "cuda"):
+        # its interpret mode is for tests (tests/mgpu_interpret_cases.py): slow, and it
+        # needs as many XLA CPU threads as the kernel has warpgroups
+        raise ValueError(f"attention impl 'pallas_mgpu' runs on Hopper GPUs, not on "
+                         f"{_platform()!r}; use pallas_gpu, pallas_tpu or xla there")
+    return pallas_mgpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal,
+                                       logit_cap=logit_cap)
+
+
 def _pallas_tpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
     from mmgen.kernels import pallas_tpu
 
@@ -153,7 +167,7 @@ def _pallas_tpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
 
 
 _IMPL_FNS = {"xla": _reference, "cudnn": _cudnn, "pallas_gpu": _pallas_gpu,
-             "pallas_tpu": _pallas_tpu}
+             "pallas_mgpu": _pallas_mgpu, "pallas_tpu": _pallas_tpu}
 
 
 def _under_mesh(fn):

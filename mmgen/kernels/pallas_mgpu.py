@@ -1,0 +1,350 @@
+"""Flash attention under the multimodal mask: Pallas, Mosaic GPU backend (Hopper, sm_90).
+
+The forward pass is a warp-specialised kernel. Each program owns a tile of
+2 x block_q queries of one (batch, head). Three warpgroups share it:
+- two compute warpgroups, block_q query rows each, run wgmma for S = Q K^T and O += P V;
+- one memory warpgroup streams the tile's key blocks by TMA into a ring of `stages`
+  shared-memory slots: K, V and the keys' (segment, span, index) ids.
+
+The loop covers only the plan's visited key blocks [lo, hi) (block_plan.py), the same
+for both compute warpgroups. Inside it, the run of fully visible tiles [flo, fhi)
+skips the element-wise mask. So causal upper triangles and cross-segment tiles of
+packed rows cost neither memory traffic nor tensor-core time. The softmax is the
+online one of pallas_gpu.py in base 2. The log-sum-exp it writes (base 2,
+_EMPTY_LSE for rows that see nothing) is what the Triton backward kernels of
+pallas_gpu.py read: the backward pass is theirs.
+
+Only bf16/f16 inputs (wgmma's). Head dims 64/128/256.
+
+`interpret=True` runs the kernel in Pallas' Mosaic GPU interpret mode on CPU for the
+tests. That simulator has no transposed-ref or register-operand wgmma, so two steps
+take an equivalent route there: it reads K^T from a transposed copy (so S = Q K^T is
+a plain wgmma), stages P through shared memory before P V and adds that product
+to the running output instead of accumulating into it in place, and reads id
+vectors and builds constants without register layouts (it has none). Everything else (the
+pipeline, barriers, ranges, masks, softmax, outputs) is the code the GPU runs. The GPU
+route of those two steps is checked by lowering on CPU (tests) and by
+scripts/gpu_attention.sh on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mmgen.kernels import pallas_gpu
+from mmgen.kernels.block_plan import block_plan
+
+LOG2E = math.log2(math.e)
+_MASKED = pallas_gpu._MASKED
+_EMPTY_LSE = pallas_gpu._EMPTY_LSE
+_COMPUTE_WGS = 2          # compute warpgroups per program (query rows 2 x block_q)
+_MEMORY_WG = _COMPUTE_WGS  # the last warpgroup issues the TMA copies
+_RANGE_WORDS = 32         # int32 words per tile's range record (a TMA's 128-byte minimum)
+
+
+class Tiles(NamedTuple):
+    """Forward tiles: block_q query rows per compute warpgroup (the program's tile is
+    2 x block_q), block_k keys per step, `stages` key blocks in flight."""
+
+    block_q: int = 64
+    block_k: int = 128
+    stages: int = 2
+
+
+def default_tiles(D: int) -> Tiles:
+    # shared memory at bf16: Q 2*64*D*2, K and V stages*block_k*D*2 each, under ~227 KiB
+    if D == 256:
+        return Tiles(64, 64, 2)
+    if D == 128:
+        return Tiles(64, 128, 2)
+    return Tiles(64, 128, 3)
+
+
+def _transforms(dtype):
+    """Tiling + swizzle wgmma operands need: 128-byte rows of `dtype`."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(128))
+
+
+def _load(ref, layout, interpret: bool):
+    """A vector from shared memory in the register layout it is broadcast from (the
+    simulator has no plgpu.load and needs no layout)."""
+    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def _as_layout(x, layout, interpret: bool):
+    """A constant in the register layout of the wgmma values it is combined with."""
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
+                tiles: Tiles, heads_per_group: int, scale2: float, cap: float | None,
+                causal: bool, interpret: bool):
+    (ranges_s, q_s, k_s, v_s, kids_s, qids_s, lse_s, p_s,
+     ranges_bar, q_bar, qids_bar, k_bar, v_bar, kids_bar, k_free, v_free) = scratch
+    bq, bk, stages = tiles
+    b, h, n = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
+    if causal:  # the last query tiles see the most keys: launch them first
+        n = lax.axis_size("q_tile") - 1 - n
+    g = lax.div(h, jnp.array(heads_per_group, h.dtype))
+    wg = lax.axis_index("wg")
+    dtype = q_g.dtype
+    D = q_g.shape[-1]
+
+    # every warpgroup reads the tile's key-block range [lo, flo, fhi, hi) itself
+    plgpu.copy_gmem_to_smem(ranges_g.at[b, n], ranges_s.at[wg], ranges_bar.at[wg])
+    plgpu.barrier_wait(ranges_bar.at[wg])
+    lo, flo, fhi, hi = (ranges_s[wg, i] for i in range(4))
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        q_base = n * (_COMPUTE_WGS * bq) + wg * bq
+        q_smem, lse_smem = q_s.at[wg], lse_s.at[wg]
+        plgpu.copy_gmem_to_smem(q_g.at[b, pl.ds(q_base, bq), h], q_smem, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(qids_g.at[b, :, pl.ds(q_base, bq)], qids_s.at[wg],
+                                qids_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(qids_bar.at[wg])
+        rows = plgpu.Layout.WGMMA.reduce(1)
+        cols = plgpu.Layout.WGMMA.reduce(0)
+        seg_q, span_q, idx_q = (
+            lax.broadcast_in_dim(_load(qids_s.at[wg, i], rows, interpret), (bq, bk), [0])
+            for i in range(3))
+
+        def step(j, carry, masked):
+            acc, m, den = carry
+            slot = lax.rem(j - lo, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                if interpret:  # the simulator's route: K^T was copied pre-transposed
+                    plgpu.wgmma(acc_ref, q_smem, k_s.at[slot])
+                else:
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_s.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            if cap is not None:
+                s = jnp.tanh(s * (scale2 / LOG2E / cap)) * (cap * LOG2E)
+            else:
+                s = s * scale2
+            mask = None
+            if masked:
+                plgpu.barrier_wait(kids_bar.at[slot])
+                seg_k, span_k, idx_k = (
+                    lax.broadcast_in_dim(_load(kids_s.at[slot, i], cols, interpret),
+                                         (bq, bk), [1])
+                    for i in range(3))
+                mask = (seg_q == seg_k) & (seg_q > 0)
+                if causal:
+                    mask = mask & ((idx_k <= idx_q) | ((span_q == span_k) & (span_q > 0)))
+                s = jnp.where(mask, s, _MASKED)
+            plgpu.barrier_arrive(k_free.at[slot])  # K and the key ids of this slot are read
+
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+            alpha = jnp.exp2(m - m_new)
+            den = den * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, (bq, D), [0])
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            if interpret:  # the simulator's route: P through shared memory, a fresh sum
+                p_s[wg] = p16
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+            else:  # wgmma accumulates into the running output in place
+                acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_s.at[slot]))(
+                    plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, den
+
+        acc = _as_layout(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
+        m = _as_layout(jnp.full((bq,), _MASKED, jnp.float32), rows, interpret)
+        den = _as_layout(jnp.zeros((bq,), jnp.float32), rows, interpret)
+        carry = (acc, m, den)
+        carry = lax.fori_loop(lo, flo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+        acc, m, den = lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
+
+        seen = den > 0
+        den_safe = jnp.where(seen, den, 1.0)
+        q_smem[...] = (acc / lax.broadcast_in_dim(den_safe, (bq, D), [0])).astype(dtype)
+        lse_smem[...] = jnp.where(seen, m + jnp.log2(den_safe), _EMPTY_LSE)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_g.at[b, pl.ds(q_base, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_g.at[b, h, pl.ds(q_base, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _MEMORY_WG)
+    def _memory():
+        def fetch(j, _):
+            i = j - lo
+            slot = lax.rem(i, stages)
+            keys = pl.ds(j * bk, bk)
+
+            @pl.when(i >= stages)  # the slot's previous block must be consumed first
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            if interpret:
+                plgpu.copy_gmem_to_smem(k_g.at[b, g, :, keys], k_s.at[slot], k_bar.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(k_g.at[b, keys, g], k_s.at[slot], k_bar.at[slot])
+
+            @pl.when((j < flo) | (j >= fhi))  # the key ids only where the mask is applied
+            def _():
+                plgpu.copy_gmem_to_smem(kids_g.at[b, :, keys], kids_s.at[slot],
+                                        kids_bar.at[slot])
+
+            @pl.when(i >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_g.at[b, keys, g], v_s.at[slot], v_bar.at[slot])
+
+        lax.fori_loop(lo, hi, fetch, None)
+
+        # Wait for the last `stages` blocks to be consumed too: every phase of a barrier
+        # is then observed by its waiter (the interpret mode checks this; on the GPU the
+        # memory warpgroup is idle by now).
+        def drain(i, _):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+        lax.fori_loop(jnp.maximum(hi - lo - stages, 0), hi - lo, drain, None)
+
+
+def _fwd_call(q, k, v, ids_q, ids_k, ranges, *, tiles: Tiles, causal, cap, interpret):
+    B, Qp, H, D = q.shape
+    G = k.shape[2]
+    bq, bk, stages = tiles
+    dtype = q.dtype
+    tr = _transforms(dtype)
+    kids = jnp.stack(ids_k, axis=1)   # [B, 3, Kp]: one TMA per key block
+    qids = jnp.stack(ids_q, axis=1)
+    # [B, N, 32]: lo, flo, fhi, hi, padded because a TMA moves a multiple of 128 bytes
+    ranges = jnp.pad(jnp.stack(ranges, axis=-1), ((0, 0), (0, 0), (0, _RANGE_WORDS - 4)))
+    if interpret:
+        k = jnp.transpose(k, (0, 2, 3, 1))  # [B, G, D, Kp]
+        k_slot = plgpu.SMEM((stages, D, bk), dtype, transforms=tr)
+    else:
+        k_slot = plgpu.SMEM((stages, bk, D), dtype, transforms=tr)
+    wgs = _COMPUTE_WGS + 1
+    scratch = [
+        plgpu.SMEM((wgs, _RANGE_WORDS), jnp.int32),
+        plgpu.SMEM((_COMPUTE_WGS, bq, D), dtype, transforms=tr),
+        k_slot,
+        plgpu.SMEM((stages, bk, D), dtype, transforms=tr),
+        plgpu.SMEM((stages, 3, bk), jnp.int32),
+        plgpu.SMEM((_COMPUTE_WGS, 3, bq), jnp.int32),
+        plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+        plgpu.SMEM((_COMPUTE_WGS, bq, bk), dtype, transforms=tr) if interpret else None,
+        plgpu.Barrier(num_barriers=wgs),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+    ]
+
+    def entry(*refs):  # 6 inputs, 2 outputs, then the scratch buffers and barriers
+        _fwd_kernel(*refs[:8], refs[8:], tiles=tiles, heads_per_group=H // G,
+                    scale2=D**-0.5 * LOG2E, cap=cap, causal=causal, interpret=interpret)
+
+    kernel = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                  jax.ShapeDtypeStruct((B, H, Qp), jnp.float32)],
+        grid=(Qp // (_COMPUTE_WGS * bq), B, H),
+        grid_names=("q_tile", "batch", "heads"),
+        num_threads=wgs,
+        thread_name="wg",
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="mmgen_flash_fwd_mgpu",
+    )
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams,
+            force_gpu_interpret_mode,
+        )
+
+        with force_gpu_interpret_mode(InterpretGPUParams(detect_races=True)):
+            return kernel(ranges, q, k, v, qids, kids)
+    return kernel(ranges, q, k, v, qids, kids)
+
+
+# ----------------------------------------------------------------------------- API
+
+def _ranges(plan):
+    return plan.kv_lo_BN, plan.kv_full_lo_BN, plan.kv_full_hi_BN, plan.kv_hi_BN
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
+    return _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret)[0]
+
+
+def _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
+    plan = block_plan(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2],
+                      block_q=_COMPUTE_WGS * tiles.block_q, block_k=tiles.block_k,
+                      causal=causal)
+    o, lse2 = _fwd_call(q, k, v, ids_q, ids_k, _ranges(plan), tiles=tiles, causal=causal,
+                        cap=cap, interpret=interpret)
+    seen = lse2 < _EMPTY_LSE / 2
+    lse = jnp.where(seen, lse2 / LOG2E, -jnp.inf)
+    return (o, lse), (q, k, v, ids_q, ids_k, o, lse2, seen)
+
+
+def _flash_bwd(tiles, blocks, causal, cap, interpret, res, cts):
+    del tiles  # the backward pass is pallas_gpu's (Triton) with its own tiles
+    return pallas_gpu._flash_bwd(blocks, causal, cap, interpret, res, cts)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True,
+                    logit_cap: float | None = None, tiles: Tiles | tuple | None = None,
+                    blocks: pallas_gpu.Blocks | tuple | None = None, interpret: bool = False):
+    """pallas_gpu.flash_attention's contract (out [B,Q,H,D], natural lse [B,H,Q] with -inf
+    for rows that see nothing), with this module's forward kernel; `blocks` are the
+    Triton backward's tiles (default: pallas_gpu.default_blocks)."""
+    B, Q, H, D = q_BQHD.shape
+    K = k_BKGD.shape[1]
+    if D not in (64, 128, 256):
+        raise ValueError(f"pallas_mgpu attention supports head dims 64/128/256, got {D}")
+    if q_BQHD.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"pallas_mgpu attention takes bf16/f16 (wgmma), got {q_BQHD.dtype}; "
+                         "use pallas_gpu for f32")
+    tiles = Tiles(*tiles) if tiles else default_tiles(D)
+    blocks = (pallas_gpu.Blocks(*blocks) if blocks
+              else pallas_gpu.default_blocks(Q, K, D, q_BQHD.dtype.itemsize))
+    mult_q = max(_COMPUTE_WGS * tiles.block_q, blocks.block_q_bwd)
+    mult_k = max(tiles.block_k, blocks.block_k_bwd)
+    Qp, Kp = -(-Q // mult_q) * mult_q, -(-K // mult_k) * mult_k
+    pad = pallas_gpu._pad_to
+    q = pad(q_BQHD, Qp, 1)
+    k, v = pad(k_BKGD, Kp, 1), pad(v_BKGD, Kp, 1)
+    ids_q = tuple(pad(x.astype(jnp.int32), Qp, 1) for x in ids_q)
+    ids_k = tuple(pad(x.astype(jnp.int32), Kp, 1) for x in ids_k)
+    o, lse = _flash(q, k, v, ids_q, ids_k, tiles, blocks, causal, logit_cap, interpret)
+    return o[:, :Q], lse[:, :, :Q]

@@ -1,0 +1,106 @@
+"""Interpret-mode cases of the Mosaic GPU forward kernel (kernels/pallas_mgpu.py).
+
+Not collected on its own: tests/test_attention_mgpu.py runs this file in a pytest
+subprocess with 8 fake CPU devices. The simulator runs each warpgroup as a thread whose
+XLA computation blocks in barrier waits, and XLA's CPU thread pool (sized by cores and
+devices) must hold all of them at once: on 2 cores with 1 device it can deadlock.
+
+Against the f32 reference, forward (out, lse) and through the backward (pallas_gpu's
+Triton kernels, interpret mode) all three gradients. Inputs are bf16 (wgmma's): the
+kernel's error against the f32 reference is at most 2x the error of the XLA path run
+in bf16, plus 2e-2 absolute (as for pallas_gpu). The simulator's race detector must
+find no race.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_cases import packed_ids
+
+from mmgen.kernels import pallas_mgpu
+from mmgen.kernels.attention import attention
+
+
+def _inputs(seed, B, Q, K, H, G, D):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    shapes = ((B, Q, H, D), (B, K, G, D), (B, K, G, D), (B, Q, H, D))
+    return [jax.random.normal(k, s, jnp.float32) for k, s in zip(ks, shapes, strict=True)]
+
+
+def _run(impl, q, k, v, do, ids_q, ids_k, causal, cap, tiles=None):
+    """out, lse and (dq, dk, dv) for a loss that uses both outputs."""
+    def f(q, k, v):
+        if impl == "ours":
+            return pallas_mgpu.flash_attention(q, k, v, ids_q, ids_k, causal=causal,
+                                               logit_cap=cap, tiles=tiles, interpret=True)
+        return attention(q, k, v, q_segment_ids_BQ=ids_q[0], kv_segment_ids_BK=ids_k[0],
+                         q_span_ids_BQ=ids_q[1], kv_span_ids_BK=ids_k[1], q_index_BQ=ids_q[2],
+                         kv_index_BK=ids_k[2], causal=causal, logit_cap=cap, return_lse=True)
+
+    @jax.jit
+    def go(q, k, v, do):
+        (out, lse), vjp = jax.vjp(f, q, k, v)
+        dlse = jnp.where(jnp.isfinite(lse), 0.1 * jnp.cos(lse), 0.0)  # exercise d lse too
+        return out, lse, vjp((do, dlse))
+
+    out, lse, grads = go(q, k, v, do)
+    return [np.asarray(x, np.float32) for x in (out, lse, *grads)]
+
+
+CASES = {
+    # name: (B, Q, K, H, G, D, causal, cap, tiles (block_q, block_k, stages))
+    # 4 key blocks through 2 slots: the ring wraps; odd lengths pad with segment 0
+    "packed_spans_gqa_odd": (2, 200, 200, 4, 2, 64, True, None, (64, 64, 2)),
+    "mqa_d128_softcap": (1, 130, 130, 2, 1, 128, True, 20.0, (64, 64, 3)),
+    "bidirectional": (1, 96, 96, 2, 2, 64, False, None, (64, 64, 2)),
+    "chunk_with_offset": (2, 40, 160, 2, 1, 64, True, None, (64, 64, 2)),
+    "d256": (1, 128, 128, 1, 1, 256, True, None, (64, 64, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mgpu_kernel_matches_reference_bf16(name):
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    B, Q, K, H, G, D, causal, cap, tiles = CASES[name]
+    rng = np.random.default_rng(len(name))
+    seg, span, idx = packed_ids(rng, B, K, max_segments=3)
+    ids_k = tuple(jnp.asarray(x) for x in (seg, span, idx))
+    ids_q = tuple(x[:, K - Q:] for x in ids_k)  # a chunk of queries at the end of the row
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in _inputs(len(name), B, Q, K, H, G, D))
+    ours = _run("ours", q, k, v, do, ids_q, ids_k, causal, cap, tiles)
+    assert not interpret_pallas_call.get_races().races_found
+    xla16 = _run("xla", q, k, v, do, ids_q, ids_k, causal, cap)
+    ref = _run("xla", *(x.astype(jnp.float32) for x in (q, k, v, do)), ids_q, ids_k, causal,
+               cap)
+    for what, r, x, o in zip(("out", "lse", "dq", "dk", "dv"), ref, xla16, ours, strict=True):
+        ok = np.isfinite(r)
+        np.testing.assert_array_equal(np.isfinite(o), ok, err_msg=what)
+        err_xla = np.abs(x[ok] - r[ok]).max()
+        err_ours = np.abs(o[ok] - r[ok]).max()
+        assert err_ours <= 2 * err_xla + 2e-2, (what, err_ours, err_xla)
+    seen = np.asarray(ids_q[0]) > 0
+    assert (ours[0][~seen] == 0).all()  # padding rows are exact zeros, not NaN
+
+
+def test_mgpu_kernel_skips_blocks_the_plan_skips():
+    """Key blocks the plan skips are never read: NaN keys and values in another
+    segment's blocks leave the first segment's outputs equal to the clean run's."""
+    B, L, H, D = 1, 256, 2, 64
+    seg = jnp.asarray(np.repeat([1, 2], [128, 128])[None], jnp.int32)
+    ids = (seg, jnp.zeros((B, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(0, B, L, L, H, 1, D))
+    run = lambda k, v: pallas_mgpu.flash_attention(  # noqa: E731
+        q, k, v, ids, ids, tiles=(64, 64, 2), interpret=True)
+    clean = run(k, v)
+    # query tile 0 (queries 0..127, segment 1) never visits keys 128..255 (segment 2);
+    # had it read them, NaN values would reach its outputs through P V (0 * NaN = NaN)
+    poison = jnp.zeros((B, L, 1, D), bool).at[:, 128:].set(True)
+    dirty = run(jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v))
+    np.testing.assert_array_equal(np.asarray(dirty[0][:, :128], np.float32),
+                                  np.asarray(clean[0][:, :128], np.float32))
+    np.testing.assert_array_equal(np.asarray(dirty[1][:, :, :128]),
+                                  np.asarray(clean[1][:, :, :128]))

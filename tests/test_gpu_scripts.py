@@ -1,0 +1,31 @@
+"""The prepared GPU scripts parse, and scripts/gpu_all.sh keeps to its time budget
+(a device call is refused past 600 s, so a check that cannot finish must not start)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted(Path(__file__).resolve().parents[1].glob("scripts/gpu_*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_gpu_script_parses(script):
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_gpu_all_skips_checks_the_budget_cannot_hold(repo, tmp_path):
+    res = subprocess.run(["bash", "scripts/gpu_all.sh", str(tmp_path), "attention decode", "60"],
+                         cwd=repo, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "== attention: skipped" in res.stdout and "== decode: skipped" in res.stdout
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_gpu_all_rejects_unknown_checks(repo, tmp_path):
+    res = subprocess.run(["bash", "scripts/gpu_all.sh", str(tmp_path), "atention"],
+                         cwd=repo, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown check atention" in res.stdout
