@@ -13,8 +13,8 @@ about 5% padding at the row's end). Columns: TFLOP/s forward and forward+backwar
               it is timed with segments only and marked as not expressing the mask)
   tokamax     if installed (Python >= 3.12, jax >= 0.11.1)
   ours        kernels/pallas_gpu.py (Triton; any NVIDIA GPU)
-  ours_mgpu   kernels/pallas_mgpu.py: the Mosaic GPU forward for Hopper, with ours'
-              backward (so its fwd+bwd gain is the forward's alone)
+  ours_mgpu   kernels/pallas_mgpu.py + pallas_mgpu_bwd.py: the Mosaic GPU kernels for
+              Hopper (at D=256 with ours' backward)
 FLOPs count only visible (query, key) pairs of the mask: 4*B*H*D per pair forward
 (Q K^T and P V), 3.5x that for forward+backward; a causal row is therefore about half
 of a full one, and the packed row far less. `ours / best` divides by the fastest other
@@ -279,7 +279,7 @@ def main():
     print("\ncorrectness (max abs error vs f32 reference: out, dq, dk, dv; packed B2 S2048):")
     for label, errs in correctness(blocks):
         errs = errs if isinstance(errs, str) else " ".join(f"{e:.2e}" for e in errs)
-        print(f"  {label:24s} {errs}", flush=True)
+        print(f"  {label:28s} {errs}", flush=True)
     results = [bench_row(*row, iters, blocks) for row in ROWS]
     names = ["xla", "cudnn", "jax_pallas", "tokamax", *OURS]
     print("\nTFLOP/s fwd / fwd+bwd (visible pairs only; * = cannot express the row's mask)")

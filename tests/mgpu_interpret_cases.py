@@ -1,15 +1,15 @@
-"""Interpret-mode cases of the Mosaic GPU forward kernel (kernels/pallas_mgpu.py).
+"""Interpret-mode cases of the Mosaic GPU kernels (kernels/pallas_mgpu.py, forward, and
+pallas_mgpu_bwd.py, dK/dV and dQ; at D=256 the backward is pallas_gpu's Triton one).
 
 Not collected on its own: tests/test_attention_mgpu.py runs this file in a pytest
 subprocess with 8 fake CPU devices. The simulator runs each warpgroup as a thread whose
 XLA computation blocks in barrier waits, and XLA's CPU thread pool (sized by cores and
 devices) must hold all of them at once: on 2 cores with 1 device it can deadlock.
 
-Against the f32 reference, forward (out, lse) and through the backward (pallas_gpu's
-Triton kernels, interpret mode) all three gradients. Inputs are bf16 (wgmma's): the
-kernel's error against the f32 reference is at most 2x the error of the XLA path run
-in bf16, plus 2e-2 absolute (as for pallas_gpu). The simulator's race detector must
-find no race.
+Against the f32 reference, forward (out, lse) and all three gradients. Inputs are bf16
+(wgmma's): the kernel's error against the f32 reference is at most 2x the error of the
+XLA path run in bf16, plus 2e-2 absolute (as for pallas_gpu). The simulator's race
+detector must find no race.
 """
 
 from __future__ import annotations
@@ -63,16 +63,17 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_mgpu_kernel_matches_reference_bf16(name):
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
     B, Q, K, H, G, D, causal, cap, tiles = CASES[name]
     rng = np.random.default_rng(len(name))
     seg, span, idx = packed_ids(rng, B, K, max_segments=3)
     ids_k = tuple(jnp.asarray(x) for x in (seg, span, idx))
     ids_q = tuple(x[:, K - Q:] for x in ids_k)  # a chunk of queries at the end of the row
     q, k, v, do = (x.astype(jnp.bfloat16) for x in _inputs(len(name), B, Q, K, H, G, D))
+    runs_before = len(pallas_mgpu.INTERPRETED_RUNS)
     ours = _run("ours", q, k, v, do, ids_q, ids_k, causal, cap, tiles)
-    assert not interpret_pallas_call.get_races().races_found
+    runs = pallas_mgpu.INTERPRETED_RUNS[runs_before:]
+    assert [n for n, _ in runs] == (["fwd", "dkdv", "dq"] if D <= 128 else ["fwd"]), runs
+    assert not any(race for _, race in runs), runs
     xla16 = _run("xla", q, k, v, do, ids_q, ids_k, causal, cap)
     ref = _run("xla", *(x.astype(jnp.float32) for x in (q, k, v, do)), ids_q, ids_k, causal,
                cap)

@@ -1,4 +1,4 @@
-"""The Mosaic GPU (Hopper) forward kernel, kernels/pallas_mgpu.py, on CPU.
+"""The Mosaic GPU (Hopper) kernels, kernels/pallas_mgpu.py and pallas_mgpu_bwd.py, on CPU.
 
 In Pallas' Mosaic GPU interpret mode (simulated warpgroups, shared memory, TMA and
 barriers, with race detection) it is checked against the f32 reference, forward and
@@ -35,8 +35,9 @@ def test_mgpu_kernel_in_interpret_mode(repo):
 
 def test_cuda_lowering_of_the_gpu_route():
     """The GPU route (transposed-ref and register-operand wgmma, register layouts) lowers
-    to Mosaic GPU for CUDA on this CPU machine, forward and through the Triton backward,
-    at head dims 64/128/256, with GQA groups of 3 and a soft cap."""
+    to Mosaic GPU for CUDA on this CPU machine, forward and backward (the Mosaic dK/dV
+    and dQ kernels; Triton's at D=256), at head dims 64/128/256, with GQA groups of 3 and
+    a soft cap."""
     for B, L, H, G, D, cap in [(1, 300, 6, 2, 64, None), (1, 256, 2, 1, 128, 30.0),
                                (1, 128, 2, 2, 256, None)]:
         ids = (jnp.ones((B, L), jnp.int32), jnp.zeros((B, L), jnp.int32),
@@ -50,8 +51,11 @@ def test_cuda_lowering_of_the_gpu_route():
 
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, kv, kv).lower(
             lowering_platforms=("cuda",)).as_text()
-        for name in ("mmgen_flash_fwd_mgpu", "mmgen_flash_dkdv", "mmgen_flash_dq"):
+        bwd = ("mmgen_flash_dkdv_mgpu", "mmgen_flash_dq_mgpu") if D <= 128 else (
+            "mmgen_flash_dkdv", "mmgen_flash_dq")  # D=256: the Triton backward
+        for name in ("mmgen_flash_fwd_mgpu", *bwd):
             assert name in text, (D, name)
+        assert (D <= 128) == ("mmgen_flash_dkdv_mgpu" in text)
 
 
 def test_mgpu_rejects_what_wgmma_cannot_take():

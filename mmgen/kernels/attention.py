@@ -5,8 +5,8 @@ impl:
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") with the mask as an
               explicit [B, 1, Q, K] mask (cuDNN has no segment/span masks of its own)
   pallas_gpu  our Triton-backend flash kernel (kernels/pallas_gpu.py), any NVIDIA GPU
-  pallas_mgpu our Mosaic GPU forward kernel for Hopper (kernels/pallas_mgpu.py; bf16/f16)
-              with pallas_gpu's backward; explicit only until a GPU run has measured it
+  pallas_mgpu our Mosaic GPU kernels for Hopper (kernels/pallas_mgpu.py, forward, and
+              pallas_mgpu_bwd.py; bf16/f16); explicit only until a GPU run has measured it
   pallas_tpu  our Mosaic TPU flash kernel (kernels/pallas_tpu.py)
   auto        pallas_gpu on GPU, pallas_tpu on TPU (head dims 64/128/256), else xla:
               mmgen's rows are packed and carry prompt-image spans, which only our

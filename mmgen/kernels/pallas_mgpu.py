@@ -10,21 +10,20 @@ The loop covers only the plan's visited key blocks [lo, hi) (block_plan.py), the
 for both compute warpgroups. Inside it, the run of fully visible tiles [flo, fhi)
 skips the element-wise mask. So causal upper triangles and cross-segment tiles of
 packed rows cost neither memory traffic nor tensor-core time. The softmax is the
-online one of pallas_gpu.py in base 2. The log-sum-exp it writes (base 2,
-_EMPTY_LSE for rows that see nothing) is what the Triton backward kernels of
-pallas_gpu.py read: the backward pass is theirs.
+online one of pallas_gpu.py in base 2, and so is the log-sum-exp it saves (_EMPTY_LSE
+for rows that see nothing). The backward pass is pallas_mgpu_bwd.py's for head dims
+64 and 128, and pallas_gpu.py's Triton kernels at 256 (they read the same residuals).
 
 Only bf16/f16 inputs (wgmma's). Head dims 64/128/256.
 
-`interpret=True` runs the kernel in Pallas' Mosaic GPU interpret mode on CPU for the
-tests. That simulator has no transposed-ref or register-operand wgmma, so two steps
-take an equivalent route there: it reads K^T from a transposed copy (so S = Q K^T is
-a plain wgmma), stages P through shared memory before P V and adds that product
-to the running output instead of accumulating into it in place, and reads id
-vectors and builds constants without register layouts (it has none). Everything else (the
-pipeline, barriers, ranges, masks, softmax, outputs) is the code the GPU runs. The GPU
-route of those two steps is checked by lowering on CPU (tests) and by
-scripts/gpu_attention.sh on a GPU.
+`interpret=True` runs the kernels in Pallas' Mosaic GPU interpret mode on CPU for the
+tests. That simulator lacks a few operations, so three steps take an equivalent route
+there: transposed operands (K^T here) are read from pre-transposed copies instead of
+transposed refs; register operands (P here) pass through shared memory, and their
+products are added to the running sums instead of accumulated in place; id vectors
+and constants carry no register layouts. Everything else (the pipeline, barriers,
+ranges, masks, softmax, outputs) is the code the GPU runs. The GPU route of those steps
+is checked by lowering for CUDA on CPU (tests) and by scripts/gpu_attention.sh on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -281,15 +281,33 @@ def _fwd_call(q, k, v, ids_q, ids_k, ranges, *, tiles: Tiles, causal, cap, inter
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="mmgen_flash_fwd_mgpu",
     )
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import (
-            InterpretGPUParams,
-            force_gpu_interpret_mode,
-        )
+    return _launch(kernel, (ranges, q, k, v, qids, kids), interpret, "fwd")
 
-        with force_gpu_interpret_mode(InterpretGPUParams(detect_races=True)):
-            return kernel(ranges, q, k, v, qids, kids)
-    return kernel(ranges, q, k, v, qids, kids)
+
+# interpret mode: (kernel name, whether the simulator's race detector found a race), one
+# entry per kernel run, appended after the run; the tests read it
+INTERPRETED_RUNS: list[tuple[str, bool]] = []
+
+
+def _launch(kernel, args, interpret: bool, name: str):
+    """Calls a plgpu.kernel; in interpret mode under the simulator, race detection on,
+    and its verdict recorded in INTERPRETED_RUNS once the run is over."""
+    if not interpret:
+        return kernel(*args)
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax._src.pallas.mosaic_gpu.interpret.params import (
+        InterpretGPUParams,
+        force_gpu_interpret_mode,
+    )
+
+    with force_gpu_interpret_mode(InterpretGPUParams(detect_races=True)):
+        out = kernel(*args)
+
+    def record(_):  # the simulator keeps the state of the last kernel it ran
+        INTERPRETED_RUNS.append((name, interpret_pallas_call.get_races().races_found))
+
+    jax.experimental.io_callback(record, None, jax.tree.leaves(out)[0], ordered=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- API
@@ -298,15 +316,16 @@ def _ranges(plan):
     return plan.kv_lo_BN, plan.kv_full_lo_BN, plan.kv_full_hi_BN, plan.kv_hi_BN
 
 
+BWD_TILES = Tiles(64, 64, 2)  # the Mosaic backward's: dK, dV of 64 keys x D <= 128 in registers
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _flash(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
     return _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret)[0]
 
 
 def _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
-    plan = block_plan(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2],
-                      block_q=_COMPUTE_WGS * tiles.block_q, block_k=tiles.block_k,
-                      causal=causal)
+    plan = _plan(ids_q, ids_k, _COMPUTE_WGS * tiles.block_q, tiles.block_k, causal)
     o, lse2 = _fwd_call(q, k, v, ids_q, ids_k, _ranges(plan), tiles=tiles, causal=causal,
                         cap=cap, interpret=interpret)
     seen = lse2 < _EMPTY_LSE / 2
@@ -314,9 +333,29 @@ def _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
     return (o, lse), (q, k, v, ids_q, ids_k, o, lse2, seen)
 
 
+def _plan(ids_q, ids_k, block_q, block_k, causal):
+    return block_plan(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2],
+                      block_q=block_q, block_k=block_k, causal=causal)
+
+
 def _flash_bwd(tiles, blocks, causal, cap, interpret, res, cts):
-    del tiles  # the backward pass is pallas_gpu's (Triton) with its own tiles
-    return pallas_gpu._flash_bwd(blocks, causal, cap, interpret, res, cts)
+    del tiles
+    q, k, v, ids_q, ids_k, o, lse2, seen = res
+    if q.shape[-1] > 128:  # dK and dV of D=256 do not fit in registers: Triton's backward
+        return pallas_gpu._flash_bwd(blocks, causal, cap, interpret, res, cts)
+    from mmgen.kernels import pallas_mgpu_bwd
+
+    do, dlse = cts
+    # d lse_i / d s_ij = p_ij, so a log-sum-exp cotangent only shifts delta.
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    delta = delta - jnp.where(seen, dlse, 0.0)
+    bq, bk = BWD_TILES.block_q, BWD_TILES.block_k
+    dq, dk, dv = pallas_mgpu_bwd.bwd_call(
+        q, k, v, do.astype(q.dtype), lse2, delta, ids_q, ids_k,
+        _plan(ids_q, ids_k, bq, _COMPUTE_WGS * bk, causal),
+        _plan(ids_q, ids_k, _COMPUTE_WGS * bq, bk, causal),
+        tiles=BWD_TILES, causal=causal, cap=cap, interpret=interpret)
+    return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -326,8 +365,9 @@ def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True
                     logit_cap: float | None = None, tiles: Tiles | tuple | None = None,
                     blocks: pallas_gpu.Blocks | tuple | None = None, interpret: bool = False):
     """pallas_gpu.flash_attention's contract (out [B,Q,H,D], natural lse [B,H,Q] with -inf
-    for rows that see nothing), with this module's forward kernel; `blocks` are the
-    Triton backward's tiles (default: pallas_gpu.default_blocks)."""
+    for rows that see nothing), with this module's forward kernel and, for D <= 128,
+    pallas_mgpu_bwd's backward (BWD_TILES); `blocks` are the Triton backward's tiles at
+    D=256 (default: pallas_gpu.default_blocks)."""
     B, Q, H, D = q_BQHD.shape
     K = k_BKGD.shape[1]
     if D not in (64, 128, 256):
@@ -338,8 +378,9 @@ def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True
     tiles = Tiles(*tiles) if tiles else default_tiles(D)
     blocks = (pallas_gpu.Blocks(*blocks) if blocks
               else pallas_gpu.default_blocks(Q, K, D, q_BQHD.dtype.itemsize))
-    mult_q = max(_COMPUTE_WGS * tiles.block_q, blocks.block_q_bwd)
-    mult_k = max(tiles.block_k, blocks.block_k_bwd)
+    mult_q = max(_COMPUTE_WGS * tiles.block_q, _COMPUTE_WGS * BWD_TILES.block_q,
+                 blocks.block_q_bwd)
+    mult_k = max(tiles.block_k, _COMPUTE_WGS * BWD_TILES.block_k, blocks.block_k_bwd)
     Qp, Kp = -(-Q // mult_q) * mult_q, -(-K // mult_k) * mult_k
     pad = pallas_gpu._pad_to
     q = pad(q_BQHD, Qp, 1)
