@@ -15,7 +15,7 @@ out=${1:?usage: bash scripts/gpu_all.sh OUT_DIR [CHECKS] [BUDGET_S]}
 checks=${2:-attention decode train_step small}
 budget=${3:-560}
 mkdir -p "$out"
-declare -A MIN=([attention]=200 [decode]=90 [train_step]=300 [small]=400)
+declare -A MIN=([attention]=300 [decode]=90 [train_step]=300 [small]=400)
 start=$(date +%s)
 status=0
 for c in $checks; do

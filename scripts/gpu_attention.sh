@@ -13,8 +13,18 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
-timeout 420 python3 bench/attention.py ${SWEEP:+--sweep} --iters 10 --json "$out/attention.json" \
+timeout 360 python3 bench/attention.py ${SWEEP:+--sweep} --iters 10 --json "$out/attention.json" \
   2> "$out/attention.log"
 rc=$?
 tail -n 25 "$out/attention.log"
+# The 50-step training run with each implementation (losses within 1e-2 of xla's). It
+# needs flax and optax: carry .whl/ (../shared/tools/gpu-wheels) for it.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  source scripts/gpu_env.sh > /dev/null
+  timeout 150 python3 bench/attention_train.py --steps 50 2> "$out/attention_train.log" \
+    | tee "$out/attention_train.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+else
+  echo "attention_train: skipped (no .whl/ carried: flax and optax are needed)"
+fi
 exit $rc

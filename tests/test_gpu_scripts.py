@@ -1,9 +1,11 @@
-"""The prepared GPU scripts parse, and scripts/gpu_all.sh keeps to its time budget
-(a device call is refused past 600 s, so a check that cannot finish must not start)."""
+"""The prepared GPU scripts parse; scripts/gpu_all.sh keeps to its time budget (a device
+call is refused past 600 s, so a check that cannot finish must not start); their Python
+parts run at CPU size."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,14 @@ def test_gpu_all_rejects_unknown_checks(repo, tmp_path):
     res = subprocess.run(["bash", "scripts/gpu_all.sh", str(tmp_path), "atention"],
                          cwd=repo, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown check atention" in res.stdout
+
+
+def test_attention_training_comparison_runs_at_cpu_size(repo):
+    """bench/attention_train.py (issue 6's 50-step loss agreement, run by
+    scripts/gpu_attention.sh on a GPU) at CPU size: xla and the Triton kernel in
+    interpret mode train from one init on one stream and agree step by step."""
+    res = subprocess.run([sys.executable, "bench/attention_train.py", "--cpu-smoke",
+                          "--steps", "3"], cwd=repo, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "PASS" in res.stdout and "| pallas_gpu |" in res.stdout
