@@ -33,7 +33,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from mmgen.kernels.pallas_mgpu import (
     _COMPUTE_WGS,
     _RANGE_WORDS,
+    COMPUTE_REGISTERS,
     LOG2E,
+    MEMORY_REGISTERS,
     Tiles,
     _as_layout,
     _launch,
@@ -148,6 +150,7 @@ def _dkdv_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, 
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         k_base = m * (_COMPUTE_WGS * bk) + wg * bk
         keys = pl.ds(k_base, bk)
         k_smem, v_smem = k_s.at[wg], v_s.at[wg]
@@ -206,6 +209,7 @@ def _dkdv_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, 
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         qs = lambda t: pl.ds(block_of(t) * bq, bq)  # noqa: E731
         copies = [
             (lambda t: q_g.at[b, qs(t), head_of(t)], q_s, q_bar, False),
@@ -239,6 +243,7 @@ def _dq_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, kt
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         q_base = n * (_COMPUTE_WGS * bq) + wg * bq
         qrows = pl.ds(q_base, bq)
         q_smem, do_smem = q_s.at[wg], do_s.at[wg]
@@ -290,6 +295,7 @@ def _dq_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, kt
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         ks = lambda t: pl.ds((lo + t) * bk, bk)  # noqa: E731
         copies = [
             (lambda t: k_g.at[b, ks(t), g], k_s, k_bar, False),
