@@ -1,8 +1,13 @@
-"""Random multimodal masks for kernel tests: packed rows, prompt-image spans, padding."""
+"""Kernel-test helpers: random multimodal masks (packed rows, prompt-image spans,
+padding) and a kernel's outputs and gradients next to the reference's."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from mmgen.kernels.attention import attention
 
 
 def packed_ids(rng: np.random.Generator, B: int, L: int, *, max_segments: int = 4,
@@ -33,3 +38,22 @@ def packed_ids(rng: np.random.Generator, B: int, L: int, *, max_segments: int = 
                 span[b, start:end] = sid
     index = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
     return seg, span, index
+
+
+def outputs_and_grads(kernel, q, k, v, do, ids_q, ids_k, causal, cap):
+    """[out, lse, dq, dk, dv] as f32 numpy for a loss that uses both outputs (the lse
+    cotangent is exercised too). kernel(q, k, v) -> (out, lse), or None for the xla
+    reference under the same mask."""
+    def reference(q, k, v):
+        return attention(q, k, v, q_segment_ids_BQ=ids_q[0], kv_segment_ids_BK=ids_k[0],
+                         q_span_ids_BQ=ids_q[1], kv_span_ids_BK=ids_k[1], q_index_BQ=ids_q[2],
+                         kv_index_BK=ids_k[2], causal=causal, logit_cap=cap, return_lse=True)
+
+    @jax.jit
+    def go(q, k, v, do):
+        (out, lse), vjp = jax.vjp(kernel or reference, q, k, v)
+        dlse = jnp.where(jnp.isfinite(lse), 0.1 * jnp.cos(lse), 0.0)
+        return out, lse, vjp((do, dlse))
+
+    out, lse, grads = go(q, k, v, do)
+    return [np.asarray(x, np.float32) for x in (out, lse, *grads)]

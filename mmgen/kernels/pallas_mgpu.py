@@ -90,24 +90,34 @@ def _as_layout(x, layout, interpret: bool):
     return x if interpret else plgpu.layout_cast(x, layout)
 
 
+def query_tile_program(causal: bool, heads_per_group: int):
+    """(batch, head, query tile, kv head, warpgroup) of a program over query tiles; under
+    a causal mask the last query tiles, which see the most keys, launch first."""
+    b, h, n = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
+    if causal:
+        n = lax.axis_size("q_tile") - 1 - n
+    g = lax.div(h, jnp.array(heads_per_group, h.dtype))
+    return b, h, n, g, lax.axis_index("wg")
+
+
+def read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg):
+    """The program's block range (lo, full lo, full hi, hi): every warpgroup reads it
+    by TMA into its own shared-memory row."""
+    plgpu.copy_gmem_to_smem(ranges_g.at[b, n], ranges_s.at[wg], ranges_bar.at[wg])
+    plgpu.barrier_wait(ranges_bar.at[wg])
+    return tuple(ranges_s[wg, i] for i in range(4))
+
+
 def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
                 tiles: Tiles, heads_per_group: int, scale2: float, cap: float | None,
                 causal: bool, interpret: bool):
     (ranges_s, q_s, k_s, v_s, kids_s, qids_s, lse_s, p_s,
      ranges_bar, q_bar, qids_bar, k_bar, v_bar, kids_bar, k_free, v_free) = scratch
     bq, bk, stages = tiles
-    b, h, n = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
-    if causal:  # the last query tiles see the most keys: launch them first
-        n = lax.axis_size("q_tile") - 1 - n
-    g = lax.div(h, jnp.array(heads_per_group, h.dtype))
-    wg = lax.axis_index("wg")
+    b, h, n, g, wg = query_tile_program(causal, heads_per_group)
     dtype = q_g.dtype
     D = q_g.shape[-1]
-
-    # every warpgroup reads the tile's key-block range [lo, flo, fhi, hi) itself
-    plgpu.copy_gmem_to_smem(ranges_g.at[b, n], ranges_s.at[wg], ranges_bar.at[wg])
-    plgpu.barrier_wait(ranges_bar.at[wg])
-    lo, flo, fhi, hi = (ranges_s[wg, i] for i in range(4))
+    lo, flo, fhi, hi = read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():

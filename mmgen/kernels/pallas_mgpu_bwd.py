@@ -41,6 +41,8 @@ from mmgen.kernels.pallas_mgpu import (
     _launch,
     _load,
     _transforms,
+    query_tile_program,
+    read_ranges,
 )
 
 _WGS = _COMPUTE_WGS + 1
@@ -104,12 +106,6 @@ def _produce(n_steps, stages, copies, free, masked_of):
                   lambda t, _: plgpu.barrier_wait(free.at[lax.rem(t, stages)]), None)
 
 
-def _read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg):
-    plgpu.copy_gmem_to_smem(ranges_g.at[b, n], ranges_s.at[wg], ranges_bar.at[wg])
-    plgpu.barrier_wait(ranges_bar.at[wg])
-    return tuple(ranges_s[wg, i] for i in range(4))
-
-
 def _scores(s, scale2, cap):
     """Base-2 scaled scores and the soft cap's tanh (None without a cap)."""
     if cap is None:
@@ -141,7 +137,7 @@ def _dkdv_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, 
     wg = lax.axis_index("wg")
     dtype = k_g.dtype
     D = k_g.shape[-1]
-    lo, flo, fhi, hi = _read_ranges(ranges_g, ranges_s, ranges_bar, b, m, wg)
+    lo, flo, fhi, hi = read_ranges(ranges_g, ranges_s, ranges_bar, b, m, wg)
     n = hi - lo
     n_safe = jnp.maximum(n, 1)
     block_of = lambda t: lo + lax.rem(t, n_safe)  # noqa: E731  query block of step t
@@ -232,14 +228,10 @@ def _dq_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, kt
     (ranges_s, q_s, do_s, rows_s, qids_s, k_s, v_s, kids_s, kt_s, vt_s, lhs_s,
      ranges_bar, own_bar, k_bar, v_bar, kids_bar, kt_bar, vt_bar, free) = scratch
     bq, bk, stages = tiles
-    b, h, n = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
-    if causal:  # the last query tiles see the most keys: launch them first
-        n = lax.axis_size("q_tile") - 1 - n
-    g = lax.div(h, jnp.array(heads_per_group, h.dtype))
-    wg = lax.axis_index("wg")
+    b, h, n, g, wg = query_tile_program(causal, heads_per_group)
     dtype = q_g.dtype
     D = q_g.shape[-1]
-    lo, flo, fhi, hi = _read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg)
+    lo, flo, fhi, hi = read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
