@@ -56,8 +56,10 @@ MEMORY_REGISTERS = 40
 
 
 class Tiles(NamedTuple):
-    """Forward tiles: block_q query rows per compute warpgroup (the program's tile is
-    2 x block_q), block_k keys per step, `stages` key blocks in flight."""
+    """A Mosaic kernel's tiles and pipeline depth: `stages` streamed blocks in flight.
+    Forward and dQ: block_q query rows per compute warpgroup (a program owns 2 x block_q),
+    block_k keys per streamed block. dK/dV: block_k keys per compute warpgroup (a program
+    owns 2 x block_k), block_q queries per streamed block."""
 
     block_q: int = 64
     block_k: int = 128

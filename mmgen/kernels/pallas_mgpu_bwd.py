@@ -32,6 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mmgen.kernels.pallas_mgpu import (
     _COMPUTE_WGS,
+    _MEMORY_WG,
     _RANGE_WORDS,
     COMPUTE_REGISTERS,
     LOG2E,
@@ -203,7 +204,7 @@ def _dkdv_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, 
         plgpu.copy_smem_to_gmem(v_smem, dv_g.at[b, keys, g])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == _MEMORY_WG)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         qs = lambda t: pl.ds(block_of(t) * bq, bq)  # noqa: E731
@@ -285,7 +286,7 @@ def _dq_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, kt
         plgpu.copy_smem_to_gmem(q_smem, dq_g.at[b, qrows, h])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == _MEMORY_WG)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         ks = lambda t: pl.ds((lo + t) * bk, bk)  # noqa: E731
