@@ -72,21 +72,24 @@ def test_mgpu_kernel_matches_reference_bf16(name):
     assert (ours[0][~seen] == 0).all()  # padding rows are exact zeros, not NaN
 
 
-def test_mgpu_kernel_skips_blocks_the_plan_skips():
-    """Key blocks the plan skips are never read: NaN keys and values in another
-    segment's blocks leave the first segment's outputs equal to the clean run's."""
+def test_mgpu_kernels_skip_blocks_the_plan_skips():
+    """Blocks the plan skips are never read, in any of the three kernels: with NaN in
+    segment 2's queries, keys, values and output gradients, segment 1's outputs and
+    gradients equal the clean run's (had a kernel read a poisoned block, NaN would reach
+    them through a product: 0 * NaN = NaN)."""
     B, L, H, D = 1, 256, 2, 64
     seg = jnp.asarray(np.repeat([1, 2], [128, 128])[None], jnp.int32)
     ids = (seg, jnp.zeros((B, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
-    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(0, B, L, L, H, 1, D))
-    run = lambda k, v: pallas_mgpu.flash_attention(  # noqa: E731
-        q, k, v, ids, ids, tiles=(64, 64, 2), interpret=True)
-    clean = run(k, v)
-    # query tile 0 (queries 0..127, segment 1) never visits keys 128..255 (segment 2);
-    # had it read them, NaN values would reach its outputs through P V (0 * NaN = NaN)
-    poison = jnp.zeros((B, L, 1, D), bool).at[:, 128:].set(True)
-    dirty = run(jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v))
-    np.testing.assert_array_equal(np.asarray(dirty[0][:, :128], np.float32),
-                                  np.asarray(clean[0][:, :128], np.float32))
-    np.testing.assert_array_equal(np.asarray(dirty[1][:, :, :128]),
-                                  np.asarray(clean[1][:, :, :128]))
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in _inputs(0, B, L, L, H, 1, D))
+    tiles = (64, 64, 2)  # 128-token program tiles: one per segment in every kernel
+    kernel = lambda q, k, v: pallas_mgpu.flash_attention(  # noqa: E731
+        q, k, v, ids, ids, tiles=tiles, interpret=True)
+    clean = outputs_and_grads(kernel, q, k, v, do, ids, ids, True, None)
+    poison = lambda x: x.at[:, 128:].set(jnp.nan)  # noqa: E731
+    dirty = outputs_and_grads(kernel, poison(q), poison(k), poison(v), poison(do), ids, ids,
+                              True, None)
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), dirty, clean, strict=True):
+        first = a[:, :, :128] if what == "lse" else a[:, :128]
+        ref = b[:, :, :128] if what == "lse" else b[:, :128]
+        assert np.isfinite(first).all(), what
+        np.testing.assert_array_equal(first, ref, err_msg=what)

@@ -24,7 +24,8 @@ from mmgen.kernels.attention import attention, resolve_impl
 
 def test_mgpu_kernel_in_interpret_mode(repo):
     """tests/mgpu_interpret_cases.py (its docstring says why in a subprocess): five
-    mask/shape cases forward and backward against the reference, and block skipping."""
+    mask/shape cases forward and backward against the reference, and block skipping in
+    all three kernels."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
