@@ -40,7 +40,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mmgen.kernels import pallas_gpu
-from mmgen.kernels.block_plan import block_plan
 
 LOG2E = math.log2(math.e)
 _MASKED = pallas_gpu._MASKED
@@ -110,6 +109,90 @@ def read_ranges(ranges_g, ranges_s, ranges_bar, b, n, wg):
     return tuple(ranges_s[wg, i] for i in range(4))
 
 
+def _at(ref, i):
+    """ref.at[i], or None for the simulator-only buffers the GPU route leaves out."""
+    return None if ref is None else ref.at[i]
+
+
+def _dot_t(a_smem, b_slot, bt_slot, shape, interpret: bool):
+    """a @ b^T [M, N] f32, b stored [N, K]: a transposed ref on the GPU, the
+    pre-transposed copy bt_slot [K, N] in the simulator."""
+    def body(acc_ref):
+        if interpret:
+            plgpu.wgmma(acc_ref, a_smem, bt_slot)
+        else:
+            plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_slot, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _acc_dot(acc, lhs, rhs_smem, lhs_scratch, interpret: bool):
+    """acc + lhs @ rhs with lhs in registers: wgmma's register operand, accumulating in
+    place on the GPU; through shared memory and a fresh sum in the simulator."""
+    if not interpret:
+        return pl.run_state(lambda ref: plgpu.wgmma(ref, lhs, rhs_smem))(plgpu.ACC.init(acc))
+    lhs_scratch[...] = lhs
+
+    def body(ref):
+        plgpu.wgmma(ref, lhs_scratch, rhs_smem)
+        return ref[...]
+
+    return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _produce(n_steps, stages, copies, masked_of):
+    """The memory warpgroup: for step t, copy each (src(t), slots, loaded barriers, free
+    barriers, masked_only) into slot t % stages, the first copy of each free barrier
+    waiting until the slot's previous step released it; then wait for the last `stages`
+    steps to be consumed (every barrier phase observed, as interpret mode checks)."""
+    frees = list({id(c[3]): c[3] for c in copies}.values())
+
+    def fetch(t, _):
+        slot = lax.rem(t, stages)
+        waited = set()
+        for src, dst, bar, free, masked_only in copies:
+            if id(free) not in waited:
+                waited.add(id(free))
+                pl.when(t >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+
+            def issue(src=src, dst=dst, bar=bar):
+                plgpu.copy_gmem_to_smem(src(t), dst.at[slot], bar.at[slot])
+
+            if masked_only:
+                pl.when(masked_of(t))(issue)
+            else:
+                issue()
+
+    def drain(t, _):
+        for free in frees:
+            plgpu.barrier_wait(free.at[lax.rem(t, stages)])
+
+    lax.fori_loop(0, n_steps, fetch, None)
+    lax.fori_loop(jnp.maximum(n_steps - stages, 0), n_steps, drain, None)
+
+
+def _scores(s, scale2, cap):
+    """Base-2 scaled scores and the soft cap's tanh (None without a cap)."""
+    if cap is None:
+        return s * scale2, None
+    t = jnp.tanh(s * (scale2 / LOG2E / cap))
+    return t * (cap * LOG2E), t
+
+
+def _mask(q_ids, k_ids, causal):
+    seg_q, span_q, idx_q = q_ids
+    seg_k, span_k, idx_k = k_ids
+    mask = (seg_q == seg_k) & (seg_q > 0)
+    if causal:
+        mask = mask & ((idx_k <= idx_q) | ((span_q == span_k) & (span_q > 0)))
+    return mask
+
+
+def _ranges_array(ranges):
+    return jnp.pad(jnp.stack(ranges, axis=-1), ((0, 0), (0, 0), (0, _RANGE_WORDS - 4)))
+
+
 def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
                 tiles: Tiles, heads_per_group: int, scale2: float, cap: float | None,
                 causal: bool, interpret: bool):
@@ -133,7 +216,7 @@ def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
         plgpu.barrier_wait(qids_bar.at[wg])
         rows = plgpu.Layout.WGMMA.reduce(1)
         cols = plgpu.Layout.WGMMA.reduce(0)
-        seg_q, span_q, idx_q = (
+        q_ids = tuple(
             lax.broadcast_in_dim(_load(qids_s.at[wg, i], rows, interpret), (bq, bk), [0])
             for i in range(3))
 
@@ -141,29 +224,15 @@ def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
             acc, m, den = carry
             slot = lax.rem(j - lo, stages)
             plgpu.barrier_wait(k_bar.at[slot])
-
-            def qk(acc_ref):
-                if interpret:  # the simulator's route: K^T was copied pre-transposed
-                    plgpu.wgmma(acc_ref, q_smem, k_s.at[slot])
-                else:
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_s.at[slot], (1, 0)))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            if cap is not None:
-                s = jnp.tanh(s * (scale2 / LOG2E / cap)) * (cap * LOG2E)
-            else:
-                s = s * scale2
+            # in the simulator the K slot holds K^T (pre-transposed copy)
+            s, _ = _scores(_dot_t(q_smem, k_s.at[slot], k_s.at[slot], (bq, bk), interpret),
+                           scale2, cap)
             mask = None
             if masked:
                 plgpu.barrier_wait(kids_bar.at[slot])
-                seg_k, span_k, idx_k = (
-                    lax.broadcast_in_dim(_load(kids_s.at[slot, i], cols, interpret),
-                                         (bq, bk), [1])
-                    for i in range(3))
-                mask = (seg_q == seg_k) & (seg_q > 0)
-                if causal:
-                    mask = mask & ((idx_k <= idx_q) | ((span_q == span_k) & (span_q > 0)))
+                k_ids = tuple(lax.broadcast_in_dim(_load(kids_s.at[slot, i], cols, interpret),
+                                                   (bq, bk), [1]) for i in range(3))
+                mask = _mask(q_ids, k_ids, causal)
                 s = jnp.where(mask, s, _MASKED)
             plgpu.barrier_arrive(k_free.at[slot])  # K and the key ids of this slot are read
 
@@ -174,20 +243,8 @@ def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
             alpha = jnp.exp2(m - m_new)
             den = den * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, (bq, D), [0])
-            p16 = p.astype(dtype)
             plgpu.barrier_wait(v_bar.at[slot])
-
-            if interpret:  # the simulator's route: P through shared memory, a fresh sum
-                p_s[wg] = p16
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
-                    return acc_ref[...]
-
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-            else:  # wgmma accumulates into the running output in place
-                acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_s.at[slot]))(
-                    plgpu.ACC.init(acc))
+            acc = _acc_dot(acc, p.astype(dtype), v_s.at[slot], _at(p_s, wg), interpret)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, den
 
@@ -211,42 +268,16 @@ def _fwd_kernel(ranges_g, q_g, k_g, v_g, qids_g, kids_g, o_g, lse_g, scratch, *,
     @pl.when(wg == _MEMORY_WG)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-        def fetch(j, _):
-            i = j - lo
-            slot = lax.rem(i, stages)
-            keys = pl.ds(j * bk, bk)
-
-            @pl.when(i >= stages)  # the slot's previous block must be consumed first
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            if interpret:
-                plgpu.copy_gmem_to_smem(k_g.at[b, g, :, keys], k_s.at[slot], k_bar.at[slot])
-            else:
-                plgpu.copy_gmem_to_smem(k_g.at[b, keys, g], k_s.at[slot], k_bar.at[slot])
-
-            @pl.when((j < flo) | (j >= fhi))  # the key ids only where the mask is applied
-            def _():
-                plgpu.copy_gmem_to_smem(kids_g.at[b, :, keys], kids_s.at[slot],
-                                        kids_bar.at[slot])
-
-            @pl.when(i >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_g.at[b, keys, g], v_s.at[slot], v_bar.at[slot])
-
-        lax.fori_loop(lo, hi, fetch, None)
-
-        # Wait for the last `stages` blocks to be consumed too: every phase of a barrier
-        # is then observed by its waiter (the interpret mode checks this; on the GPU the
-        # memory warpgroup is idle by now).
-        def drain(i, _):
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-
-        lax.fori_loop(jnp.maximum(hi - lo - stages, 0), hi - lo, drain, None)
+        keys = lambda t: pl.ds((lo + t) * bk, bk)  # noqa: E731
+        k_src = ((lambda t: k_g.at[b, g, :, keys(t)]) if interpret  # K^T in the simulator
+                 else (lambda t: k_g.at[b, keys(t), g]))
+        # K and the key ids (only where the mask is applied) wait for K's slot to be
+        # free, V for V's: V is read last, so K's next block may arrive before it
+        _produce(hi - lo, stages,
+                 [(k_src, k_s, k_bar, k_free, False),
+                  (lambda t: kids_g.at[b, :, keys(t)], kids_s, kids_bar, k_free, True),
+                  (lambda t: v_g.at[b, keys(t), g], v_s, v_bar, v_free, False)],
+                 lambda t: (lo + t < flo) | (lo + t >= fhi))
 
 
 def _fwd_call(q, k, v, ids_q, ids_k, ranges, *, tiles: Tiles, causal, cap, interpret):
@@ -257,8 +288,7 @@ def _fwd_call(q, k, v, ids_q, ids_k, ranges, *, tiles: Tiles, causal, cap, inter
     tr = _transforms(dtype)
     kids = jnp.stack(ids_k, axis=1)   # [B, 3, Kp]: one TMA per key block
     qids = jnp.stack(ids_q, axis=1)
-    # [B, N, 32]: lo, flo, fhi, hi, padded because a TMA moves a multiple of 128 bytes
-    ranges = jnp.pad(jnp.stack(ranges, axis=-1), ((0, 0), (0, 0), (0, _RANGE_WORDS - 4)))
+    ranges = _ranges_array(ranges)
     if interpret:
         k = jnp.transpose(k, (0, 2, 3, 1))  # [B, G, D, Kp]
         k_slot = plgpu.SMEM((stages, D, bk), dtype, transforms=tr)
@@ -331,10 +361,6 @@ def _launch(kernel, args, interpret: bool, name: str):
 
 # ----------------------------------------------------------------------------- API
 
-def _ranges(plan):
-    return plan.kv_lo_BN, plan.kv_full_lo_BN, plan.kv_full_hi_BN, plan.kv_hi_BN
-
-
 BWD_TILES = Tiles(64, 64, 2)  # the Mosaic backward's: dK, dV of 64 keys x D <= 128 in registers
 
 
@@ -344,17 +370,12 @@ def _flash(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
 
 
 def _flash_fwd(q, k, v, ids_q, ids_k, tiles, blocks, causal, cap, interpret):
-    plan = _plan(ids_q, ids_k, _COMPUTE_WGS * tiles.block_q, tiles.block_k, causal)
-    o, lse2 = _fwd_call(q, k, v, ids_q, ids_k, _ranges(plan), tiles=tiles, causal=causal,
-                        cap=cap, interpret=interpret)
+    plan = pallas_gpu._plan(ids_q, ids_k, _COMPUTE_WGS * tiles.block_q, tiles.block_k, causal)
+    o, lse2 = _fwd_call(q, k, v, ids_q, ids_k, pallas_gpu._kv_ranges(plan), tiles=tiles,
+                        causal=causal, cap=cap, interpret=interpret)
     seen = lse2 < _EMPTY_LSE / 2
     lse = jnp.where(seen, lse2 / LOG2E, -jnp.inf)
     return (o, lse), (q, k, v, ids_q, ids_k, o, lse2, seen)
-
-
-def _plan(ids_q, ids_k, block_q, block_k, causal):
-    return block_plan(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2],
-                      block_q=block_q, block_k=block_k, causal=causal)
 
 
 def _flash_bwd(tiles, blocks, causal, cap, interpret, res, cts):
@@ -371,8 +392,8 @@ def _flash_bwd(tiles, blocks, causal, cap, interpret, res, cts):
     bq, bk = BWD_TILES.block_q, BWD_TILES.block_k
     dq, dk, dv = pallas_mgpu_bwd.bwd_call(
         q, k, v, do.astype(q.dtype), lse2, delta, ids_q, ids_k,
-        _plan(ids_q, ids_k, bq, _COMPUTE_WGS * bk, causal),
-        _plan(ids_q, ids_k, _COMPUTE_WGS * bq, bk, causal),
+        pallas_gpu._plan(ids_q, ids_k, bq, _COMPUTE_WGS * bk, causal),
+        pallas_gpu._plan(ids_q, ids_k, _COMPUTE_WGS * bq, bk, causal),
         tiles=BWD_TILES, causal=causal, cap=cap, interpret=interpret)
     return dq, dk, dv, None, None
 

@@ -38,90 +38,22 @@ from mmgen.kernels.pallas_mgpu import (
     LOG2E,
     MEMORY_REGISTERS,
     Tiles,
+    _acc_dot,
     _as_layout,
+    _at,
+    _dot_t,
     _launch,
     _load,
+    _mask,
+    _produce,
+    _ranges_array,
+    _scores,
     _transforms,
     query_tile_program,
     read_ranges,
 )
 
 _WGS = _COMPUTE_WGS + 1
-
-
-def _at(ref, i):
-    """ref.at[i], or None for the simulator-only buffers the GPU route leaves out."""
-    return None if ref is None else ref.at[i]
-
-
-def _dot_t(a_smem, b_slot, bt_slot, shape, interpret: bool):
-    """a @ b^T [M, N] f32, b stored [N, K]: a transposed ref on the GPU, the
-    pre-transposed copy bt_slot [K, N] in the simulator."""
-    def body(acc_ref):
-        if interpret:
-            plgpu.wgmma(acc_ref, a_smem, bt_slot)
-        else:
-            plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_slot, (1, 0)))
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _acc_dot(acc, lhs, rhs_smem, lhs_scratch, interpret: bool):
-    """acc + lhs @ rhs with lhs in registers: wgmma's register operand, accumulating in
-    place on the GPU; through shared memory and a fresh sum in the simulator."""
-    if not interpret:
-        return pl.run_state(lambda ref: plgpu.wgmma(ref, lhs, rhs_smem))(plgpu.ACC.init(acc))
-    lhs_scratch[...] = lhs
-
-    def body(ref):
-        plgpu.wgmma(ref, lhs_scratch, rhs_smem)
-        return ref[...]
-
-    return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
-
-
-def _produce(n_steps, stages, copies, free, masked_of):
-    """The memory warpgroup: for step t, copy each (src(t), slots, barriers, masked_only)
-    into slot t % stages once the slot's previous step is free; then wait for the last
-    `stages` steps to be consumed (every barrier phase observed, as interpret mode
-    checks)."""
-    def fetch(t, _):
-        slot = lax.rem(t, stages)
-
-        @pl.when(t >= stages)
-        def _():
-            plgpu.barrier_wait(free.at[slot])
-
-        for src, dst, bar, masked_only in copies:
-            def issue(src=src, dst=dst, bar=bar):
-                plgpu.copy_gmem_to_smem(src(t), dst.at[slot], bar.at[slot])
-
-            if masked_only:
-                pl.when(masked_of(t))(issue)
-            else:
-                issue()
-
-    lax.fori_loop(0, n_steps, fetch, None)
-    lax.fori_loop(jnp.maximum(n_steps - stages, 0), n_steps,
-                  lambda t, _: plgpu.barrier_wait(free.at[lax.rem(t, stages)]), None)
-
-
-def _scores(s, scale2, cap):
-    """Base-2 scaled scores and the soft cap's tanh (None without a cap)."""
-    if cap is None:
-        return s * scale2, None
-    t = jnp.tanh(s * (scale2 / LOG2E / cap))
-    return t * (cap * LOG2E), t
-
-
-def _mask(q_ids, k_ids, causal):
-    seg_q, span_q, idx_q = q_ids
-    seg_k, span_k, idx_k = k_ids
-    mask = (seg_q == seg_k) & (seg_q > 0)
-    if causal:
-        mask = mask & ((idx_k <= idx_q) | ((span_q == span_k) & (span_q > 0)))
-    return mask
 
 
 # ----------------------------------------------------------------------------- dK, dV
@@ -209,16 +141,16 @@ def _dkdv_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, 
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         qs = lambda t: pl.ds(block_of(t) * bq, bq)  # noqa: E731
         copies = [
-            (lambda t: q_g.at[b, qs(t), head_of(t)], q_s, q_bar, False),
-            (lambda t: lse_g.at[b, head_of(t), qs(t)], lse_s, lse_bar, False),
-            (lambda t: qids_g.at[b, :, qs(t)], qids_s, qids_bar, True),
-            (lambda t: do_g.at[b, qs(t), head_of(t)], do_s, do_bar, False),
-            (lambda t: delta_g.at[b, head_of(t), qs(t)], delta_s, delta_bar, False),
+            (lambda t: q_g.at[b, qs(t), head_of(t)], q_s, q_bar, free, False),
+            (lambda t: lse_g.at[b, head_of(t), qs(t)], lse_s, lse_bar, free, False),
+            (lambda t: qids_g.at[b, :, qs(t)], qids_s, qids_bar, free, True),
+            (lambda t: do_g.at[b, qs(t), head_of(t)], do_s, do_bar, free, False),
+            (lambda t: delta_g.at[b, head_of(t), qs(t)], delta_s, delta_bar, free, False),
         ]
         if interpret:
-            copies += [(lambda t: qt_g.at[b, head_of(t), :, qs(t)], qt_s, qt_bar, False),
-                       (lambda t: dot_g.at[b, head_of(t), :, qs(t)], dot_s, dot_bar, False)]
-        _produce(R * n, stages, copies, free, masked_of)
+            copies += [(lambda t: qt_g.at[b, head_of(t), :, qs(t)], qt_s, qt_bar, free, False),
+                       (lambda t: dot_g.at[b, head_of(t), :, qs(t)], dot_s, dot_bar, free, False)]
+        _produce(R * n, stages, copies, masked_of)
 
 
 # ----------------------------------------------------------------------------- dQ
@@ -291,22 +223,18 @@ def _dq_kernel(ranges_g, q_g, k_g, v_g, do_g, lse_g, delta_g, qids_g, kids_g, kt
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         ks = lambda t: pl.ds((lo + t) * bk, bk)  # noqa: E731
         copies = [
-            (lambda t: k_g.at[b, ks(t), g], k_s, k_bar, False),
-            (lambda t: kids_g.at[b, :, ks(t)], kids_s, kids_bar, True),
-            (lambda t: v_g.at[b, ks(t), g], v_s, v_bar, False),
+            (lambda t: k_g.at[b, ks(t), g], k_s, k_bar, free, False),
+            (lambda t: kids_g.at[b, :, ks(t)], kids_s, kids_bar, free, True),
+            (lambda t: v_g.at[b, ks(t), g], v_s, v_bar, free, False),
         ]
         if interpret:
-            copies += [(lambda t: kt_g.at[b, g, :, ks(t)], kt_s, kt_bar, False),
-                       (lambda t: vt_g.at[b, g, :, ks(t)], vt_s, vt_bar, False)]
-        _produce(hi - lo, stages, copies, free,
+            copies += [(lambda t: kt_g.at[b, g, :, ks(t)], kt_s, kt_bar, free, False),
+                       (lambda t: vt_g.at[b, g, :, ks(t)], vt_s, vt_bar, free, False)]
+        _produce(hi - lo, stages, copies,
                  lambda t: (lo + t < flo) | (lo + t >= fhi))
 
 
 # ----------------------------------------------------------------------------- calls
-
-def _ranges_array(ranges):
-    return jnp.pad(jnp.stack(ranges, axis=-1), ((0, 0), (0, 0), (0, _RANGE_WORDS - 4)))
-
 
 def bwd_call(q, k, v, do, lse2, delta, ids_q, ids_k, plan_dkdv, plan_dq, *, tiles: Tiles,
              causal, cap, interpret):
