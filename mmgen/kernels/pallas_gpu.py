@@ -287,12 +287,17 @@ def _flash_fwd(q, k, v, ids_q, ids_k, blocks, causal, cap, interpret):
     return (o, lse), (q, k, v, ids_q, ids_k, o, lse2, seen)
 
 
+def _delta(do, o, dlse, seen):
+    """The backward's per-row delta [B, H, Q]: rowsum(dO * O), shifted by the log-sum-exp
+    cotangent (d lse_i / d s_ij = p_ij); rows that see nothing take none."""
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    return delta - jnp.where(seen, dlse, 0.0)
+
+
 def _flash_bwd(blocks, causal, cap, interpret, res, cts):
     q, k, v, ids_q, ids_k, o, lse2, seen = res
     do, dlse = cts
-    # d lse_i / d s_ij = p_ij, so a log-sum-exp cotangent only shifts delta.
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
-    delta = delta - jnp.where(seen, dlse, 0.0)
+    delta = _delta(do, o, dlse, seen)
     plan = _plan(ids_q, ids_k, blocks.block_q_bwd, blocks.block_k_bwd, causal)
     dq, dk, dv = _bwd_call(q, k, v, do.astype(q.dtype), lse2, delta, ids_q, ids_k, plan,
                            blocks=blocks, causal=causal, cap=cap, interpret=interpret)
@@ -311,6 +316,16 @@ def _pad_to(x, n, axis, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _pad_inputs(q, k, v, ids_q, ids_k, mult_q: int, mult_k: int):
+    """Queries padded to a multiple of mult_q, keys to one of mult_k, with segment id 0
+    (padding sees nothing and is seen by nothing); ids as int32."""
+    Qp = -(-q.shape[1] // mult_q) * mult_q
+    Kp = -(-k.shape[1] // mult_k) * mult_k
+    return (_pad_to(q, Qp, 1), _pad_to(k, Kp, 1), _pad_to(v, Kp, 1),
+            tuple(_pad_to(x.astype(jnp.int32), Qp, 1) for x in ids_q),
+            tuple(_pad_to(x.astype(jnp.int32), Kp, 1) for x in ids_k))
+
+
 def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True,
                     logit_cap: float | None = None, blocks: Blocks | tuple | None = None,
                     interpret: bool = False):
@@ -325,10 +340,6 @@ def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True
     blocks = Blocks(*blocks) if blocks else default_blocks(Q, K, D, q_BQHD.dtype.itemsize)
     mult_q = max(blocks.block_q, blocks.block_q_bwd)
     mult_k = max(blocks.block_k, blocks.block_k_bwd)
-    Qp, Kp = -(-Q // mult_q) * mult_q, -(-K // mult_k) * mult_k
-    q = _pad_to(q_BQHD, Qp, 1)
-    k, v = _pad_to(k_BKGD, Kp, 1), _pad_to(v_BKGD, Kp, 1)
-    ids_q = tuple(_pad_to(x.astype(jnp.int32), Qp, 1) for x in ids_q)
-    ids_k = tuple(_pad_to(x.astype(jnp.int32), Kp, 1) for x in ids_k)
+    q, k, v, ids_q, ids_k = _pad_inputs(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, mult_q, mult_k)
     o, lse = _flash(q, k, v, ids_q, ids_k, blocks, causal, logit_cap, interpret)
     return o[:, :Q], lse[:, :, :Q]

@@ -386,9 +386,7 @@ def _flash_bwd(tiles, blocks, causal, cap, interpret, res, cts):
     from mmgen.kernels import pallas_mgpu_bwd
 
     do, dlse = cts
-    # d lse_i / d s_ij = p_ij, so a log-sum-exp cotangent only shifts delta.
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
-    delta = delta - jnp.where(seen, dlse, 0.0)
+    delta = pallas_gpu._delta(do, o, dlse, seen)
     bq, bk = BWD_TILES.block_q, BWD_TILES.block_k
     dq, dk, dv = pallas_mgpu_bwd.bwd_call(
         q, k, v, do.astype(q.dtype), lse2, delta, ids_q, ids_k,
@@ -421,11 +419,7 @@ def flash_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal: bool = True
     mult_q = max(_COMPUTE_WGS * tiles.block_q, _COMPUTE_WGS * BWD_TILES.block_q,
                  blocks.block_q_bwd)
     mult_k = max(tiles.block_k, _COMPUTE_WGS * BWD_TILES.block_k, blocks.block_k_bwd)
-    Qp, Kp = -(-Q // mult_q) * mult_q, -(-K // mult_k) * mult_k
-    pad = pallas_gpu._pad_to
-    q = pad(q_BQHD, Qp, 1)
-    k, v = pad(k_BKGD, Kp, 1), pad(v_BKGD, Kp, 1)
-    ids_q = tuple(pad(x.astype(jnp.int32), Qp, 1) for x in ids_q)
-    ids_k = tuple(pad(x.astype(jnp.int32), Kp, 1) for x in ids_k)
+    q, k, v, ids_q, ids_k = pallas_gpu._pad_inputs(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k,
+                                                   mult_q, mult_k)
     o, lse = _flash(q, k, v, ids_q, ids_k, tiles, blocks, causal, logit_cap, interpret)
     return o[:, :Q], lse[:, :, :Q]
