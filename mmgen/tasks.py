@@ -24,9 +24,11 @@ from mmgen.train.losses import count_images, register_loss
 
 def synthetic_tokens(codec: ImageCodec, data_cfg, *, split: str, num: int, seed: int,
                      log=print) -> token_cache.CachedScenes:
-    path = token_cache.cache_path(data_cfg.cache_dir, codec.layout.fingerprint, seed, split, num)
+    kwargs = pipeline.scene_kwargs(data_cfg)
+    path = token_cache.cache_path(data_cfg.cache_dir, codec.layout.fingerprint, seed, split, num,
+                                  kwargs)
     token_cache.build(path, codec.encode, num=num, seed=seed, split=split,
-                      scene_kwargs=pipeline.scene_kwargs(data_cfg), log=log)
+                      scene_kwargs=kwargs, log=log)
     return token_cache.CachedScenes(path)
 
 

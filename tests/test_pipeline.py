@@ -76,3 +76,21 @@ def test_stream_is_deterministic_and_resumes_exactly(source):
 def test_rows_too_short_fail_with_a_clear_message(source):
     with pytest.raises(ValueError, match="cannot hold"):
         pipeline.row_dataset(source, data_cfg(seq_len=100), LAYOUT)
+
+
+def test_token_cache_is_keyed_by_scene_parameters(tmp_path):
+    """Scenes drawn with another p_word are other scenes: they must not share a cache."""
+    def path(**kw):
+        return token_cache.cache_path(tmp_path, "fp", 0, "train", 40,
+                                      pipeline.scene_kwargs(data_cfg(**kw)))
+
+    assert path() == path()
+    assert path(p_word=0.9) != path()
+    assert path(max_objects=2) != path()
+    words = {}
+    for p_word in (0.0, 1.0):
+        kw = {"p_word": p_word}
+        built = token_cache.build(path(**kw), mean_colour_codes, num=16, seed=0,
+                                  split="train", scene_kwargs=kw, log=None)
+        words[p_word] = sum(s["word"] is not None for s in token_cache.CachedScenes(built).scenes)
+    assert words[0.0] == 0 and words[1.0] >= 4, words  # busy scenes drop the word

@@ -1,13 +1,15 @@
 """Image tokens of synthetic scenes, encoded once and stored beside their scenes.
 
 Encoding a scene costs a forward pass of the image tokenizer; a training run reads
-each scene many times, so tokens are computed once per (tokenizer, seed, split, N)
+each scene many times, so tokens are computed once per (tokenizer, seed, split, N,
+scene parameters)
 and kept as an .npz of ints (no pickle) plus a JSON-lines file of scenes. Captions
 are NOT cached: each epoch draws a fresh template from the scene.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -20,8 +22,16 @@ from mmgen.data import synthetic
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B,H,W,3] -> int [B,h,w]
 
 
-def cache_path(root: str | Path, fingerprint: str, seed: int, split: str, num: int) -> Path:
-    return Path(root) / f"synthetic-{split}-s{seed}-n{num}-{fingerprint}"
+def cache_path(root: str | Path, fingerprint: str, seed: int, split: str, num: int,
+               scene_kwargs: dict | None = None) -> Path:
+    """The cache directory of one (tokenizer, seed, split, N, scene parameters): scenes
+    drawn with another `data.p_word` or `data.max_objects` are other scenes, so they get
+    another directory instead of silently reusing these."""
+    name = f"synthetic-{split}-s{seed}-n{num}-{fingerprint}"
+    if scene_kwargs:
+        params = json.dumps(scene_kwargs, sort_keys=True).encode()
+        name += "-" + hashlib.sha256(params).hexdigest()[:8]
+    return Path(root) / name
 
 
 def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,

@@ -36,10 +36,11 @@ class ShuffledCaptions:
 
 def heldout_source(codec: ImageCodec, cfg, num: int, log=print):
     d = cfg.data
+    kwargs = pipeline.scene_kwargs(d)
     path = token_cache.cache_path(d.cache_dir, codec.layout.fingerprint, HELDOUT_SEED,
-                                  "heldout", num)
+                                  "heldout", num, kwargs)
     token_cache.build(path, codec.encode, num=num, seed=HELDOUT_SEED, split="heldout",
-                      scene_kwargs=pipeline.scene_kwargs(d), log=log)
+                      scene_kwargs=kwargs, log=log)
     return token_cache.CachedScenes(path)
 
 
