@@ -169,6 +169,18 @@ def test_layout_mismatch_is_refused(repo, runs, tmp_path, capsys):
     assert rc == 2
     assert "does not match" in capsys.readouterr().err
 
+    # resuming training on the other tokenizer's codes is refused the same way, before
+    # anything is restored or trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["joint"], resumed)
+    rc = mmgen(["train", "--config", str(repo / "configs/tiny.py:smoke"), "--workdir",
+                str(resumed), f"--config.tokenizer.checkpoint={other}",
+                f"--config.data.cache_dir={runs['cache']}", f"--config.train.steps={10**6}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not match" in err, err
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == sorted(
+        p.name for p in (runs["joint"] / "checkpoints").iterdir())
+
 
 def test_eval_is_deterministic_and_writes_markdown(runs, report, tmp_path):
     """Same checkpoint, same seeds: the same numbers (a second run of three suites)."""
