@@ -9,7 +9,7 @@
 #   table in OUT/results.md. Every step reuses finished outputs, so a rerun resumes.
 # Environment: NUM (prompts per category, default 100), SCALES (default "1 2 3 5 8"),
 #   MMGEN / PYTHON (default .venv/bin/mmgen / .venv/bin/python),
-#   DECODER_STEPS / SFT_STEPS (training steps, defaults 800 / 500).
+#   DECODER_STEPS / SFT_STEPS (training steps, defaults 3200 / 500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-runs/demo}
@@ -34,7 +34,7 @@ done
 stamp "2/3 diffusion decoder on the tokenizer's ids, then the same samples through it"
 $mmgen train --config configs/decoder_tiny.py --workdir "$out/decoder" \
   --config.tokenizer.checkpoint="$root/tokenizer" --config.data.cache_dir="$root/cache" \
-  --config.train.steps="${DECODER_STEPS:-800}"
+  --config.train.steps="${DECODER_STEPS:-3200}"
 evaluate "$out/decoder_eval" --checkpoint "$root/joint" --suite scenes,text,colour \
   --num "$num" --decoder "$out/decoder"
 

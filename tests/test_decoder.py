@@ -1,5 +1,6 @@
 """Diffusion decoder: config validation, shapes, deterministic sampling, and (slow) a tiny
-run that trains and then decodes held-out scenes sharper than the autoencoder.
+run that trains and then decodes held-out scenes sharper than the autoencoder, with more
+rendered words read right.
 
 The slow test trains on the session tokenizer (conftest `runs`) for DECODER_STEPS steps."""
 
@@ -16,7 +17,11 @@ from mmgen.config import ConfigError, load_config, validate
 from mmgen.models.decoder import FlowDecoder, euler_sample, noise_and_time
 
 CONFIG = "configs/decoder_tiny.py"
-DECODER_STEPS = 500  # ~3 minutes on 2 CPU cores
+# ~6 minutes on 2 CPU cores: half the shipped 3200 steps, with the learning rate kept at
+# half its peak instead of decaying, which is what makes the words come this early
+# (docs/decoder.md: with the shipped decay, 1600 steps read words no better than the AE)
+DECODER_STEPS = 1600
+DECODER_MIN_LR_RATIO = 0.5
 
 
 def small_decoder(refine: bool = True, predict: str = "x") -> FlowDecoder:
@@ -95,7 +100,8 @@ def decoder_run(repo, runs):
     if not (workdir / "checkpoints").is_dir():
         train_run(repo, CONFIG, workdir, f"--config.data.cache_dir={runs['cache']}",
                   f"--config.tokenizer.checkpoint={runs['tokenizer']}",
-                  f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10")
+                  f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
+                  f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
     return workdir
 
 
@@ -119,16 +125,18 @@ def test_decoder_trains_and_is_sharper_than_the_autoencoder(runs, decoder_run):
     np.testing.assert_array_equal(a, b)  # deterministic for a fixed seed
     assert not np.array_equal(a, c)
 
-    m = compare_decoders(codec, decoder_run, num=128, num_words=64)
+    m = compare_decoders(codec, decoder_run, num=128, num_words=256)
     print(json.dumps(m))
     ae, diffusion = m["ae"], m["diffusion"]
     # closer to the ground truth's high-frequency energy (mean |Laplacian| over the
-    # held-out images) than the autoencoder, which blurs ...
+    # held-out images) than the autoencoder, which blurs, overall and per image ...
     assert diffusion["laplacian_gap"] < ae["laplacian_gap"], m
+    assert diffusion["laplacian_gap_per_image"] < ae["laplacian_gap_per_image"], m
     assert ae["laplacian"] < diffusion["laplacian"], m
-    # ... at a PSNR at most 2 dB below the autoencoder's. Word accuracy is measured and
-    # printed but not asserted: after a few CPU minutes the decoder reads worse than the
-    # autoencoder (docs/decoder.md)
+    # ... more of the 256 held-out words read right by the scene checker (measured on this
+    # machine: 0.39 vs the AE's 0.23; 0.87 after the shipped 3200 steps) ...
+    assert diffusion["word_accuracy"] > ae["word_accuracy"] + 0.05, m
+    # ... at a PSNR at most 2 dB below the autoencoder's (measured: 3 dB above it)
     assert diffusion["psnr"] >= ae["psnr"] - 2.0, m
 
 
