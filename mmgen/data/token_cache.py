@@ -2,9 +2,8 @@
 
 Encoding a scene costs a forward pass of the image tokenizer; a training run reads
 each scene many times, so tokens are computed once per (tokenizer, seed, split, N,
-scene parameters)
-and kept as an .npz of ints (no pickle) plus a JSON-lines file of scenes. Captions
-are NOT cached: each epoch draws a fresh template from the scene.
+scene parameters) and kept as an .npz of ints (no pickle) plus a JSON-lines file of
+scenes. Captions are NOT cached: each epoch draws a fresh template from the scene.
 """
 
 from __future__ import annotations
