@@ -97,7 +97,7 @@ def laplacian_energy(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def compare_decoders(codec: ImageCodec, decoder_dir: str | Path, *, num: int = 128,
-                     num_words: int = 64, steps: int | None = None, seed: int = 0) -> dict:
+                     num_words: int = 256, steps: int | None = None, seed: int = 0) -> dict:
     """The autoencoder's decoder ("ae") vs the diffusion decoder ("diffusion") on held-out
     synthetic scenes, both decoding the same token ids: PSNR to the ground truth; the
     mean Laplacian energy E and its relative gap to the ground truth's,
