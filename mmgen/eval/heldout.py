@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.data import pipeline, token_cache
+from mmgen.data import pipeline
 from mmgen.data.schema import pack_row
 from mmgen.load import ImageCodec
 from mmgen.train.losses import next_token_loss
@@ -35,13 +35,10 @@ class ShuffledCaptions:
 
 
 def heldout_source(codec: ImageCodec, cfg, num: int, log=print):
-    d = cfg.data
-    kwargs = pipeline.scene_kwargs(d)
-    path = token_cache.cache_path(d.cache_dir, codec.layout.fingerprint, HELDOUT_SEED,
-                                  "heldout", num, kwargs)
-    token_cache.build(path, codec.encode, num=num, seed=HELDOUT_SEED, split="heldout",
-                      scene_kwargs=kwargs, log=log)
-    return token_cache.CachedScenes(path)
+    from mmgen.tasks import synthetic_tokens  # tasks imports eval lazily: no cycle
+
+    return synthetic_tokens(codec, cfg.data, split="heldout", num=num, seed=HELDOUT_SEED,
+                            log=log)
 
 
 def sequence_losses(model, cfg, layout, source, batch_rows: int = 8,
