@@ -94,3 +94,16 @@ def test_token_cache_is_keyed_by_scene_parameters(tmp_path):
                                   split="train", scene_kwargs=kw, log=None)
         words[p_word] = sum(s["word"] is not None for s in token_cache.CachedScenes(built).scenes)
     assert words[0.0] == 0 and words[1.0] >= 4, words  # busy scenes drop the word
+
+
+def test_eos_is_a_target_only_after_a_caption():
+    """The sampler ends an image at <eoi>; "<eoi> -> <eos>" in text->image rows would fight
+    the captioning rows' "<eoi> -> caption" at the same position."""
+    ids = np.arange(16)
+    t2i = pipeline.example_stream(ids, "a red star", LAYOUT, captioning=False)
+    cap = pipeline.example_stream(ids, "a red star", LAYOUT, captioning=True)
+    for ex in (t2i, cap):
+        assert ex["tokens"][-1] == LAYOUT.eos
+    assert t2i["loss_weight"][-1] == 0.0 and t2i["tokens"][-2] == LAYOUT.eoi
+    assert t2i["loss_weight"][-2] == 1.0  # <eoi> itself is still predicted
+    assert cap["loss_weight"][-1] == 1.0  # a caption must learn to stop

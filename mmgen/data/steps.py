@@ -243,7 +243,8 @@ class StepBuilder:
                 s.image(image_ids, generate=False).text(text_ids)
             else:
                 s.text(text_ids).image(image_ids, generate=True)
-            return s.special("<eos>").arrays()
+            # no loss on <eos> after a generated image (pipeline.example_stream)
+            return s.special("<eos>", loss=ex.captioning).arrays()
         budget = self.cfg.seq_len - 2  # bos + eos
         for what, ids in ex.parts:
             if what == "text":
