@@ -234,6 +234,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
         require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
                 f"model.downsample={m.downsample} must be a power of 2")
+        require(m.get("encoder", "conv") in ("conv", "patch"),
+                f"model.encoder must be 'conv' or 'patch', got {m.get('encoder')!r}")
         return
     if cfg.kind == "decoder":
         _validate_decoder(cfg)

@@ -27,7 +27,8 @@ def build_model_fn(cfg):
         m = cfg.model
         return lambda rngs: ImageAutoencoder(
             levels=tuple(m.levels), channels=m.channels, downsample=m.downsample,
-            num_res_blocks=m.num_res_blocks, rngs=rngs)
+            num_res_blocks=m.num_res_blocks, rngs=rngs,
+            encoder=m.get("encoder", "conv"))
     if cfg.kind == "joint":
         if lora.rank(cfg) > 0:  # base first: adding adapters leaves its init unchanged
             return lambda rngs: lora.attach_adapters(

@@ -80,3 +80,9 @@ def test_multi_process_environment_errors_are_one_line(monkeypatch):
     monkeypatch.setenv("MMGEN_PROCESS_ID", "one")
     with pytest.raises(ConfigError, match="must be integers"):
         initialize_from_env()
+
+
+def test_tokenizer_encoder_is_checked(repo):
+    cfg = load_config(str(repo / "configs/tokenizer_tiny.py"), ["--config.model.encoder=vit"])
+    with pytest.raises(ConfigError, match="model.encoder must be 'conv' or 'patch'"):
+        validate(cfg, 1)

@@ -141,3 +141,24 @@ def test_codebook_utilisation_known_histogram():
     assert out["perplexity"] == pytest.approx(4.0)
     single = codebook_utilisation(np.zeros((4, 4), np.int32), num_codes=10)
     assert single == pytest.approx({"used_fraction": 0.1, "perplexity": 1.0})
+
+
+def test_patch_encoder_codes_see_only_their_own_patch():
+    """encoder="patch": a token's id is a function of its own 4x4 pixels, so one patch
+    content always gets one id, whatever surrounds it (the conv encoder's ids change)."""
+    kw = dict(levels=[8, 5, 5, 5], channels=32, downsample=4, num_res_blocks=1)
+    patch = ImageAutoencoder(**kw, encoder="patch", rngs=nnx.Rngs(0))
+    conv = ImageAutoencoder(**kw, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(3), (1, 32, 32, 3), minval=-1, maxval=1)
+    # repaint everything outside token (3, 3), i.e. pixels [12:16, 12:16]
+    inside = jnp.zeros((1, 32, 32, 1), bool).at[:, 12:16, 12:16].set(True)
+    y = jnp.where(inside, x, -x)
+    p_x, p_y = patch.latents(x), patch.latents(y)
+    np.testing.assert_allclose(p_x[0, 3, 3], p_y[0, 3, 3], atol=1e-6)
+    assert float(jnp.abs(p_x - p_y).max()) > 1e-2  # the other patches did change
+    c_x, c_y = conv.latents(x), conv.latents(y)
+    assert float(jnp.abs(c_x[0, 3, 3] - c_y[0, 3, 3]).max()) > 1e-3
+    recon, ids = patch(x)
+    assert recon.shape == x.shape and ids.shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="encoder"):
+        ImageAutoencoder(**kw, encoder="vit", rngs=nnx.Rngs(0))

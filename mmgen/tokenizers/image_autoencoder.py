@@ -1,14 +1,18 @@
-"""Image tokenizer: a small conv autoencoder whose bottleneck is FSQ-quantised.
+"""Image tokenizer: a small autoencoder whose bottleneck is FSQ-quantised.
 
     images_BHWC in [-1, 1]
-      -> stride-2 convs (log2(downsample) of them) -> residual blocks at h x w
+      -> encoder="conv":  stride-2 convs (log2(downsample) of them) -> 3x3 residual blocks
+         encoder="patch": space-to-depth patches -> 1x1 conv -> 1x1 residual blocks
       -> 1x1 conv to FSQ dim -> FSQ (straight-through)          = zhat_BhwC
       -> 1x1 conv -> residual blocks -> (3x3 conv + pixel shuffle) per 2x
       -> 3x3 conv to RGB                                         = recon_BHWC
 
 Most compute sits at the token resolution h x w; the full-resolution layers
 are thin. Upsampling is sub-pixel (conv then depth-to-space), which has no
-checkerboard artefacts and is cheap on CPU. Every parameter carries logical
+checkerboard artefacts and is cheap on CPU. The patch encoder's code for a token is a
+function of that token's own pixels only: equal patches get equal ids wherever they sit,
+which the autoregressive model finds far easier to predict than codes that also carry
+their neighbourhood (docs/results.md). Every parameter carries logical
 axis names; the tokenizer is small, so the sharding rules replicate it.
 """
 
@@ -56,11 +60,11 @@ def _norm(c: int, rngs: nnx.Rngs, dtype) -> nnx.RMSNorm:
 class ResBlock(nnx.Module):
     """x + conv(act(norm(conv(act(norm(x)))))), last conv zero-ish initialised."""
 
-    def __init__(self, c: int, rngs: nnx.Rngs, dtype):
+    def __init__(self, c: int, rngs: nnx.Rngs, dtype, k: int = 3):
         self.norm1 = _norm(c, rngs, dtype)
-        self.conv1 = _conv(c, c, 3, 1, rngs, dtype)
+        self.conv1 = _conv(c, c, k, 1, rngs, dtype)
         self.norm2 = _norm(c, rngs, dtype)
-        self.conv2 = _conv(c, c, 3, 1, rngs, dtype, scale=0.1)
+        self.conv2 = _conv(c, c, k, 1, rngs, dtype, scale=0.1)
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         h_BHWC = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
@@ -72,6 +76,12 @@ def _pixel_shuffle(x_BHWC: jax.Array, r: int) -> jax.Array:
     b, h, w, c = x_BHWC.shape
     x = x_BHWC.reshape(b, h, w, r, r, c // (r * r))
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c // (r * r))
+
+
+def _space_to_depth(x_BHWC: jax.Array, r: int) -> jax.Array:
+    b, h, w, c = x_BHWC.shape
+    x = x_BHWC.reshape(b, h // r, r, w // r, r, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // r, w // r, r * r * c)
 
 
 class ImageAutoencoder(nnx.Module):
@@ -86,12 +96,16 @@ class ImageAutoencoder(nnx.Module):
         num_res_blocks: int,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
+        encoder: str = "conv",
     ):
         n_down = int(downsample).bit_length() - 1
         if downsample < 1 or 2**n_down != downsample:
             raise ValueError(f"downsample must be a power of 2, got {downsample}")
+        if encoder not in ("conv", "patch"):
+            raise ValueError(f"encoder must be 'conv' or 'patch', got {encoder!r}")
         self.fsq = FSQ(levels)
         self.downsample = downsample
+        self.patch_encoder = encoder == "patch"
         self.dtype = dtype
         # Thin layers at high resolution, `channels` at token resolution.
         widths = [max(channels >> (n_down - i), 16) for i in range(n_down + 1)]
@@ -100,15 +114,20 @@ class ImageAutoencoder(nnx.Module):
         # mesh is set (otherwise the trainer applies them via jit out_shardings).
         eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
         with nnx.use_eager_sharding(eager):
-            self.enc_in = _conv(3, widths[0], 3, 1, rngs, dtype) if n_down == 0 else None
-            self.downs = nnx.List(
-                [
-                    _conv(3 if i == 0 else widths[i], widths[i + 1], 4, 2, rngs, dtype)
-                    for i in range(n_down)
-                ]
-            )
+            if self.patch_encoder:  # 1x1 convs on space-to-depth patches
+                self.enc_in = _conv(3 * downsample**2, channels, 1, 1, rngs, dtype)
+                self.downs = nnx.List([])
+            else:
+                self.enc_in = _conv(3, widths[0], 3, 1, rngs, dtype) if n_down == 0 else None
+                self.downs = nnx.List(
+                    [
+                        _conv(3 if i == 0 else widths[i], widths[i + 1], 4, 2, rngs, dtype)
+                        for i in range(n_down)
+                    ]
+                )
+            k_enc = 1 if self.patch_encoder else 3
             self.enc_blocks = nnx.List(
-                [ResBlock(channels, rngs, dtype) for _ in range(num_res_blocks)]
+                [ResBlock(channels, rngs, dtype, k_enc) for _ in range(num_res_blocks)]
             )
             self.enc_norm = _norm(channels, rngs, dtype)
             self.to_code = _conv(channels, self.fsq.dim, 1, 1, rngs, dtype)
@@ -132,6 +151,8 @@ class ImageAutoencoder(nnx.Module):
     def latents(self, images_BHWC: jax.Array) -> jax.Array:
         """Images in [-1, 1] -> bounded latents before rounding, float32 [B, h, w, C]."""
         x = images_BHWC.astype(self.dtype)
+        if self.patch_encoder:
+            x = _space_to_depth(x, self.downsample)
         if self.enc_in is not None:
             x = self.enc_in(x)
         for i, down in enumerate(self.downs):
