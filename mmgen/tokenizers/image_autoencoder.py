@@ -85,7 +85,7 @@ def _space_to_depth(x_BHWC: jax.Array, r: int) -> jax.Array:
 
 
 class ImageAutoencoder(nnx.Module):
-    """Conv encoder -> FSQ -> conv decoder; `downsample` must be a power of 2."""
+    """Conv or patch encoder -> FSQ -> conv decoder; `downsample` must be a power of 2."""
 
     def __init__(
         self,
