@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mmgen.data import synthetic
-from mmgen.data.schema import NULL_CAPTION, Stream, check_no_loss_in_spans, pack_row
+from mmgen.data.schema import NULL_CAPTION, check_no_loss_in_spans, pack_row, pair_stream
 from mmgen.tokenizers import text as text_tok
 from mmgen.tokenizers.layout import TokenLayout
 
@@ -39,17 +39,9 @@ def image_dataset(data_cfg, per_host_batch: int, *, split: str = "train") -> gra
 
 def example_stream(image_ids: np.ndarray, caption: str, layout: TokenLayout,
                    captioning: bool, text_tokenizer=text_tok.BYTES) -> dict[str, np.ndarray]:
-    """One training example: text->image, or (captioning) prompt image->text.
-
-    The <eos> after a generated image carries no loss: the sampler ends an image at
-    <eoi> by construction, and training it would teach "<eoi> -> <eos>" in 90% of rows,
-    against the captioning rows' "<eoi> -> caption" (models then wrote empty captions)."""
-    s = Stream(layout).special("<bos>")
-    if captioning:
-        s.image(image_ids, generate=False).text(text_tokenizer.encode(caption))
-    else:
-        s.text(text_tokenizer.encode(caption)).image(image_ids, generate=True)
-    return s.special("<eos>", loss=captioning).arrays()
+    """One training example: text->image, or (captioning) prompt image->text
+    (schema.pair_stream)."""
+    return pair_stream(layout, text_tokenizer.encode(caption), image_ids, captioning)
 
 
 def max_example_length(layout: TokenLayout) -> int:

@@ -86,6 +86,21 @@ class Stream:
         return out
 
 
+def pair_stream(layout: TokenLayout, text_ids, image_ids, captioning: bool) -> dict:
+    """One image+caption example: `<bos> text <boi> <res> ids <eoi> <eos>` (text->image),
+    or with `captioning` the image first as a bidirectional prompt span and the text as
+    the target. The <eos> after a generated image carries no loss: the sampler ends an
+    image at <eoi> by construction, and training it would teach "<eoi> -> <eos>" in most
+    rows, against the captioning rows' "<eoi> -> caption" (models then wrote empty
+    captions)."""
+    s = Stream(layout).special("<bos>")
+    if captioning:
+        s.image(image_ids, generate=False).text(text_ids)
+    else:
+        s.text(text_ids).image(image_ids, generate=True)
+    return s.special("<eos>", loss=captioning).arrays()
+
+
 def response_image(s: Stream, image_ids, *, first: bool) -> Stream:
     """A generated image in the response. As the response's first part its `<boi> <res>`
     end the prompt (the sampler feeds them), so they carry no loss; later in a response

@@ -29,7 +29,7 @@ import numpy as np
 
 from mmgen.data import buckets, packing, transforms
 from mmgen.data.records import BadExample
-from mmgen.data.schema import NULL_CAPTION, Stream
+from mmgen.data.schema import NULL_CAPTION, Stream, pair_stream
 
 # data.source name -> how to open it (path, cache_dir, log) -> a grain random-access source;
 # a new format is one registration here, not a branch in the pipeline
@@ -236,15 +236,10 @@ class StepBuilder:
     # -- per step ----------------------------------------------------------------------
 
     def stream(self, ex: Decoded) -> dict[str, np.ndarray]:
-        s = Stream(self.layout).special("<bos>")
         if ex.kind == "pair":
             (_, text_ids), (_, image_ids) = ex.parts
-            if ex.captioning:
-                s.image(image_ids, generate=False).text(text_ids)
-            else:
-                s.text(text_ids).image(image_ids, generate=True)
-            # no loss on <eos> after a generated image (pipeline.example_stream)
-            return s.special("<eos>", loss=ex.captioning).arrays()
+            return pair_stream(self.layout, text_ids, image_ids, ex.captioning)
+        s = Stream(self.layout).special("<bos>")
         budget = self.cfg.seq_len - 2  # bos + eos
         for what, ids in ex.parts:
             if what == "text":
