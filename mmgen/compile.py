@@ -76,8 +76,9 @@ def compile_train_step(cfg, devices):
     from mmgen.train.step import batch_sharding, make_train_step
 
     platform = devices[0].platform
-    cfg.model.attention_impl = resolve_impl(cfg.model.attention_impl, platform,
-                                            cfg.model.head_dim)
+    cfg.model.attention_impl = resolve_impl(
+        cfg.model.attention_impl, platform, cfg.model.head_dim, cfg.model.get("dtype"),
+        getattr(devices[0], "compute_capability", None))
     mesh = make_mesh(dict(cfg.mesh), devices=devices)
     with target_platform(platform):
         spec = StateSpec(cfg, build_model_fn(cfg), mesh)
