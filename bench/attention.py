@@ -1,6 +1,7 @@
 """Attention implementations side by side, in one run, on one accelerator.
 
     python bench/attention.py [--iters N] [--sweep] [--json out.json] [--cpu-smoke]
+    python bench/attention.py --table-from out.json   # the tables of a run cut short
 
 Rows (bf16, D=128, 16 heads, MHA): B4 S4096 causal and full, B2 S8192 causal,
 B16 S1024 causal, and a packed multimodal batch (B4 S4096; segments of 256..2048
@@ -262,31 +263,8 @@ def sweep(iters):
     return pallas_gpu.Blocks(fwd[0], fwd[1], bwd[0], bwd[1], fwd[2], fwd[3], bwd[2], bwd[3])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=10, help="timed calls per cell (median)")
-    ap.add_argument("--sweep", action="store_true", help="pick our tile shapes first")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--skip", default="", help="comma-separated implementations to leave out")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="tiny shapes, Pallas interpret mode: checks the script on a CPU")
-    args = ap.parse_args()
-    iters = args.iters
-    SKIP.update(filter(None, args.skip.split(",")))
-    if args.cpu_smoke:
-        global INTERPRET, ROWS, H
-        INTERPRET, iters, H = True, 1, 2  # the interpreters are slow: 2 heads
-        ROWS = [(n, 1, 256, c, p) for n, _, _, c, p in ROWS[:2] + ROWS[-1:]]
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    blocks = None
-    if args.sweep:
-        blocks = sweep(iters)
-        print(f"chosen blocks: {blocks}", flush=True)
-    print("\ncorrectness (max abs error vs f32 reference: out, dq, dk, dv; packed B2 S2048):")
-    for label, errs in correctness(blocks):
-        errs = errs if isinstance(errs, str) else " ".join(f"{e:.2e}" for e in errs)
-        print(f"  {label:28s} {errs}", flush=True)
-    results = [bench_row(*row, iters, blocks) for row in ROWS]
+def print_tables(results):
+    """The side-by-side table (and the packed row's summary) of `bench_row` results."""
     names = ["xla", "cudnn", "jax_pallas", "tokamax", *OURS]
     print("\nTFLOP/s fwd / fwd+bwd (visible pairs only; * = cannot express the row's mask)")
     print("| row | " + " | ".join(names) + " | "
@@ -318,10 +296,47 @@ def main():
                   f"own dense causal run: {got_f:.2f}x fwd, {got_t:.2f}x fwd+bwd; ideal from "
                   f"active tiles {r['ideal_speedup']:.2f}x -> {got_f / r['ideal_speedup']:.2f} / "
                   f"{got_t / r['ideal_speedup']:.2f} of ideal")
-    if args.json:
-        args.json.write_text(json.dumps({"device": jax.devices()[0].device_kind,
-                                         "jax": jax.__version__, "blocks": blocks,
-                                         "rows": results}, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=10, help="timed calls per cell (median)")
+    ap.add_argument("--sweep", action="store_true", help="pick our tile shapes first")
+    ap.add_argument("--json", type=Path, help="results, rewritten after every row")
+    ap.add_argument("--table-from", type=Path, metavar="JSON",
+                    help="print the tables of an earlier --json (e.g. one cut by a timeout)")
+    ap.add_argument("--skip", default="", help="comma-separated implementations to leave out")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes, Pallas interpret mode: checks the script on a CPU")
+    args = ap.parse_args()
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(f"device: {saved['device']}, jax {saved['jax']} ({len(saved['rows'])} rows saved)")
+        print_tables(saved["rows"])
+        return
+    iters = args.iters
+    SKIP.update(filter(None, args.skip.split(",")))
+    if args.cpu_smoke:
+        global INTERPRET, ROWS, H
+        INTERPRET, iters, H = True, 1, 2  # the interpreters are slow: 2 heads
+        ROWS = [(n, 1, 256, c, p) for n, _, _, c, p in ROWS[:2] + ROWS[-1:]]
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    blocks = None
+    if args.sweep:
+        blocks = sweep(iters)
+        print(f"chosen blocks: {blocks}", flush=True)
+    print("\ncorrectness (max abs error vs f32 reference: out, dq, dk, dv; packed B2 S2048):")
+    for label, errs in correctness(blocks):
+        errs = errs if isinstance(errs, str) else " ".join(f"{e:.2e}" for e in errs)
+        print(f"  {label:28s} {errs}", flush=True)
+    results = []
+    for row in ROWS:
+        results.append(bench_row(*row, iters, blocks))
+        if args.json:  # after every row, so a timeout keeps what was measured
+            args.json.write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                             "jax": jax.__version__, "blocks": blocks,
+                                             "rows": results}, indent=1))
+    print_tables(results)
 
 
 if __name__ == "__main__":

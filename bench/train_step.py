@@ -28,7 +28,7 @@ Levers (each a flag; `--levers` runs LEVERS one after another in this process, r
 train state, and prints one table with each row's speed relative to the first; the state
 keeps training from row to row, so the printed losses differ and say nothing):
   --remat none|full|dots_saveable   --scan/--no-scan   --ce-chunk N   --dtype
-  --attention auto|xla|cudnn|pallas_gpu   --no-donate (state not donated: a copy more)
+  --attention auto|xla|cudnn|pallas_gpu|pallas_mgpu   --no-donate (state not donated: a copy more)
 Peak memory: the compiled step's own (arguments + outputs - donated aliases + temporaries,
 from memory_analysis) per row, and the device's peak_bytes_in_use (a running maximum
 over the process, so only rising values say something about a row). Compile time is
@@ -101,15 +101,16 @@ def lever_cases(base: Case, smoke: bool) -> list[Case]:
     """The lever list, most informative first (a time budget may cut the tail)."""
     r = dataclasses.replace
     cases = [base,
-             r(base, attention="cudnn"),
+             r(base, attention="pallas_gpu"),  # the Triton kernel beside auto's choice
              r(base, remat="full"),
-             r(base, ce_chunk=1024 if not smoke else 128),
              r(base, scan=not base.scan),
+             r(base, attention="cudnn"),
+             r(base, ce_chunk=1024 if not smoke else 128),
              r(base, remat="none"),
              r(base, attention="xla"),
              r(base, donate=False)]
-    if smoke:  # pallas_gpu in CPU interpret mode is minutes; cudnn shows the error path
-        cases = [c for c in cases if c.attention != "xla" or c is base]
+    if smoke:  # the kernels in CPU interpret mode are minutes; cudnn shows the error path
+        cases = [c for c in cases if c.attention not in ("xla", "pallas_gpu") or c is base]
     seen, out = set(), []
     for c in cases:
         if c not in seen:
@@ -271,7 +272,7 @@ def parse_args(argv=None):
     ap.add_argument("--remat", choices=("none", "full", "dots_saveable", "offload"))
     ap.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--ce-chunk", type=int)
-    ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "pallas_gpu"))
+    ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu"))
     ap.add_argument("--dtype", choices=("bfloat16", "float32"))
     ap.add_argument("--no-donate", action="store_true", help="do not donate the train state")
     ap.add_argument("--levers", action="store_true", help="run the lever list (LEVERS)")

@@ -8,7 +8,8 @@
 #   small       scripts/gpu_small.sh: configs/small.py trained and evaluated (12)
 # BUDGET_S (default 560, under the device's 600 s per call): a check starts only if the
 # time it needs at least (MIN below) is left; each writes OUT_DIR/<check>.out. Carry .whl/
-# (../shared/tools/gpu-wheels) for everything but attention, which needs only jax.
+# (../shared/tools/gpu-wheels, no extra names: the image's flax, optax and orbax work,
+# a carried flax 0.12.8 does not import under its jax 0.11.2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/gpu_all.sh OUT_DIR [CHECKS] [BUDGET_S]}

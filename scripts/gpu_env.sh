@@ -1,6 +1,7 @@
 # Sourced by the scripts/gpu_*.sh checks (run from the repo root): installs the wheels in
-# .whl/ (../shared/tools/gpu-wheels, carried) beside the machine's jax into .gpu-site,
-# says which of mmgen's imports are missing, and sets the XLA memory, compilation-cache
+# .whl/ (../shared/tools/gpu-wheels with no extra names, carried) beside the machine's
+# jax, flax, optax and orbax-checkpoint into .gpu-site, says which of mmgen's imports
+# are missing or broken, and sets the XLA memory, compilation-cache
 # and scheduler settings every GPU check uses; prints the card and the jax version.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -9,21 +10,26 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-# Say up front which of mmgen's imports are missing, rather than a traceback later.
+# Say up front which of mmgen's imports are missing or broken, rather than a traceback
+# later: a wheel built for another jax can be present and still fail to import (flax
+# 0.12.8 under jax 0.11.2: jax.experimental.hijax has no HiPrimitive).
 python3 - <<'PY'
-import importlib.util
-need = ["jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "grain", "numpy",
+import importlib
+need = ["jax", "flax.nnx", "optax", "orbax.checkpoint", "ml_collections", "grain", "numpy",
         "tensorstore", "treescope", "msgpack", "rich", "yaml", "etils", "humanize",
         "simplejson", "safetensors", "PIL", "absl", "array_record", "portpicker"]
-missing = []
+bad, versions = [], []
 for m in need:
     try:
-        found = importlib.util.find_spec(m) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        missing.append(m)
-print("missing python modules:", ", ".join(missing) if missing else "none")
+        mod = importlib.import_module(m)
+    except Exception as e:  # any failure to import is worth one line
+        bad.append(f"{m} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
+        continue
+    if m in ("jax", "optax", "grain") or m == "flax.nnx":
+        top = importlib.import_module(m.split(".")[0])
+        versions.append(f"{m.split('.')[0]} {getattr(top, '__version__', '?')}")
+print("python modules missing or not importable:", "; ".join(bad) if bad else "none")
+print("versions:", ", ".join(versions))
 PY
 # Memory: most of the card to JAX (the 1B state is ~17 GB; remat=none needs the rest).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
