@@ -40,14 +40,85 @@ def train_run(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
     assert rc == 0
 
 
+# CI runs the suite on 2 pytest-xdist workers (.ci/run: -n 2 --dist loadgroup
+# --no-loadscope-reorder). The trained runs below are built once per session on whichever
+# worker asks first, under a file lock, and read by both; each worker keeps its own
+# data cache (caches are written through fixed temporary names, so they are not shared).
+
+
+def _shared_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's basetemp is <session root>/popen-gwN; the root is shared
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _build_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once per session across workers; the others wait and reuse `path`."""
+    import shutil
+
+    from filelock import FileLock
+
+    path = _shared_dir(tmp_path_factory) / name
+    done = path.parent / f"{name}.done"
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a failed build on the other worker
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def runs(repo, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    cache = f"--config.data.cache_dir={root / 'cache'}"
-    train_run(repo, "configs/tokenizer_tiny.py", root / "tokenizer", cache,
-              f"--config.train.steps={TOKENIZER_STEPS}")
-    train_run(repo, "configs/tiny.py", root / "joint", cache,
-              f"--config.tokenizer.checkpoint={root / 'tokenizer'}",
-              f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0")
-    return {"root": root, "tokenizer": root / "tokenizer", "joint": root / "joint",
-            "cache": root / "cache"}
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(repo, tmp_path_factory, data_cache) -> dict[str, Path]:
+    """The session tokenizer alone (for tests that never read the joint model)."""
+    tok = _build_once(tmp_path_factory, "tokenizer", lambda path: train_run(
+        repo, "configs/tokenizer_tiny.py", path, f"--config.data.cache_dir={data_cache}",
+        f"--config.train.steps={TOKENIZER_STEPS}"))
+    return {"tokenizer": tok, "cache": data_cache}
+
+
+@pytest.fixture(scope="session")
+def runs(repo, tmp_path_factory, tokenizer_run) -> dict[str, Path]:
+    tok, cache = tokenizer_run["tokenizer"], tokenizer_run["cache"]
+    joint = _build_once(tmp_path_factory, "joint", lambda path: train_run(
+        repo, "configs/tiny.py", path, f"--config.data.cache_dir={cache}",
+        f"--config.tokenizer.checkpoint={tok}",
+        f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0"))
+    # root: this worker's own scratch space next to the shared runs
+    return {"root": tmp_path_factory.mktemp("runs"), "tokenizer": tok, "joint": joint,
+            "cache": cache}
+
+
+# xdist scheduling (--dist loadgroup --no-loadscope-reorder hands out work units in
+# collection order, the first to worker 0 and the second to worker 1, then one at a time
+# to whichever worker runs low). Unit 1: every test on the joint run (`runs`), on one
+# worker, built once. Unit 2: the diffusion decoder's tests (`decoder_run`, ~10 min of
+# training on the session tokenizer), led by the slowest test that needs no trained run
+# (the Mosaic GPU interpreter, ~3 min) so that worker has work while the other trains the
+# tokenizer. Everything else after these, one test at a time, slow (training) tests first.
+FIRST_ON_DECODER_WORKER = "tests/test_attention_mgpu.py::test_mgpu_kernel_in_interpret_mode"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def unit(item) -> int:
+        if item.nodeid == FIRST_ON_DECODER_WORKER:
+            item.add_marker(pytest.mark.xdist_group("decoder"))
+            return 1
+        if "decoder_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("decoder"))
+            return 2
+        if "runs" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("runs"))
+            return 0
+        return 3 if item.get_closest_marker("slow") else 4
+
+    items.sort(key=unit)  # stable: collection order within each unit

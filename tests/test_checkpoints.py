@@ -343,11 +343,12 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(repo, tmp_path):
 
 # -- restore onto another mesh -------------------------------------------------------------
 
-def _sharded(repo, runs, root, devices, *args) -> dict:
+def _sharded(repo, tokenizer_run, root, devices, *args) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, str(repo / "tests" / "reshard_run.py"), str(repo),
-                        str(runs["tokenizer"]), str(runs["cache"]), str(root), *args],
+                        str(tokenizer_run["tokenizer"]), str(tokenizer_run["cache"]), str(root),
+                        *args],
                        env=env, capture_output=True, text=True, timeout=600,
                        start_new_session=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -357,14 +358,14 @@ def _sharded(repo, runs, root, devices, *args) -> dict:
 
 
 @pytest.mark.slow
-def test_restore_onto_a_different_mesh_and_device_count(repo, runs, tmp_path):
+def test_restore_onto_a_different_mesh_and_device_count(repo, tokenizer_run, tmp_path):
     """Saved on 8 devices as data=2 x fsdp=4; resumed as data=2 x fsdp=2 x tensor=2 on 8
     devices and as fsdp=2 x tensor=2 on 4: orbax reshards params and optimizer state, and
     the next step's loss matches the uninterrupted run (float32 reduction order only)."""
-    saved = _sharded(repo, runs, tmp_path, 8, "save")
+    saved = _sharded(repo, tokenizer_run, tmp_path, 8, "save")
     shutil.copytree(tmp_path / "part", tmp_path / "part4")
-    on8 = _sharded(repo, runs, tmp_path, 8, "part", "2,2,2")["resumed"]
-    on4 = _sharded(repo, runs, tmp_path, 4, "part4", "1,2,2")["resumed"]
+    on8 = _sharded(repo, tokenizer_run, tmp_path, 8, "part", "2,2,2")["resumed"]
+    on4 = _sharded(repo, tokenizer_run, tmp_path, 4, "part4", "1,2,2")["resumed"]
     ref = saved["reference"]["5"]
     for resumed in (on8, on4):
         assert abs(resumed["5"] - ref) <= 1e-4 * ref, (resumed, saved)

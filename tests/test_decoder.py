@@ -2,7 +2,7 @@
 run that trains and then decodes held-out scenes sharper than the autoencoder, with more
 rendered words read right.
 
-The slow test trains on the session tokenizer (conftest `runs`) for DECODER_STEPS steps."""
+The slow test trains on the session tokenizer (conftest `tokenizer_run`) for DECODER_STEPS steps."""
 
 from __future__ import annotations
 
@@ -79,12 +79,12 @@ def test_euler_sampling_is_deterministic():
     assert a.shape == (2, 64, 64, 3) and not np.array_equal(np.asarray(a), np.asarray(noise))
 
 
-def test_render_without_decoder_is_the_autoencoder(runs):
+def test_render_without_decoder_is_the_autoencoder(tokenizer_run):
     from mmgen.data import synthetic
     from mmgen.load import ImageCodec
     from mmgen.sample.render import render_images
 
-    codec = ImageCodec(runs["tokenizer"])
+    codec = ImageCodec(tokenizer_run["tokenizer"])
     images = np.stack([synthetic.example(i, 5, "heldout")["image"] for i in range(3)])
     ids = codec.encode(images)
     out = render_images(ids, codec)
@@ -93,20 +93,19 @@ def test_render_without_decoder_is_the_autoencoder(runs):
 
 
 @pytest.fixture(scope="module")
-def decoder_run(repo, runs):
+def decoder_run(repo, tokenizer_run, tmp_path_factory):
     from conftest import train_run
 
-    workdir = runs["root"] / "decoder"
-    if not (workdir / "checkpoints").is_dir():
-        train_run(repo, CONFIG, workdir, f"--config.data.cache_dir={runs['cache']}",
-                  f"--config.tokenizer.checkpoint={runs['tokenizer']}",
-                  f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
-                  f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
+    workdir = tmp_path_factory.mktemp("decoder") / "run"
+    train_run(repo, CONFIG, workdir, f"--config.data.cache_dir={tokenizer_run['cache']}",
+              f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
+              f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
+              f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
     return workdir
 
 
 @pytest.mark.slow
-def test_decoder_trains_and_is_sharper_than_the_autoencoder(runs, decoder_run):
+def test_decoder_trains_and_is_sharper_than_the_autoencoder(tokenizer_run, decoder_run):
     from mmgen.load import ImageCodec
     from mmgen.sample.render import compare_decoders, render_images
 
@@ -116,7 +115,7 @@ def test_decoder_trains_and_is_sharper_than_the_autoencoder(runs, decoder_run):
     # 1/0.05**2, so single values are noisy: compare means)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
 
-    codec = ImageCodec(runs["tokenizer"])
+    codec = ImageCodec(tokenizer_run["tokenizer"])
     ids = codec.encode(np.zeros((3, 64, 64, 3), np.uint8) + 200)
     a = render_images(ids, codec, 4, str(decoder_run), seed=7)
     b = render_images(ids, codec, 4, str(decoder_run), seed=7)
@@ -141,7 +140,7 @@ def test_decoder_trains_and_is_sharper_than_the_autoencoder(runs, decoder_run):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(repo, runs, tmp_path):
+def test_resume_is_bit_identical(repo, tokenizer_run, tmp_path):
     """6 smoke steps straight vs the same run restarted from its step-3 checkpoint: the
     data order and each example's flow noise and time come back with the data state."""
     import shutil
@@ -150,8 +149,8 @@ def test_resume_is_bit_identical(repo, runs, tmp_path):
 
     from mmgen.load import load_run
 
-    args = (f"--config.data.cache_dir={runs['cache']}",
-            f"--config.tokenizer.checkpoint={runs['tokenizer']}")
+    args = (f"--config.data.cache_dir={tokenizer_run['cache']}",
+            f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}")
     train_run(repo, CONFIG + ":smoke", tmp_path / "a", *args)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")

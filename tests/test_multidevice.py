@@ -11,25 +11,25 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _run(repo, runs, workdir, devices: int, mesh: str) -> dict:
+def _run(repo, tokenizer_run, workdir, devices: int, mesh: str) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     r = subprocess.run(
         [sys.executable, str(repo / "tests" / "sharded_run.py"), str(repo),
-         str(runs["tokenizer"]), str(runs["cache"]), str(workdir), mesh],
+         str(tokenizer_run["tokenizer"]), str(tokenizer_run["cache"]), str(workdir), mesh],
         env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def one_device(repo, runs, tmp_path_factory) -> dict:
-    return _run(repo, runs, tmp_path_factory.mktemp("one"), 1, "1,1,1,1")
+def one_device(repo, tokenizer_run, tmp_path_factory) -> dict:
+    return _run(repo, tokenizer_run, tmp_path_factory.mktemp("one"), 1, "1,1,1,1")
 
 
 @pytest.mark.parametrize("mesh", ["8,1,1,1", "1,8,1,1", "4,1,1,2", "1,1,8,1", "2,1,2,2"],
                          ids=["data", "fsdp", "tensor", "sequence", "mix"])
-def test_each_parallelism_matches_one_device_and_shards_what_it_promises(repo, runs,
+def test_each_parallelism_matches_one_device_and_shards_what_it_promises(repo, tokenizer_run,
                                                                         one_device, tmp_path,
                                                                         mesh):
     """Data, FSDP, tensor and sequence parallelism (and a mix) on 8 devices (mesh
@@ -37,7 +37,7 @@ def test_each_parallelism_matches_one_device_and_shards_what_it_promises(repo, r
     per-device memory (XLA's memory_analysis) shrinks as the rules promise, so silent
     replication fails: arguments (state + batch) and temporaries (activations)."""
     one = one_device
-    eight = _run(repo, runs, tmp_path / "eight", 8, mesh)
+    eight = _run(repo, tokenizer_run, tmp_path / "eight", 8, mesh)
     for step in ("1", "2", "3"):
         assert abs(one["losses"][step] - eight["losses"][step]) <= 1e-4 * one["losses"][step], (
             step, one["losses"], eight["losses"])
@@ -54,9 +54,9 @@ def test_each_parallelism_matches_one_device_and_shards_what_it_promises(repo, r
     assert temp_eight < 0.2 * temp_one, (temp_eight, temp_one)
 
 
-def test_eight_devices_match_one_device(repo, runs, tmp_path):
-    one = _run(repo, runs, tmp_path / "one", 1, "1,1,1")
-    eight = _run(repo, runs, tmp_path / "eight", 8, "2,2,2")
+def test_eight_devices_match_one_device(repo, tokenizer_run, tmp_path):
+    one = _run(repo, tokenizer_run, tmp_path / "one", 1, "1,1,1")
+    eight = _run(repo, tokenizer_run, tmp_path / "eight", 8, "2,2,2")
     assert one["devices"] == 1 and eight["devices"] == 8
     for step in ("1", "2", "3"):
         # same math, different reduction order across shards: float32 rounding only
@@ -75,15 +75,17 @@ MULTI_HOST_MESHES = {
 
 
 @pytest.mark.parametrize("mesh", list(MULTI_HOST_MESHES))
-def test_two_processes_of_four_devices_match_one_process_of_eight(repo, runs, tmp_path, mesh):
+def test_two_processes_of_four_devices_match_one_process_of_eight(repo, tokenizer_run, tmp_path,
+                                                                  mesh):
     """Multi-host: 2 local processes x 4 CPU devices (jax.distributed, gloo collectives on
     localhost) train the tiny config and match 1 process with 8 devices: on mesh
     data=2 x fsdp=2 x tensor=2, and on a two-slice mesh (fsdp=4 inside each process,
     mesh.dcn.data=2 across them)."""
     common = [sys.executable, "-m", "mmgen.cli", "train", "--config",
               str(repo / "configs/tiny.py:smoke"),
-              f"--config.tokenizer.checkpoint={runs['tokenizer']}",
-              f"--config.data.cache_dir={runs['cache']}", "--config.data.num_train_scenes=512",
+              f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
+              f"--config.data.cache_dir={tokenizer_run['cache']}",
+              "--config.data.num_train_scenes=512",
               "--config.train.steps=3", "--config.train.log_every=1", *MULTI_HOST_MESHES[mesh]]
 
     one = subprocess.run([*common, "--workdir", str(tmp_path / "one")], capture_output=True,

@@ -38,14 +38,14 @@ def test_unknown_recipe_argument_is_refused(repo):
 
 
 @pytest.mark.slow
-def test_gpu_1b_structure_trains_at_cpu_size(repo, runs, tmp_path):
+def test_gpu_1b_structure_trains_at_cpu_size(repo, tokenizer_run, tmp_path):
     """gpu_1b:smoke: the recipe's structure (bf16, remat, packed rows of two examples)
     at CPU size trains and its loss falls."""
     from conftest import train_run
 
     train_run(repo, "configs/gpu_1b.py:smoke", tmp_path / "run",
-              f"--config.tokenizer.checkpoint={runs['tokenizer']}",
-              f"--config.data.cache_dir={runs['cache']}")
+              f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
+              f"--config.data.cache_dir={tokenizer_run['cache']}")
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").open()
               if "loss" in json.loads(x)]
     assert len(losses) >= 2 and all(x == x for x in losses) and losses[-1] < losses[0]
