@@ -13,7 +13,9 @@ printed side by side with tokens/s and the ratio.
 
 --gpu-1b: bf16 weights (as an export would hold them), batch 1; per-token latency of the
 cached loop vs the floor = (weight bytes + KV-cache bytes read per step) / HBM bandwidth,
-the bandwidth measured in the same run by a large device copy (read + write).
+the bandwidth measured in the same run by a large device copy (read + write); then the
+same step's weight matrices times one vector and nothing else, in the same kind of loop
+(the matrix-vector kernels' own share of the latency).
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def cpu_mode(args) -> None:
 
 def bandwidth() -> float:
     """Bytes/s of a 2 GiB device copy (counted as read + write; float32, which every
-    backend adds at full speed)."""
-    x = jnp.zeros((512, 1024, 1024), jnp.float32)
+    backend adds at full speed); 128 MiB on a CPU, where the figure only checks the script."""
+    x = jnp.zeros((512 if jax.default_backend() != "cpu" else 32, 1024, 1024), jnp.float32)
     copy = jax.jit(lambda x: x + 1)
     t = timed(lambda: copy(x), reps=5)
     return 2 * x.nbytes / t
@@ -143,7 +145,8 @@ def gpu_mode(args) -> None:
     state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)  # bf16 weights in HBM
     model = nnx.merge(graphdef, state)
     rows = image_prompt_rows([PROMPT], LAYOUT)
-    t = timed(cached_fn(model, rows))
+    reps = 3 if jax.default_backend() != "cpu" else 1  # on a CPU only the script is checked
+    t = timed(cached_fn(model, rows), reps)
     c = model.cfg
     n_params = sum(x.size for x in jax.tree.leaves(state))
     # the embedding is gathered (one row per step), everything else is read whole
@@ -159,6 +162,38 @@ def gpu_mode(args) -> None:
           f"GB + KV cache {kv_bytes / 1e6:.1f} MB")
     print(f"per-token latency {per_token * 1e3:.3f} ms vs floor {floor * 1e3:.3f} ms "
           f"(floor / latency = {floor / per_token:.0%})")
+    chain = timed(matvec_chain_fn(state, N_NEW + 1), reps) / (N_NEW + 1)
+    print(f"matvec chain (every weight matrix of a step times one vector, nothing else): "
+          f"{chain * 1e3:.3f} ms/step = {chain / per_token:.0%} of the latency, "
+          f"{weight_bytes / chain / 1e9:.0f} GB/s")
+
+
+def matvec_chain_fn(state, steps: int):
+    """The weight reading of a decode step without the rest of it: per step, each weight
+    matrix the step reads (all but the gathered token embedding) times one vector, in a
+    loop of `steps` like the sampler's. Its time per step is what XLA's matrix-vector
+    kernels reach on these shapes: the gap to the floor that no change outside the
+    matmuls can close."""
+    mats = []
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = jax.tree_util.keystr(path)
+        if x.ndim < 2 or "embed_VD" in name or "embed_GD" in name:  # vectors; gathered rows
+            continue
+        # contract what the model contracts: w_o over (heads, head dim), the rest over D
+        mats.append(x.reshape(-1, x.shape[-1]) if "_HKD" in name else x.reshape(x.shape[0], -1))
+    rows = max(w.shape[0] for w in mats)
+
+    @jax.jit
+    def run(mats, x_R):
+        def body(_, x_R):
+            # every product's first entry feeds the next step, so none is hoisted or dropped
+            firsts = [jnp.dot(x_R[:w.shape[0]], w, preferred_element_type=jnp.float32)[0]
+                      for w in mats]
+            return x_R + (1e-6 * sum(firsts)).astype(x_R.dtype)
+        return jax.lax.fori_loop(0, steps, body, x_R)
+
+    x_R = jnp.ones((rows,), jnp.bfloat16)
+    return lambda: run(mats, x_R)
 
 
 def main() -> None:
