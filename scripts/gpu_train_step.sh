@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 1B train-step issue's GPU check in one run (under 8 minutes on one H100/H200):
+# The 1B train-step issue's GPU check in one run (about 8 minutes on one H100/H200):
 # bench/train_step.py --levers on configs/gpu_1b.py:1gpu, one table of step time,
 # tokens/s, MFU (vs 989 TFLOP/s and vs a measured bf16 matmul), compile time and memory
 # for each lever, plus JSON in the output folder; then the config's step under two XLA

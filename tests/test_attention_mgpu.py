@@ -71,7 +71,7 @@ def test_mgpu_rejects_what_wgmma_cannot_take():
 
 def test_mgpu_is_an_explicit_impl_for_gpus_only():
     assert resolve_impl("pallas_mgpu", "gpu") == "pallas_mgpu"
-    assert resolve_impl("auto", "gpu") == "pallas_gpu"  # until a GPU run has measured it
+    assert resolve_impl("auto", "gpu") == "pallas_gpu"  # no arch or dtype: any NVIDIA GPU
     x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
     ids = jnp.ones((1, 128), jnp.int32)
     with pytest.raises(ValueError, match="Hopper"):
