@@ -139,11 +139,17 @@ def bandwidth() -> float:
     return 2 * x.nbytes / t
 
 
+def bf16_model(layers: int | None, attention: str) -> Transformer:
+    """configs/gpu_1b.py's shapes (same parameter seed whatever the attention), with
+    bf16 weights in device memory, as an export would hold them."""
+    graphdef, state = nnx.split(build_model("configs/gpu_1b.py", layers, "bfloat16", attention))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+
+
 def gpu_mode(args) -> None:
-    model = build_model("configs/gpu_1b.py", args.layers, "bfloat16", args.attention)
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)  # bf16 weights in HBM
-    model = nnx.merge(graphdef, state)
+    impls = args.attention.split(",")
+    model = bf16_model(args.layers, impls[0])
+    state = nnx.split(model)[1]
     rows = image_prompt_rows([PROMPT], LAYOUT)
     reps = 3 if jax.default_backend() != "cpu" else 1  # on a CPU only the script is checked
     t = timed(cached_fn(model, rows), reps)
@@ -161,7 +167,11 @@ def gpu_mode(args) -> None:
     print(f"measured bandwidth {bw / 1e9:.0f} GB/s; bytes/step: weights {weight_bytes / 1e9:.3f} "
           f"GB + KV cache {kv_bytes / 1e6:.1f} MB")
     print(f"per-token latency {per_token * 1e3:.3f} ms vs floor {floor * 1e3:.3f} ms "
-          f"(floor / latency = {floor / per_token:.0%})")
+          f"(floor / latency = {floor / per_token:.0%}; attention {impls[0]})")
+    for impl in impls[1:]:  # the same weights and prompt, only the decode steps' attention
+        t_i = timed(cached_fn(bf16_model(args.layers, impl), rows), reps) / (N_NEW + 1)
+        print(f"per-token latency with attention {impl}: {t_i * 1e3:.3f} ms "
+              f"({t_i / per_token:.2f}x that of {impls[0]})")
     chain = timed(matvec_chain_fn(state, N_NEW + 1), reps) / (N_NEW + 1)
     print(f"matvec chain (every weight matrix of a step times one vector, nothing else): "
           f"{chain * 1e3:.3f} ms/step = {chain / per_token:.0%} of the latency, "
@@ -201,9 +211,11 @@ def main() -> None:
     p.add_argument("--gpu-1b", action="store_true", help="1B shapes vs the bandwidth floor")
     p.add_argument("--layers", type=int, help="--gpu-1b: fewer layers (a CPU check)")
     p.add_argument("--batch", type=int, default=1, help="CPU mode batch size")
-    p.add_argument("--attention", default="xla",
-                   help="--gpu-1b: attention impl of the decode steps (default xla: one query "
-                   "row is a matrix-vector product the flash kernels' tiles do not fit)")
+    p.add_argument("--attention", default="xla,auto",
+                   help="--gpu-1b: attention impls of the decode steps, comma-separated, each "
+                   "timed; the first sets the floor comparison (default xla: one query row is "
+                   "a matrix-vector product the flash kernels' tiles do not fit; then auto, "
+                   "what `mmgen sample` runs: on Hopper the Mosaic kernels)")
     args = p.parse_args()
     gpu_mode(args) if args.gpu_1b else cpu_mode(args)
 
