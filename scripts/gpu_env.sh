@@ -21,7 +21,7 @@ need = ["jax", "flax.nnx", "optax", "orbax.checkpoint", "ml_collections", "grain
 bad, versions = [], []
 for m in need:
     try:
-        mod = importlib.import_module(m)
+        importlib.import_module(m)
     except Exception as e:  # any failure to import is worth one line
         bad.append(f"{m} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
         continue
