@@ -67,9 +67,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(K, eps=cfg.norm_eps)
 
     def __call__(self, x_BLD, angles_BLP, batch, cache=None):
-        """Self-attention over the row, or, with `cache` (k/v [B,T,G,K] + segment and
-        span ids [B,T] of the whole buffer + write index), over the cache after
-        writing this chunk at `cache["index"]`. Returns (out, new k, new v)."""
+        """Self-attention over the row, or, with `cache` (every layer's k/v
+        [layers,B,T,G,K], this block's `layer`, segment and span ids [B,T] of the whole
+        buffer, write index), over this layer's cache after writing this chunk at
+        `cache["index"]`. Returns (out, k, v): this chunk's k/v, or with a cache the
+        updated k/v of every layer."""
         dt = x_BLD.dtype
         q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, self.w_q_DHK[...].astype(dt))
         k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_k_DGK[...].astype(dt))
@@ -89,9 +91,14 @@ class Attention(nnx.Module):
         if cache is None:
             kv_seg, kv_span, q_index = batch["segment_ids"], batch["span_ids"], None
         else:
-            at = (0, cache["index"], 0, 0)
-            k_BLGK = jax.lax.dynamic_update_slice(cache["k"], k_BLGK.astype(cache["k"].dtype), at)
-            v_BLGK = jax.lax.dynamic_update_slice(cache["v"], v_BLGK.astype(cache["v"].dtype), at)
+            # Written in place into the all-layer buffer: slicing this layer out, updating
+            # it and stacking the layers again would copy the whole cache every step.
+            layer = cache["layer"]
+            at = (layer, 0, cache["index"], 0, 0)
+            cdt = cache["k"].dtype
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k_BLGK[None].astype(cdt), at)
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v_BLGK[None].astype(cdt), at)
+            k_BLGK, v_BLGK = k_all[layer], v_all[layer]
             kv_seg, kv_span = cache["segment_ids"], cache["span_ids"]
             B, L = x_BLD.shape[:2]
             q_index = jnp.broadcast_to(cache["index"] + jnp.arange(L), (B, L))
@@ -102,6 +109,8 @@ class Attention(nnx.Module):
             causal=True, impl=self.cfg.attention_impl,
         )
         out_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_o_HKD[...].astype(dt))
+        if cache is not None:
+            return out_BLD, k_all, v_all
         return out_BLD, k_BLGK, v_BLGK
 
 
@@ -168,22 +177,20 @@ class Transformer(nnx.Module):
                                  self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope)
         if cache is None and self.cfg.scan_layers:
             return self.final_norm(self._scan_blocks(x_BLD, angles_BLP, batch))
-        ks, vs = [], []
         run_block = Block.__call__
         if cache is None and self.cfg.remat != "none":
             # Backward recomputes what the policy did not keep, trading compute for memory;
             # decoding (with a cache) has no backward pass and never rematerialises.
             run_block = nnx.remat(Block.__call__, policy=_remat_policies()[self.cfg.remat])
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else dict(cache, k=cache["k"][i], v=cache["v"][i])
+            layer_cache = None if cache is None else dict(cache, layer=i)
             x_BLD, k, v = run_block(block, x_BLD, angles_BLP, batch, layer_cache)
-            ks.append(k)
-            vs.append(v)
+            if cache is not None:
+                cache = dict(cache, k=k, v=v)
         h_BLD = self.final_norm(x_BLD)
         if cache is None:
             return h_BLD
-        L = batch["tokens"].shape[1]
-        return h_BLD, dict(cache, k=jnp.stack(ks), v=jnp.stack(vs), index=cache["index"] + L)
+        return h_BLD, dict(cache, index=cache["index"] + batch["tokens"].shape[1])
 
     def _scan_blocks(self, x_BLD, angles_BLP, batch):
         """All blocks as one lax.scan: the block is traced and compiled once, so compile
