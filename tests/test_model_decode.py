@@ -101,3 +101,30 @@ def test_causal_prompt_images_switch():
     h_last, _ = causal.hidden({k: v[:, P - 1:] for k, v in full.items()}, cache)
     np.testing.assert_allclose(np.asarray(causal.logits(h_last))[:, 0], want[:, -1],
                                atol=2e-5, rtol=2e-5)
+
+
+def test_decode_loop_trip_count_is_static_unless_rows_can_stop():
+    """Image decoding (and text without stop ids) can never end early, so its loop has a
+    trip count XLA can read (on a GPU: no predicate copy to the host per token); with stop
+    ids the loop must keep its early exit."""
+    import re
+
+    import jax
+
+    from mmgen.sample.decode import DecodeSpec, compiled_decode
+    from mmgen.sample.sampling import Sampling
+
+    model = _model()
+    graphdef, params = nnx.split(model)
+    rows = {k: jnp.asarray(v) for k, v in image_prompt_rows(["a red circle"], LAYOUT).items()}
+
+    def trip_counts(spec):
+        run = compiled_decode(graphdef, LAYOUT, spec)
+        hlo = run.lower(params, jax.random.key(0), rows, 1.0).compile().as_text()
+        return {int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)}
+
+    sampling = Sampling(temperature=1.0)
+    image = DecodeSpec.image(LAYOUT.image_grid, sampling, guided=False)
+    assert image.n_steps == 7 and 7 in trip_counts(image)
+    assert 9 in trip_counts(DecodeSpec.text(9, sampling))
+    assert 9 not in trip_counts(DecodeSpec.text(9, sampling, stop_ids=(LAYOUT.eos,)))

@@ -102,6 +102,12 @@ def compiled_decode(graphdef, layout: TokenLayout, spec: DecodeSpec):
 
         def cond(carry):
             i, *_, done_n = carry
+            if not spec.stop_ids:
+                # No row can stop early (images, text without stop ids). A bare counter
+                # bound gives the loop a trip count XLA can see: its GPU while loop then
+                # runs the body n_steps times instead of copying the predicate to the
+                # host and waiting for the stream after every token.
+                return i < spec.n_steps
             return (i < spec.n_steps) & ~jnp.all(done_n)
 
         def body(carry):
