@@ -18,7 +18,7 @@ out=${1:?usage: bash scripts/gpu_all.sh OUT_DIR [CHECKS] [BUDGET_S]}
 checks=${2:-attention_train decode train_step attention small}
 budget=${3:-560}
 mkdir -p "$out"
-declare -A MIN=([attention_train]=100 [decode]=90 [train_step]=300 [attention]=300 [small]=400)
+declare -A MIN=([attention_train]=100 [decode]=150 [train_step]=300 [attention]=300 [small]=400)
 start=$(date +%s)
 status=0
 for c in $checks; do

@@ -10,5 +10,13 @@ mkdir -p "$out"
 source scripts/gpu_env.sh
 timeout 300 python3 bench/decode.py --gpu-1b "$@" 2> "$out/decode.log" | tee "$out/decode.txt"
 rc=${PIPESTATUS[0]}
+# XLA flags are per process: the loop once more (XLA attention) with command buffers
+# (CUDA graphs) also around while loops and conditionals, so that the decode loop can run
+# as one graph rather than some hundreds of kernel launches per token; compare with the
+# first latency line.
+flags=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL
+echo "== XLA_FLAGS += $flags" | tee -a "$out/decode.txt"
+XLA_FLAGS="$XLA_FLAGS $flags" timeout 150 python3 bench/decode.py --gpu-1b --attention xla \
+  2>> "$out/decode.log" | grep "^per-token" | tee -a "$out/decode.txt"
 tail -n 5 "$out/decode.log"
 exit "$rc"
