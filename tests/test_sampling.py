@@ -209,6 +209,14 @@ def test_cli_input_errors_are_one_line_exit_2(tmp_path, capsys):
         assert rc == 2 and len(err) == 1 and msg in err[0], err
 
 
+def test_rows_longer_than_training_rows_get_a_one_line_warning():
+    from mmgen.sample.command import row_length_warning
+
+    assert row_length_warning(320, 320) is None
+    warning = row_length_warning(640, 320)
+    assert "640 tokens" in warning and "data.seq_len" in warning and "\n" not in warning
+
+
 @pytest.mark.slow
 def test_cli_caption_and_edit_on_trained_run(runs, tmp_path, capsys):
     from PIL import Image

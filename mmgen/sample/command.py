@@ -52,6 +52,10 @@ class Sampler:
         min_len = max(len(self.text_tokenizer.encode(p)) for p in prompts) + 3
         if sources is not None:
             min_len += sources[0].size + 3
+        h, w = grid or self.layout.image_grid
+        warning = row_length_warning(min_len + h * w + 1, self.cfg.data.seq_len)
+        if warning:
+            print(warning, file=sys.stderr)
         progress, out = Progress(len(prompts), "images"), []
         for b, (lo, hi) in enumerate(_batches(len(prompts), batch)):
             imgs = None if sources is None else _padded(list(sources[lo:hi]), batch)
@@ -90,6 +94,18 @@ class Sampler:
         self.log(f"wrote {out} ({sheet.shape[1] * self.args.scale}x"
                  f"{sheet.shape[0] * self.args.scale} px)")
         return out
+
+
+def row_length_warning(row_tokens: int, seq_len: int) -> str | None:
+    """A one-line warning when a generation row (prompt, prompt image, the image, `<eoi>`)
+    is longer than the rows the run was trained on. Not an error: RoPE runs at any
+    length, but the model never saw those positions (with packed rows it may have seen
+    only far shorter examples, so this only catches the sure cases)."""
+    if row_tokens <= seq_len:
+        return None
+    return (f"mmgen sample: warning: a row of prompt + image is {row_tokens} tokens, longer "
+            f"than the {seq_len}-token rows the model was trained on (data.seq_len): it has "
+            f"never seen those positions, expect poor output")
 
 
 def _cols(num: int, n_prompts: int) -> int:
