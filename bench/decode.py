@@ -15,7 +15,9 @@ printed side by side with tokens/s and the ratio.
 cached loop vs the floor = (weight bytes + KV-cache bytes read per step) / HBM bandwidth,
 the bandwidth measured in the same run by a large device copy (read + write); then the
 same step's weight matrices times one vector and nothing else, in the same kind of loop
-(the matrix-vector kernels' own share of the latency).
+(the matrix-vector kernels' own share of the latency), once as the model stores them and
+once with each layer's Q/K/V and gate/up matrices concatenated (what fusing those
+projections would save, measured before the model changes).
 """
 
 from __future__ import annotations
@@ -176,21 +178,34 @@ def gpu_mode(args) -> None:
     print(f"matvec chain (every weight matrix of a step times one vector, nothing else): "
           f"{chain * 1e3:.3f} ms/step = {chain / per_token:.0%} of the latency, "
           f"{weight_bytes / chain / 1e9:.0f} GB/s")
+    fused = timed(matvec_chain_fn(state, N_NEW + 1, fused=True), reps) / (N_NEW + 1)
+    print(f"matvec chain, Q/K/V and gate/up fused: {fused * 1e3:.3f} ms/step "
+          f"({chain / fused:.2f}x the unfused chain), {weight_bytes / fused / 1e9:.0f} GB/s")
 
 
-def matvec_chain_fn(state, steps: int):
+FUSABLE = ("w_q_DHK", "w_k_DGK", "w_v_DGK", "w_gate_DF", "w_up_DF")  # each reads x_D
+
+
+def matvec_chain_fn(state, steps: int, fused: bool = False):
     """The weight reading of a decode step without the rest of it: per step, each weight
     matrix the step reads (all but the gathered token embedding) times one vector, in a
     loop of `steps` like the sampler's. Its time per step is what XLA's matrix-vector
     kernels reach on these shapes: the gap to the floor that no change outside the
-    matmuls can close."""
-    mats = []
+    matmuls can close. `fused`: the matrices that multiply the same vector (a layer's
+    Q/K/V; its gate/up) concatenated into one, prepared outside the loop: the same
+    bytes in fewer, larger kernels."""
+    mats, groups = [], {}
     for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
         name = jax.tree_util.keystr(path)
         if x.ndim < 2 or "embed_VD" in name or "embed_GD" in name:  # vectors; gathered rows
             continue
         # contract what the model contracts: w_o over (heads, head dim), the rest over D
-        mats.append(x.reshape(-1, x.shape[-1]) if "_HKD" in name else x.reshape(x.shape[0], -1))
+        w = x.reshape(-1, x.shape[-1]) if "_HKD" in name else x.reshape(x.shape[0], -1)
+        if fused and any(f in name for f in FUSABLE):
+            groups.setdefault(name.rsplit("w_", 1)[0], []).append(w)  # per layer's attn/mlp
+        else:
+            mats.append(w)
+    mats += [jnp.concatenate(ws, axis=1) for ws in groups.values()]
     rows = max(w.shape[0] for w in mats)
 
     @jax.jit

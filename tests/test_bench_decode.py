@@ -1,7 +1,7 @@
 """bench/decode.py --gpu-1b (issue 9's GPU latency check, scripts/gpu_decode.sh) at CPU
 size: the 1B shapes with one layer run end to end and report the latency, the floor and
-the matrix-vector chain with positive numbers, for both default attention impls (xla,
-auto)."""
+the matrix-vector chain (as stored and with the Q/K/V and gate/up matrices fused) with
+positive numbers, for both default attention impls (xla, auto)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def test_gpu_decode_bench_runs_at_cpu_size(repo):
     latency = re.search(r"per-token latency ([\d.]+) ms vs floor ([\d.]+) ms", run.stdout)
     chain = re.search(r"matvec chain .*: ([\d.]+) ms/step", run.stdout)
     other = re.search(r"per-token latency with attention auto: ([\d.]+) ms", run.stdout)
-    assert latency and chain and other, run.stdout
+    fused = re.search(r"matvec chain, Q/K/V and gate/up fused: ([\d.]+) ms/step", run.stdout)
+    assert latency and chain and other and fused, run.stdout
+    assert float(fused[1]) > 0
     assert float(other[1]) > 0
     assert float(latency[1]) > 0 and float(latency[2]) > 0 and float(chain[1]) > 0
     # one layer of the 1B shapes (q, k, v, o and the 3 MLP matrices) + the unembedding,
