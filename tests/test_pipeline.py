@@ -78,6 +78,18 @@ def test_rows_too_short_fail_with_a_clear_message(source):
         pipeline.row_dataset(source, data_cfg(seq_len=100), LAYOUT)
 
 
+def test_token_cache_rendered_by_worker_processes_equals_the_serial_one(tmp_path):
+    """Large caches are rendered by spawned processes (token_cache.PARALLEL_MIN_SCENES):
+    the same tokens and scenes, in the same order, as rendering in this process."""
+    built = {w: token_cache.build(tmp_path / f"w{w}", mean_colour_codes, num=300, seed=3,
+                                  split="train", batch=32, log=None, workers=w) for w in (0, 2)}
+    ids = [np.load(built[w] / "tokens.npz")["image_ids"] for w in (0, 2)]
+    assert ids[0].shape == (300, 16)
+    np.testing.assert_array_equal(ids[0], ids[1])
+    assert (built[0] / "scenes.jsonl").read_text() == (built[2] / "scenes.jsonl").read_text()
+    assert len(set(map(bytes, ids[0]))) > 100  # distinct scenes, not one repeated chunk
+
+
 def test_token_cache_is_keyed_by_scene_parameters(tmp_path):
     """Scenes drawn with another p_word are other scenes: they must not share a cache."""
     def path(**kw):

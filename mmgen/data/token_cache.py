@@ -9,9 +9,12 @@ scenes. Captions are NOT cached: each epoch draws a fresh template from the scen
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,12 @@ import numpy as np
 from mmgen.data import synthetic
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B,H,W,3] -> int [B,h,w]
+
+# Rendering is single-threaded PIL (~0.4 ms a scene): 300,000 scenes (configs/small.py)
+# are two minutes of one core. From this many scenes on, worker processes render while
+# the main process encodes; below it their start-up (each imports mmgen) is not repaid.
+PARALLEL_MIN_SCENES = 50_000
+MAX_RENDER_WORKERS = 16
 
 
 def cache_path(root: str | Path, fingerprint: str, seed: int, split: str, num: int,
@@ -33,21 +42,52 @@ def cache_path(root: str | Path, fingerprint: str, seed: int, split: str, num: i
     return Path(root) / name
 
 
+def _render(job: tuple) -> tuple[np.ndarray, list[dict]]:
+    """Scenes [lo, hi) of one (seed, split): images uint8 [n,H,W,3] and scene records."""
+    lo, hi, seed, split, scene_kwargs = job
+    exs = [synthetic.example(i, seed, split, **scene_kwargs) for i in range(lo, hi)]
+    return np.stack([e["image"] for e in exs]), [e["scene"].to_json() for e in exs]
+
+
+def _rendered(jobs: list[tuple], workers: int) -> Iterator[tuple[np.ndarray, list[dict]]]:
+    """`_render` of each job, in order: here, or by `workers` processes that stay at most
+    4 chunks each ahead of the consumer (bounded memory however slow the encoder)."""
+    if workers <= 0:
+        yield from map(_render, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent runs JAX's threads, which a fork can deadlock
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        todo = iter(jobs)
+        pending = deque(ex.submit(_render, j) for j in itertools.islice(todo, 4 * workers))
+        while pending:
+            out = pending.popleft().result()
+            for j in itertools.islice(todo, 1):
+                pending.append(ex.submit(_render, j))
+            yield out
+
+
 def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
-          batch: int = 256, scene_kwargs: dict | None = None, log=print) -> Path:
-    """Renders `num` scenes, encodes them and writes `path`/{tokens.npz,scenes.jsonl}."""
+          batch: int = 256, scene_kwargs: dict | None = None, log=print,
+          workers: int | None = None) -> Path:
+    """Renders `num` scenes, encodes them and writes `path`/{tokens.npz,scenes.jsonl}.
+    `workers`: rendering processes (0: none; default: up to 16, one core left for the
+    encoder, from PARALLEL_MIN_SCENES scenes on). The output does not depend on it."""
     if (path / "done").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
     scene_kwargs = scene_kwargs or {}
+    if workers is None:
+        cores = os.cpu_count() or 1
+        workers = min(MAX_RENDER_WORKERS, cores - 1) if num >= PARALLEL_MIN_SCENES else 0
+    jobs = [(lo, min(num, lo + batch), seed, split, scene_kwargs) for lo in range(0, num, batch)]
     ids_chunks, scenes = [], []
     start = time.time()
-    for lo in range(0, num, batch):
-        hi = min(num, lo + batch)
-        exs = [synthetic.example(i, seed, split, **scene_kwargs) for i in range(lo, hi)]
-        images = np.stack([e["image"] for e in exs])
+    for (lo, hi, *_), (images, chunk_scenes) in zip(jobs, _rendered(jobs, workers), strict=True):
         ids_chunks.append(np.asarray(encode(images)).reshape(hi - lo, -1).astype(np.int32))
-        scenes += [e["scene"].to_json() for e in exs]
+        scenes += chunk_scenes
         if log and (hi == num or (lo // batch) % 20 == 0):
             log(f"token cache {split}: {hi}/{num} scenes encoded ({time.time() - start:.0f}s)")
     tmp = path / "tokens.tmp.npz"
