@@ -80,7 +80,9 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
     path.mkdir(parents=True, exist_ok=True)
     scene_kwargs = scene_kwargs or {}
     if workers is None:
-        cores = os.cpu_count() or 1
+        # the cores this process may run on (a container's or a scheduler's share)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
         workers = min(MAX_RENDER_WORKERS, cores - 1) if num >= PARALLEL_MIN_SCENES else 0
     jobs = [(lo, min(num, lo + batch), seed, split, scene_kwargs) for lo in range(0, num, batch)]
     ids_chunks, scenes = [], []
