@@ -70,8 +70,8 @@ class Attention(nnx.Module):
         """Self-attention over the row, or, with `cache` (every layer's k/v
         [layers,B,T,G,K], this block's `layer`, segment and span ids [B,T] of the whole
         buffer, write index), over this layer's cache after writing this chunk at
-        `cache["index"]`. Returns (out, k, v): this chunk's k/v, or with a cache the
-        updated k/v of every layer."""
+        `cache["index"]`. Returns (out, kv): with a cache kv is the updated (k, v) of
+        every layer, without one None."""
         dt = x_BLD.dtype
         q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, self.w_q_DHK[...].astype(dt))
         k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_k_DGK[...].astype(dt))
@@ -109,9 +109,7 @@ class Attention(nnx.Module):
             causal=True, impl=self.cfg.attention_impl,
         )
         out_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_o_HKD[...].astype(dt))
-        if cache is not None:
-            return out_BLD, k_all, v_all
-        return out_BLD, k_BLGK, v_BLGK
+        return out_BLD, None if cache is None else (k_all, v_all)
 
 
 class Block(nnx.Module):
@@ -122,10 +120,10 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, num_layers=cfg.num_layers)
 
     def __call__(self, x_BLD, angles_BLP, batch, cache=None):
-        attn_BLD, k, v = self.attn(self.attn_norm(x_BLD), angles_BLP, batch, cache)
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), angles_BLP, batch, cache)
         x_BLD = x_BLD + attn_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return constrain(x_BLD, ("batch", "length", "embed")), k, v
+        return constrain(x_BLD, ("batch", "length", "embed")), kv
 
 
 class Transformer(nnx.Module):
@@ -184,9 +182,9 @@ class Transformer(nnx.Module):
             run_block = nnx.remat(Block.__call__, policy=_remat_policies()[self.cfg.remat])
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else dict(cache, layer=i)
-            x_BLD, k, v = run_block(block, x_BLD, angles_BLP, batch, layer_cache)
+            x_BLD, kv = run_block(block, x_BLD, angles_BLP, batch, layer_cache)
             if cache is not None:
-                cache = dict(cache, k=k, v=v)
+                cache = dict(cache, k=kv[0], v=kv[1])
         h_BLD = self.final_norm(x_BLD)
         if cache is None:
             return h_BLD
@@ -202,7 +200,7 @@ class Transformer(nnx.Module):
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
         def body(x_BLD, state):
-            x_BLD, _, _ = nnx.merge(graphdef, state)(x_BLD, angles_BLP, batch)
+            x_BLD, _ = nnx.merge(graphdef, state)(x_BLD, angles_BLP, batch)
             return x_BLD, None
 
         if self.cfg.remat != "none":
