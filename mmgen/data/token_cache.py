@@ -64,8 +64,9 @@ def _rendered(jobs: list[tuple], workers: int) -> Iterator[tuple[np.ndarray, lis
         pending = deque(ex.submit(_render, j) for j in itertools.islice(todo, 4 * workers))
         while pending:
             out = pending.popleft().result()
-            for j in itertools.islice(todo, 1):
-                pending.append(ex.submit(_render, j))
+            job = next(todo, None)
+            if job is not None:
+                pending.append(ex.submit(_render, job))
             yield out
 
 
