@@ -12,11 +12,11 @@ timeout 300 python3 bench/decode.py --gpu-1b "$@" 2> "$out/decode.log" | tee "$o
 rc=${PIPESTATUS[0]}
 # XLA flags are per process: the loop once more (XLA attention) with command buffers
 # (CUDA graphs) also around while loops and conditionals, so that the decode loop can run
-# as one graph rather than some hundreds of kernel launches per token; compare with the
-# first latency line.
+# as one graph rather than some hundreds of kernel launches per token; compare its latency
+# and matrix-vector chain lines with the first run's.
 flags=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL
 echo "== XLA_FLAGS += $flags" | tee -a "$out/decode.txt"
 XLA_FLAGS="$XLA_FLAGS $flags" timeout 150 python3 bench/decode.py --gpu-1b --attention xla \
-  2>> "$out/decode.log" | grep "^per-token" | tee -a "$out/decode.txt"
+  2>> "$out/decode.log" | grep "^per-token\|^matvec" | tee -a "$out/decode.txt"
 tail -n 5 "$out/decode.log"
 exit "$rc"
