@@ -1,7 +1,8 @@
 """Attention entry point: one signature for every implementation.
 
 impl:
-  xla         the reference: any backend, f32 softmax over a materialised [Q, K] mask
+  xla         any backend: f32 softmax over a materialised [Q, K] mask, with a
+              hand-written backward (`_xla`; `reference_attention` is its autodiff oracle)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") with the mask as an
               explicit [B, 1, Q, K] mask (cuDNN has no segment/span masks of its own)
   pallas_gpu  our Triton-backend flash kernel (kernels/pallas_gpu.py), any NVIDIA GPU
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mmgen.kernels.mask import attention_mask
+from mmgen.parallel.sharding import on_one_device
 
 IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
 
@@ -133,7 +135,9 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _reference(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
+def reference_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
+    """The mask rule written out plainly, differentiated by autodiff: the oracle the
+    `xla` path (`_xla`) and the kernels are tested against. Returns (out, lse)."""
     B, Q, H, D = q_BQHD.shape
     G = k_BKGD.shape[2]
     mask_BQK = attention_mask(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2], causal)
@@ -150,6 +154,94 @@ def _reference(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
     out_BQGRD = jnp.einsum("bgrqk,bkgd->bqgrd", probs_BGRQK.astype(v_BKGD.dtype), v_BKGD)
     lse_BHQ = jnp.where(mask_BQK.any(-1)[:, None], lse_BGRQ.reshape(B, H, Q), -jnp.inf)
     return out_BQGRD.reshape(B, Q, H, D), lse_BHQ
+
+
+def _xla(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
+    """`reference_attention`'s result with a hand-written backward (`_dense_core`).
+
+    Autodiff of the plain form keeps and transposes several [Q, K] tensors per head
+    (the two masking selects, the log-sum-exp's own backward); on XLA:CPU those copies
+    took most of the attention time. Here the R = H/G query heads of each kv head are
+    stacked into one [R*Q, D] matrix, so every product is a plain batched matmul over
+    (batch, kv head), the mask is one additive bias, and the backward is the flash
+    form: dS = P * (dP - rowsum(dO * O) + dlse). Fully masked rows give uniform
+    probabilities inside the core and are zeroed outside it, gradients included.
+
+    Under a mesh of several devices the plain form runs instead: stacking heads and
+    queries into one dimension would merge a sequence-sharded dim with an unsharded one,
+    and the partitioner then replicates the [Q, K] tensors (tests/test_multidevice.py).
+    """
+    if not on_one_device():
+        return reference_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, causal=causal,
+                                   logit_cap=logit_cap)
+    B, Q, H, D = q_BQHD.shape
+    G = k_BKGD.shape[2]
+    R = H // G
+    mask_BQK = attention_mask(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2], causal)
+    q_BGMD = q_BQHD.reshape(B, Q, G, R, D).transpose(0, 2, 3, 1, 4)
+    out_BGMD, lse_BGM = _dense_core(
+        q_BGMD.reshape(B, G, R * Q, D), k_BKGD.transpose(0, 2, 1, 3),
+        v_BKGD.transpose(0, 2, 1, 3), mask_BQK, D**-0.5, logit_cap)
+    seen_BQ = mask_BQK.any(-1)
+    out_BQHD = out_BGMD.reshape(B, G, R, Q, D).transpose(0, 3, 1, 2, 4).reshape(B, Q, H, D)
+    out_BQHD = out_BQHD * seen_BQ[:, :, None, None].astype(out_BQHD.dtype)
+    lse_BHQ = jnp.where(seen_BQ[:, None], lse_BGM.reshape(B, H, Q), -jnp.inf)
+    return out_BQHD, lse_BHQ
+
+
+def _core_logits(q_BGMD, k_BGKD, mask_BQK, scale, logit_cap):
+    """f32 logits [B, G, M, K] (M = R*Q rows, R heads of Q queries), scaled, soft-capped
+    and masked by an additive -1e30; also the soft cap's tanh, for the backward."""
+    B, G, M, _ = q_BGMD.shape
+    Q, K = mask_BQK.shape[1:]
+    s_BGMK = jnp.einsum("bgmd,bgkd->bgmk", q_BGMD, k_BGKD,
+                        preferred_element_type=jnp.float32) * scale
+    tanh_BGMK = None
+    if logit_cap is not None:
+        tanh_BGMK = jnp.tanh(s_BGMK / logit_cap)
+        s_BGMK = logit_cap * tanh_BGMK
+    bias_BQK = jnp.where(mask_BQK, 0.0, -1e30)
+    s_BGRQK = s_BGMK.reshape(B, G, M // Q, Q, K) + bias_BQK[:, None, None]
+    return s_BGRQK.reshape(B, G, M, K), tanh_BGMK
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dense_core(q_BGMD, k_BGKD, v_BGKD, mask_BQK, scale, logit_cap):
+    return _dense_core_fwd(q_BGMD, k_BGKD, v_BGKD, mask_BQK, scale, logit_cap)[0]
+
+
+def _dense_core_fwd(q_BGMD, k_BGKD, v_BGKD, mask_BQK, scale, logit_cap):
+    s_BGMK, _ = _core_logits(q_BGMD, k_BGKD, mask_BQK, scale, logit_cap)
+    max_BGM = jnp.max(s_BGMK, axis=-1)
+    e_BGMK = jnp.exp(s_BGMK - max_BGM[..., None])
+    sum_BGM = jnp.sum(e_BGMK, axis=-1)
+    p_BGMK = e_BGMK / sum_BGM[..., None]
+    lse_BGM = max_BGM + jnp.log(sum_BGM)
+    out_BGMD = jnp.einsum("bgmk,bgkd->bgmd", p_BGMK.astype(v_BGKD.dtype), v_BGKD)
+    # P is kept rather than recomputed: on the CPU (where this path runs) time matters
+    # more than memory, and autodiff of the plain form kept as much
+    return (out_BGMD, lse_BGM), (q_BGMD, k_BGKD, v_BGKD, mask_BQK, p_BGMK, out_BGMD)
+
+
+def _dense_core_bwd(scale, logit_cap, res, cts):
+    q_BGMD, k_BGKD, v_BGKD, mask_BQK, p_BGMK, out_BGMD = res
+    dout_BGMD, dlse_BGM = cts
+    dt = v_BGKD.dtype
+    dv_BGKD = jnp.einsum("bgmk,bgmd->bgkd", p_BGMK.astype(dt), dout_BGMD)
+    dp_BGMK = jnp.einsum("bgmd,bgkd->bgmk", dout_BGMD, v_BGKD,
+                         preferred_element_type=jnp.float32)
+    delta_BGM = jnp.sum(dout_BGMD.astype(jnp.float32) * out_BGMD.astype(jnp.float32), -1)
+    ds_BGMK = p_BGMK * (dp_BGMK - (delta_BGM - dlse_BGM.astype(jnp.float32))[..., None])
+    if logit_cap is not None:  # d(c tanh(s/c))/ds = 1 - tanh^2, from the recomputed tanh
+        _, tanh_BGMK = _core_logits(q_BGMD, k_BGKD, mask_BQK, scale, logit_cap)
+        ds_BGMK = ds_BGMK * (1.0 - jnp.square(tanh_BGMK))
+    ds_BGMK = (ds_BGMK * scale).astype(q_BGMD.dtype)
+    dq_BGMD = jnp.einsum("bgmk,bgkd->bgmd", ds_BGMK, k_BGKD)
+    dk_BGKD = jnp.einsum("bgmk,bgmd->bgkd", ds_BGMK, q_BGMD)
+    return dq_BGMD, dk_BGKD, dv_BGKD, None
+
+
+_dense_core.defvjp(_dense_core_fwd, _dense_core_bwd)
 
 
 def _cudnn(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
@@ -189,7 +281,7 @@ def _pallas_tpu(q, k, v, ids_q, ids_k, *, causal, logit_cap):
                                       interpret=_platform() == "cpu")
 
 
-_IMPL_FNS = {"xla": _reference, "cudnn": _cudnn, "pallas_gpu": _pallas_gpu,
+_IMPL_FNS = {"xla": _xla, "cudnn": _cudnn, "pallas_gpu": _pallas_gpu,
              "pallas_mgpu": _pallas_mgpu, "pallas_tpu": _pallas_tpu}
 
 

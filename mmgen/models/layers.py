@@ -1,12 +1,16 @@
-"""Building blocks: parameters with logical axis names, RMSNorm, RoPE (1D + 2D), SwiGLU."""
+"""Building blocks: parameters with logical axis names, projections, RMSNorm, RoPE
+(1D + 2D), SwiGLU."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mmgen.parallel.sharding import on_one_device
 
 # Parameters are created with explicit logical names and placed by the rules table in
 # parallel/sharding.py; eager sharding at creation would need a mesh inside eval_shape.
@@ -19,6 +23,30 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], *, 
     std = scale / fan_in**0.5
     init = jax.nn.initializers.truncated_normal(std)
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, **dot_kwargs) -> jax.Array:
+    """x [..., *in] contracted with w [*in, *out] -> [..., *out] (n_in = len(in)).
+
+    On one device this is one 2-D matmul [tokens, in] @ [in, out]: XLA:CPU computes the
+    weight gradient of a product whose tokens are split over (batch, length) through
+    transposed copies, and the tiny config's MLP ran 2.2x slower forward+backward so.
+    Under a mesh the einsum keeps batch and length apart for the partitioner (merging
+    them made the 64-chip pod_7b compile exhaust 23 GB of host memory).
+    """
+    if not on_one_device():
+        return project_einsum(x, w, n_in, **dot_kwargs)
+    lead, ins, outs = x.shape[:-n_in], w.shape[:n_in], w.shape[n_in:]
+    y = jnp.matmul(x.reshape(-1, math.prod(ins)), w.reshape(math.prod(ins), -1), **dot_kwargs)
+    return y.reshape(*lead, *outs)
+
+
+def project_einsum(x: jax.Array, w: jax.Array, n_in: int = 1, **dot_kwargs) -> jax.Array:
+    """`project` as one einsum, every dim kept (the form used under a mesh)."""
+    letters = "abcdefghijklmnop"
+    xi = letters[:x.ndim]
+    wi = xi[x.ndim - n_in:] + letters[x.ndim:x.ndim + w.ndim - n_in]
+    return jnp.einsum(f"{xi},{wi}->{xi[:x.ndim - n_in] + wi[n_in:]}", x, w, **dot_kwargs)
 
 
 class RMSNorm(nnx.Module):
@@ -99,7 +127,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dt = x_BLD.dtype
-        gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.w_gate_DF[...].astype(dt))
-        up_BLF = jnp.einsum("bld,df->blf", x_BLD, self.w_up_DF[...].astype(dt))
+        gate_BLF = project(x_BLD, self.w_gate_DF[...].astype(dt))
+        up_BLF = project(x_BLD, self.w_up_DF[...].astype(dt))
         h_BLF = jax.nn.silu(gate_BLF) * up_BLF
-        return jnp.einsum("blf,fd->bld", h_BLF, self.w_down_FD[...].astype(dt))
+        return project(h_BLF, self.w_down_FD[...].astype(dt))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmgen.kernels.attention import attention
-from mmgen.models.layers import RMSNorm, SwiGLU, apply_rope, param, rope_angles
+from mmgen.models.layers import RMSNorm, SwiGLU, apply_rope, param, project, rope_angles
 from mmgen.parallel.sharding import constrain
 
 
@@ -73,9 +73,9 @@ class Attention(nnx.Module):
         `cache["index"]`. Returns (out, kv): with a cache kv is the updated (k, v) of
         every layer, without one None."""
         dt = x_BLD.dtype
-        q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, self.w_q_DHK[...].astype(dt))
-        k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_k_DGK[...].astype(dt))
-        v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, self.w_v_DGK[...].astype(dt))
+        q_BLHK = project(x_BLD, self.w_q_DHK[...].astype(dt))
+        k_BLGK = project(x_BLD, self.w_k_DGK[...].astype(dt))
+        v_BLGK = project(x_BLD, self.w_v_DGK[...].astype(dt))
         if self.cfg.qk_norm:
             q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
         q_BLHK = apply_rope(q_BLHK, angles_BLP)
@@ -108,7 +108,7 @@ class Attention(nnx.Module):
             q_span_ids_BQ=batch["span_ids"], kv_span_ids_BK=kv_span, q_index_BQ=q_index,
             causal=True, impl=self.cfg.attention_impl,
         )
-        out_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_o_HKD[...].astype(dt))
+        out_BLD = project(out_BLHK, self.w_o_HKD[...].astype(dt), n_in=2)
         return out_BLD, None if cache is None else (k_all, v_all)
 
 
@@ -209,8 +209,8 @@ class Transformer(nnx.Module):
         return x_BLD
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
-        logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, self.unembed_DV[...].astype(h_BLD.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BLV = project(h_BLD, self.unembed_DV[...].astype(h_BLD.dtype),
+                             preferred_element_type=jnp.float32)
         return constrain(logits_BLV, ("batch", "length", "vocab"))
 
     def __call__(self, batch: dict) -> jax.Array:

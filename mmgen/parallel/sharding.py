@@ -75,9 +75,15 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def on_one_device() -> bool:
+    """True outside a mesh and under a one-device mesh (no partitioner at work)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is None or mesh.empty or mesh.size == 1
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names under the current abstract mesh (no-op without)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size == 1:
+    if on_one_device():
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh))
+    return jax.lax.with_sharding_constraint(
+        x, logical_to_spec(names, jax.sharding.get_abstract_mesh()))

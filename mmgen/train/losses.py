@@ -65,13 +65,14 @@ def next_token_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
     chunk = int(cfg.loss.get("ce_chunk", 0))
     if chunk < 0:
         raise ValueError(f"loss.ce_chunk must be >= 0 (0 = unchunked), got {chunk}")
+    # the last position predicts nothing: drop it from the hidden states, not the logits
+    # (slicing [B, L, V] logits is a copy forward and a padded copy backward)
+    h_BLD = model.hidden(batch)[:, :-1]
     if chunk > 0:
-        h_BLD = model.hidden(batch)[:, :-1]
         lse_BL, target_logit_BL = chunked_lse_and_target_logit(
             model.logits, h_BLD, targets_BL, vocab, chunk)
     else:
-        logits_BLV = model(batch)[:, :-1]
-        lse_BL, target_logit_BL = _lse_and_target_logit(logits_BLV, targets_BL, vocab)
+        lse_BL, target_logit_BL = _lse_and_target_logit(model.logits(h_BLD), targets_BL, vocab)
     return _weighted_nll(lse_BL, target_logit_BL, batch, cfg)
 
 
