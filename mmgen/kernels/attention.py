@@ -136,8 +136,9 @@ def attention(
 
 
 def reference_attention(q_BQHD, k_BKGD, v_BKGD, ids_q, ids_k, *, causal, logit_cap):
-    """The mask rule written out plainly, differentiated by autodiff: the oracle the
-    `xla` path (`_xla`) and the kernels are tested against. Returns (out, lse)."""
+    """The mask rule written out plainly, differentiated by autodiff; returns (out, lse).
+    The oracle of the `xla` path's tests (tests/test_attention_xla.py), and what `xla`
+    runs under a mesh of several devices."""
     B, Q, H, D = q_BQHD.shape
     G = k_BKGD.shape[2]
     mask_BQK = attention_mask(ids_q[0], ids_k[0], ids_q[1], ids_k[1], ids_q[2], ids_k[2], causal)
