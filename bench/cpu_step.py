@@ -10,8 +10,9 @@ The fixes (docs/performance.md, "CPU train step"):
 Rows: attention forward+backward and the SwiGLU MLP forward+backward at the demo's
 shapes (configs/tiny.py: B8 x L320, D128, 4 query / 2 kv heads of 32, MLP 384), then
 the whole jitted train step of configs/tiny.py with both fixes off ("plain") and on
-("mmgen"). Batches: one random example a row (caption then 256 image codes, about 10%
-captioning), padded to 320 tokens. Timings are medians after a warm-up, the variants
+("mmgen"). Batches: bench/train_step.py's random rows at the config's
+`data.examples_per_row` (one example a row: caption then 256 image codes, a third of
+them captioning), padded to 320 tokens. Timings are medians after a warm-up, the variants
 interleaved so both see the same machine state.
 """
 
@@ -29,21 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_step import LAYOUT, random_rows  # noqa: E402  (bench/, the 1B step's bench)
+
 import mmgen.kernels.attention as attention_mod  # noqa: E402
 import mmgen.models.layers as layers  # noqa: E402
 import mmgen.models.transformer as transformer  # noqa: E402
 from mmgen.config import load_config  # noqa: E402
-from mmgen.data.pipeline import example_stream  # noqa: E402
-from mmgen.data.schema import pack_row  # noqa: E402
 from mmgen.load import build_model_fn  # noqa: E402
 from mmgen.parallel.mesh import make_mesh  # noqa: E402
 from mmgen.tasks import resolve_joint  # noqa: E402
-from mmgen.tokenizers.layout import TokenLayout  # noqa: E402
 from mmgen.train.state import StateSpec  # noqa: E402
 from mmgen.train.step import make_train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT = TokenLayout(image_codes=1000, image_grid=(16, 16), image_tokenizer_id="bench")
 
 
 @contextlib.contextmanager
@@ -113,23 +112,11 @@ def mlp_cases():
             "mmgen": (grad_of(layers.project), (x, *ws))}
 
 
-def random_rows(seq_len: int, n: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz    "))
-    rows = []
-    for _ in range(n):
-        caption = "".join(rng.choice(letters, int(rng.integers(20, 57))))
-        ex = example_stream(rng.integers(0, LAYOUT.image_codes, LAYOUT.tokens_per_image),
-                            caption, LAYOUT, captioning=bool(rng.random() < 0.1))
-        rows.append(pack_row([ex], seq_len, LAYOUT.pad))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def step_cases():
     cfg = load_config(str(REPO / "configs/tiny.py"))
     resolve_joint(cfg, LAYOUT)
     spec = StateSpec(cfg, build_model_fn(cfg), make_mesh(dict(cfg.mesh)))
-    batch = random_rows(cfg.data.seq_len, cfg.train.global_batch)
+    batch = random_rows(cfg, cfg.train.global_batch)
     cases, first = {}, {}
     for name in ("plain", "mmgen"):
         with plain_forms() if name == "plain" else contextlib.nullcontext():

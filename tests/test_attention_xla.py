@@ -48,7 +48,7 @@ def _both(dtype, name):
     ref = functools.partial(reference_attention, ids_q=ids_q, ids_k=ids_k, causal=causal,
                             logit_cap=cap)
     got = outputs_and_grads(None, *args, ids_q, ids_k, causal, cap)
-    want = outputs_and_grads(lambda q, k, v: ref(q, k, v), *args, ids_q, ids_k, causal, cap)
+    want = outputs_and_grads(ref, *args, ids_q, ids_k, causal, cap)
     return got, want, ids_q
 
 
