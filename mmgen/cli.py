@@ -99,7 +99,7 @@ def cmd_eval(args) -> int:
     report, examples = evaluate(args.checkpoint, suites=suites, num=args.num, step=args.step,
                                 tokenizer_dir=args.tokenizer, sampling=sampling,
                                 decoder_dir=args.decoder, decoder_steps=args.decoder_steps,
-                                log=log)
+                                split=args.split, log=log)
     command = "mmgen " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     out = report_lib.write(report, examples, args.out, command)
     for k, v in sorted(report.items()):
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "generated images; default: the tokenizer's decoder")
     e.add_argument("--decoder-steps", type=int,
                    help="Euler steps of the diffusion decoder (default: its sample.steps)")
+    e.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="heldout: compositions no training image contains (default); train: "
+                   "fresh scenes of seen compositions, to measure the generalisation gap")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="prepare, inspect, or learn a text tokenizer from data",

@@ -226,6 +226,31 @@ def test_unknown_suite_is_one_line_error(runs, tmp_path, capsys):
     assert rc == 2 and "unknown eval suites ['vibes']" in capsys.readouterr().err
 
 
+def test_train_split_asks_about_seen_compositions(runs, report, tmp_path):
+    """--split train: the text suite's prompts name only seen word+colour pairs (the
+    default's name only held-out ones), and the report says which split it scored."""
+    from mmgen.config import ConfigError
+    from mmgen.data import synthetic
+    from mmgen.eval import report as report_lib
+    from mmgen.eval.evaluate import evaluate
+
+    assert report["split"] == "heldout"
+    pairs = {}
+    for split in ("heldout", "train"):
+        got, examples = evaluate(runs["joint"], suites=["text"], num=8, split=split,
+                                 log=lambda s: None)
+        assert got["split"] == split and got["num/text"] == 8
+        parsed = [synthetic.parse_caption(e.prompt) for e in examples["text"]]
+        pairs[split] = {(p["word"], p["word_colour"]) for p in parsed}
+        if split == "train":
+            md = report_lib.write(got, examples, tmp_path) / "report.md"
+            assert "seen compositions" in md.read_text().splitlines()[0]
+    assert pairs["heldout"] <= synthetic.HELD_OUT_WORD_COLOUR
+    assert pairs["train"] and not pairs["train"] & synthetic.HELD_OUT_WORD_COLOUR
+    with pytest.raises(ConfigError, match="unknown eval split 'dev'"):
+        evaluate(runs["joint"], suites=["text"], split="dev")
+
+
 def test_eval_hook_logs_scalars_during_training(repo, runs, tmp_path):
     work = tmp_path / "hooked"
     train_run(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmgen.config import ConfigError
+from mmgen.data.synthetic import SPLITS
 from mmgen.eval.suites import SUITES, EvalContext
 from mmgen.load import ImageCodec, load_run
 from mmgen.tokenizers.layout import check_same_images
@@ -33,16 +34,19 @@ SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k")  # eval.* keys `sampling` 
 def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int | None = None,
              step: int | None = None, tokenizer_dir: str | None = None,
              sampling: dict | None = None, decoder_dir: str | None = None,
-             decoder_steps: int | None = None, log=print):
+             decoder_steps: int | None = None, split: str = "heldout", log=print):
     """Runs `suites` on a joint-model checkpoint: (flat JSON-able report, examples by suite).
 
     `sampling` overrides the run's eval.cfg_scale / temperature / top_k (None values keep
-    the run's); `decoder_dir` renders generated ids with a diffusion decoder run."""
+    the run's); `decoder_dir` renders generated ids with a diffusion decoder run; `split`
+    "train" draws every suite's scenes from seen compositions instead of held-out ones."""
     start = time.time()
     names = list(SUITES) if "all" in suites else list(suites)
     unknown = set(names) - set(SUITES)
     if unknown:
         raise ConfigError(f"unknown eval suites {sorted(unknown)}; known: {list(SUITES)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown eval split {split!r}; known: {list(SPLITS)}")
     model, cfg, layout, step = load_run(run_dir, step)
     if cfg.kind != "joint":
         raise ConfigError(f"{run_dir} is a {cfg.kind!r} run; mmgen eval needs a joint model run")
@@ -63,10 +67,10 @@ def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int 
         load_decoder(decoder_dir).check_codec(codec)
     ctx = EvalContext(model=model, cfg=cfg, layout=layout, codec=codec, log=log,
                       text_tokenizer=text_tokenizer, decoder_dir=decoder_dir,
-                      decoder_steps=decoder_steps)
+                      decoder_steps=decoder_steps, split=split)
     report: dict = {"checkpoint": str(run_dir), "step": step,
                     "layout_fingerprint": layout.fingerprint, "suites": names,
-                    "decoder": decoder_dir or "tokenizer",
+                    "decoder": decoder_dir or "tokenizer", "split": split,
                     **{f"sampling/{k}": cfg.eval[k] for k in SAMPLING_KEYS}}
     examples = {}
     for name in names:

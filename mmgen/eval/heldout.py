@@ -34,10 +34,12 @@ class ShuffledCaptions:
         return item
 
 
-def heldout_source(codec: ImageCodec, cfg, num: int, log=print):
+def heldout_source(codec: ImageCodec, cfg, num: int, log=print, split: str = "heldout"):
+    """Token source of `num` eval scenes (held-out compositions, or with split="train"
+    fresh scenes of seen ones), drawn with the eval's own seed."""
     from mmgen.tasks import synthetic_tokens  # tasks imports eval lazily: no cycle
 
-    return synthetic_tokens(codec, cfg.data, split="heldout", num=num, seed=HELDOUT_SEED,
+    return synthetic_tokens(codec, cfg.data, split=split, num=num, seed=HELDOUT_SEED,
                             log=log)
 
 

@@ -16,7 +16,9 @@ def write(report: dict, examples: dict, out_dir: str | Path, command: str = "") 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    lines = [f"# Eval report: {report['checkpoint']} (step {report['step']})", ""]
+    split = {"heldout": "held-out compositions", "train": "seen compositions"}.get(
+        report.get("split", "heldout"), report.get("split"))
+    lines = [f"# Eval report: {report['checkpoint']} (step {report['step']}, {split})", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += ["| metric | value |", "|---|---|"]

@@ -42,6 +42,9 @@ class EvalContext:
     # tokenizer's own decoder; tokenizer-quality metrics always use the tokenizer's
     decoder_dir: str | None = None
     decoder_steps: int | None = None
+    # "heldout": compositions no training image contains (the default, what the targets
+    # are scored on); "train": fresh scenes of seen compositions, for the generalisation gap
+    split: str = "heldout"
 
     def render(self, ids: np.ndarray, seed: int = 0) -> np.ndarray:
         from mmgen.sample.render import render_images
@@ -118,7 +121,7 @@ def scenes_suite(ctx: EvalContext, num: int) -> SuiteResult:
 def category_score(ctx: EvalContext, category: str, num: int) -> tuple[float, list[Example]]:
     """The scene checker's pass rate on `num` held-out prompts of one category (for "text":
     the read word equals the prompted one)."""
-    scenes = scene_checker.category_scenes(category, num, HELDOUT_SEED, "heldout")
+    scenes = scene_checker.category_scenes(category, num, HELDOUT_SEED, ctx.split)
     prompts = _captions(scenes, HELDOUT_SEED)
     ctx.log(f"scenes/{category}: {num} prompts")
     images = _sample_images(ctx, prompts)
@@ -130,7 +133,7 @@ def category_score(ctx: EvalContext, category: str, num: int) -> tuple[float, li
 @register_suite("text")
 def text_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Rendered words: exact-word accuracy and character error rate."""
-    scenes = scene_checker.category_scenes("text", num, HELDOUT_SEED, "heldout")
+    scenes = scene_checker.category_scenes("text", num, HELDOUT_SEED, ctx.split)
     prompts = _captions(scenes, HELDOUT_SEED)
     ctx.log(f"text: {num} prompts")
     images = _sample_images(ctx, prompts)
@@ -151,7 +154,7 @@ def _objects(objs) -> list[tuple]:
 def caption_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Image -> caption on held-out scenes: does the caption parse back to the scene?"""
     rng = np.random.default_rng([HELDOUT_SEED, 5])
-    scenes = [synthetic.sample_scene(rng, split="heldout", p_texture=0.0) for _ in range(num)]
+    scenes = [synthetic.sample_scene(rng, split=ctx.split, p_texture=0.0) for _ in range(num)]
     images = np.stack([synthetic.render(s, ctx.cfg.data.image_size) for s in scenes])
     ctx.log(f"caption: {num} images")
     ids = ctx.codec.encode(images)
@@ -186,7 +189,7 @@ def _found(dets, o) -> bool:
 @register_suite("edit")
 def edit_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Image + instruction -> image on held-out edit pairs: edit applied, rest unchanged."""
-    pairs = [edits.edit_pair(i, HELDOUT_SEED, "heldout") for i in range(num)]
+    pairs = [edits.edit_pair(i, HELDOUT_SEED, ctx.split) for i in range(num)]
     size = ctx.cfg.data.image_size
     sources = ctx.codec.encode(np.stack([synthetic.render(p["source"], size) for p in pairs]))
     ctx.log(f"edit: {num} pairs")
@@ -216,7 +219,7 @@ def edit_loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Held-out edit pairs: NLL (nats per token) of the target image, its <eoi> and <eos>
     given the source image and the instruction: SFT's objective on held-out pairs. It moves
     before sampled edits do."""
-    pairs = [edits.edit_pair(i, HELDOUT_SEED, "heldout") for i in range(num)]
+    pairs = [edits.edit_pair(i, HELDOUT_SEED, ctx.split) for i in range(num)]
     size = ctx.cfg.data.image_size
     ids = {side: ctx.codec.encode(np.stack([synthetic.render(p[side], size) for p in pairs]))
            for side in ("source", "target")}
@@ -232,7 +235,7 @@ def edit_loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
 def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Reconstruction quality of the image tokenizer on held-out renders."""
     size = ctx.cfg.data.image_size
-    images = np.stack([synthetic.example(i, HELDOUT_SEED, "heldout", size=size)["image"]
+    images = np.stack([synthetic.example(i, HELDOUT_SEED, ctx.split, size=size)["image"]
                        for i in range(num)])
     ids = ctx.codec.encode(images)
     recon = ctx.codec.decode(ids)
@@ -243,7 +246,7 @@ def tokenizer_suite(ctx: EvalContext, num: int) -> SuiteResult:
     # The checker on reconstructions of ground truth: the best score any generator that
     # goes through this tokenizer can reach, per category.
     for cat in scene_checker.CATEGORIES:
-        scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, "heldout")
+        scenes = scene_checker.category_scenes(cat, num, HELDOUT_SEED, ctx.split)
         truth = np.stack([synthetic.render(s, size) for s in scenes])
         rec = ctx.codec.decode(ctx.codec.encode(truth))
         metrics[f"tokenizer/checker_ceiling/{cat}"] = scene_checker.score(rec, scenes, cat)
@@ -280,7 +283,7 @@ def real_photos(size: int) -> np.ndarray | None:
 @register_suite("loss")
 def loss_suite(ctx: EvalContext, num: int) -> SuiteResult:
     """Per-modality NLL on held-out scenes, with true and with shuffled captions."""
-    source = heldout_source(ctx.codec, ctx.cfg, num, log=ctx.log)
+    source = heldout_source(ctx.codec, ctx.cfg, num, log=ctx.log, split=ctx.split)
     true = sequence_losses(ctx.model, ctx.cfg, ctx.layout, source,
                            text_tokenizer=ctx.text_tokenizer)
     shuffled = sequence_losses(ctx.model, ctx.cfg, ctx.layout, ShuffledCaptions(source),
