@@ -60,4 +60,7 @@ def get_config(arg=None) -> ConfigDict:
         c.train.steps = 6
         c.train.log_every = 3
         c.train.checkpoint_every = 3
+    elif arg is not None:
+        raise ValueError(f"configs/decoder_tiny.py: unknown arg {arg!r} "
+                         "(expected none or 'smoke')")
     return c

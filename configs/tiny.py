@@ -87,4 +87,7 @@ def get_config(arg=None) -> ConfigDict:
         c.eval.num_heldout_scenes = 32
         c.eval.num_colour_prompts = 8
         c.eval.num_per_category = 8
+    elif arg is not None:
+        raise ValueError(f"configs/tiny.py: unknown arg {arg!r} "
+                         "(expected none or 'smoke')")
     return c

@@ -40,4 +40,7 @@ def get_config(arg=None) -> ConfigDict:
     if arg == "smoke":  # a few steps, for tests
         c.train.steps = 20
         c.train.log_every = 10
+    elif arg is not None:
+        raise ValueError(f"configs/tokenizer_tiny.py: unknown arg {arg!r} "
+                         "(expected none or 'smoke')")
     return c

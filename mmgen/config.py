@@ -31,7 +31,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
-    cfg = module.get_config(arg or None)
+    try:
+        cfg = module.get_config(arg or None)
+    except ValueError as e:  # how a config refuses its arg: one line, not a traceback
+        raise ConfigError(str(e)) from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return cfg
@@ -107,6 +110,43 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+# Numeric keys outside these bounds crash deep inside the run (a modulo by zero, grain's
+# batcher) or silently do nothing sensible, so they fail here by name. (key, lowest,
+# highest, highest included); None = unbounded; keys a config lacks are not checked.
+_BOUNDS = (
+    ("train.steps", 1, None, True), ("train.global_batch", 1, None, True),
+    ("train.grad_accum", 1, None, True), ("train.log_every", 1, None, True),
+    ("train.checkpoint_every", 0, None, True), ("train.keep_checkpoints", 1, None, True),
+    ("train.keep_every", 0, None, True), ("train.max_nonfinite", 0, None, True),
+    ("train.eval_every", 0, None, True), ("train.sample_every", 0, None, True),
+    ("train.profile_start", 0, None, True), ("train.profile_steps", 0, None, True),
+    ("optim.warmup_steps", 0, None, True), ("optim.min_lr_ratio", 0, 1, True),
+    ("optim.b1", 0, 1, False), ("optim.b2", 0, 1, False), ("optim.ema_decay", 0, 1, False),
+    ("optim.weight_decay", 0, None, True), ("optim.grad_clip", 0, None, True),
+)
+_JOINT_DIMS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+
+
+def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
+    for key, lo, hi, hi_closed in _BOUNDS:
+        group, name = key.split(".")
+        if group not in cfg or name not in cfg[group]:
+            continue
+        value = cfg[group][name]
+        ok = lo <= value and (hi is None or (value <= hi if hi_closed else value < hi))
+        if hi is None:
+            bound = f">= {lo}"
+        else:
+            bound = f"in [{lo}, {hi}{']' if hi_closed else ')'}"
+        require(ok, f"{key} must be {bound}, got {value}")
+    o = cfg.optim
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(o.get("eps", 1.0) > 0, f"optim.eps must be positive, got {o.get('eps')}")
+    if cfg.kind == "joint":
+        for name in _JOINT_DIMS:
+            require(cfg.model[name] >= 1, f"model.{name} must be >= 1, got {cfg.model[name]}")
 
 
 def _validate_data(cfg: ml_collections.ConfigDict) -> None:
@@ -190,22 +230,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         mesh = resolve_axis_sizes(dict(cfg.mesh), num_devices)
     except MeshError as e:
         raise ConfigError(f"mesh: {e}") from None
+    _check_bounds(cfg)
     _validate_data(cfg)
     t = cfg.train
     require(t.global_batch % jax.process_count() == 0,
             f"train.global_batch={t.global_batch} does not divide over "
             f"{jax.process_count()} processes")
     batch_shards = mesh["data"] * mesh["fsdp"]
-    require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     require(t.nonfinite in ("stop", "skip"),
             f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
     from mmgen.train.checkpoint import RESUME_MODES
 
     require(str(t.resume) in RESUME_MODES or str(t.resume).isdigit(),
             f"train.resume must be one of {RESUME_MODES} or a step number, got {t.resume!r}")
-    require(t.keep_checkpoints >= 1,
-            f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(t.global_batch % t.grad_accum == 0,
             f"train.global_batch={t.global_batch} is not divisible by "
             f"train.grad_accum={t.grad_accum}")
@@ -218,8 +255,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         require(mesh["sequence"] == 1, f"mesh.sequence must be 1 for {image_models[cfg.kind]} "
                 "(its batches are images, not token sequences)")
     o = cfg.optim
-    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
     from mmgen.train.optimizer import parse_decay_rules
 
     try:

@@ -45,6 +45,41 @@ def test_impossible_shapes_fail_before_compiling(repo, override, devices, messag
         validate(cfg, devices)
 
 
+@pytest.mark.parametrize("config, override, message", [
+    ("tiny.py", "train.global_batch=0", "train.global_batch must be >= 1, got 0"),
+    ("tiny.py", "train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("tiny.py", "train.steps=-3", "train.steps must be >= 1, got -3"),
+    ("tiny.py", "train.checkpoint_every=-1", "train.checkpoint_every must be >= 0, got -1"),
+    ("tiny.py", "optim.warmup_steps=-5", "optim.warmup_steps must be >= 0, got -5"),
+    ("tiny.py", "optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+    ("tiny.py", "optim.b2=1.0", "optim.b2 must be in [0, 1), got 1.0"),
+    ("tiny.py", "optim.ema_decay=1.0", "optim.ema_decay must be in [0, 1), got 1.0"),
+    ("tiny.py", "optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("tiny.py", "optim.eps=0.0", "optim.eps must be positive, got 0.0"),
+    ("tiny.py", "model.num_kv_heads=0", "model.num_kv_heads must be >= 1, got 0"),
+    ("tiny.py", "model.num_layers=0", "model.num_layers must be >= 1, got 0"),
+    ("tokenizer_tiny.py", "train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("decoder_tiny.py", "optim.grad_clip=-1.0", "optim.grad_clip must be >= 0, got -1.0"),
+])
+def test_out_of_range_numbers_fail_by_name(repo, config, override, message):
+    """Each of these used to crash mid-run (a modulo by zero, grain's batcher) or run
+    something meaningless; now validate names the key in one line."""
+    cfg = load_config(str(repo / "configs" / config), [f"--config.{override}"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 1)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("spec", ["tiny.py:smok", "tokenizer_tiny.py:fast",
+                                  "decoder_tiny.py:1gpu", "small.py:jiont", "dpo.py:x"])
+def test_a_config_refuses_an_unknown_arg_in_one_line(repo, spec):
+    """A mistyped `:ARG` used to train the full default config without a word (tiny,
+    tokenizer_tiny, decoder_tiny) or end in a traceback (the others)."""
+    with pytest.raises(ConfigError, match=r"unknown arg") as e:
+        load_config(str(repo / "configs" / spec))
+    assert "\n" not in str(e.value) and repr(spec.partition(":")[2]) in str(e.value)
+
+
 def test_dcn_multiplies_the_per_slice_axes(repo):
     from mmgen.parallel.mesh import resolve_axis_sizes
 
