@@ -109,6 +109,8 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
     and OUT/summary.json; returns the summary."""
     from mmgen.data.arrayrecord import write_array_record
 
+    if num_shards < 1:  # ValueError: `mmgen data prepare` prints it as one line
+        raise ValueError(f"--num-shards must be at least 1, got {num_shards}")
     kind, path = parse_src(src)
     source = open_source(kind, path, log=log)
     out = Path(out)

@@ -27,6 +27,7 @@ import re
 import tarfile
 import threading
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,10 @@ _BLOCK = tarfile.BLOCKSIZE
 _MAX_READ_GAP = 64 * 1024
 _SCAN_CHUNK = 8 * 1024 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: Excel's "CSV UTF-8" and Notepad write it
+# ASCII whitespace: a line of only these (a lone "\r" of a CRLF blank line too) is blank
+_BLANK_BYTES = np.zeros(256, bool)
+_BLANK_BYTES[list(b" \t\n\r\x0b\x0c")] = True
 
 Log = Callable[[str], None]
 
@@ -107,6 +112,8 @@ def _json_object(raw: bytes | str, origin: str) -> dict:
         obj = json.loads(raw)
     except ValueError as e:  # includes UnicodeDecodeError
         raise BadExample("bad_json", f"{origin}: {e}") from None
+    except RecursionError:  # nested deeper than the parser's stack: garbage, not a record
+        raise BadExample("bad_json", f"{origin}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadExample("bad_json", f"{origin}: expected a JSON object")
     return obj
@@ -345,8 +352,9 @@ class TarShardSource:
                 self.skipped = Counter(json.loads(z["skipped"].tobytes()))
         except FileNotFoundError:
             return False
-        except (OSError, ValueError, KeyError) as e:
-            self._log(f"{self.name}: ignoring unreadable index cache {cache}: {e}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            # a cache cut short or damaged (disk full, a killed writer) is rebuilt
+            self._log(f"{self.name}: ignoring unreadable index cache {cache}: {e!r}")
             return False
         return True
 
@@ -461,6 +469,23 @@ def _first_present(row: dict, names: tuple[str, ...]):
     return next((row[n] for n in names if row.get(n) is not None), None)
 
 
+def _csv_lines(reader, path: epath.Path):
+    """A strict csv reader's rows. An unbalanced quote would swallow the rows after it
+    into one caption (or overflow csv's field size limit); strict mode stops at the text
+    after the quote that closes it, or at the end of the file, and that becomes one line
+    naming where the row began. Quoted captions may still hold line breaks."""
+    while True:
+        first = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{path}:{first}: {e} in the row starting here (an unbalanced "
+                             "quote? a field that starts with one must end with one)") from None
+        yield row
+
+
 class FolderSource:
     """Images in a folder, captioned by `captions.jsonl` or else `captions.csv` in it.
 
@@ -470,7 +495,9 @@ class FolderSource:
     unparsable lines ("bad_json"), captions with invalid UTF-8 ("non_utf8_caption"), rows
     without a file ("missing_image") or caption ("missing_caption"), and paths that are
     absolute or climb out of the folder ("unsafe_member_name"). A listed file that is gone
-    raises BadExample("missing_image") when read. The key is the relative path.
+    raises BadExample("missing_image") when read. The key is the relative path. A leading
+    UTF-8 BOM is ignored; a csv that does not parse (an unbalanced quote) raises a
+    ValueError naming its line.
     """
 
     def __init__(self, root: str, *, name: str | None = None, log: Log = print):
@@ -508,7 +535,9 @@ class FolderSource:
 
     def _read_jsonl(self, path: epath.Path) -> None:
         with path.open("rb") as f:
-            for raw in f:
+            for n, raw in enumerate(f):
+                if n == 0:
+                    raw = raw.removeprefix(_BOM)
                 if not raw.strip():
                     continue
                 try:
@@ -528,16 +557,18 @@ class FolderSource:
     def _read_csv(self, path: epath.Path) -> None:
         with path.open("rb") as raw:
             # surrogateescape keeps undecodable bytes visible, so one bad row is skipped
-            # instead of failing the whole file.
-            text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-            reader = csv.DictReader(text)
-            columns = reader.fieldnames or []
+            # instead of failing the whole file; utf-8-sig drops a leading BOM (Excel).
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                    newline="")
+            reader = csv.reader(text, strict=True)
+            rows = (row for row in _csv_lines(reader, path) if row)  # blank lines: []
+            columns = next(rows, [])
             if not (set(columns) & set(_FILE_KEYS) and set(columns) & set(_CAPTION_KEYS)):
                 raise ValueError(f"{path}: the header needs a 'file' and a 'caption' column, "
                                  f"got {columns}")
-            for row in reader:
-                meta = {k: v for k, v in row.items()
-                        if k is not None and k not in _FILE_KEYS + _CAPTION_KEYS}
+            for values in rows:
+                row = dict(zip(columns, values, strict=False))
+                meta = {k: v for k, v in row.items() if k not in _FILE_KEYS + _CAPTION_KEYS}
                 self._add(_first_present(row, _FILE_KEYS), _first_present(row, _CAPTION_KEYS),
                           meta)
 
@@ -563,21 +594,37 @@ class FolderSource:
 
 
 def _line_spans(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
-    """Start offsets and lengths (without the newline) of a file's non-empty lines."""
-    newlines, pos = [], 0
+    """Start offsets and lengths (without the newline) of a file's non-blank lines.
+
+    Blank means whitespace only, so the "\r" left of a CRLF blank line is blank too; a
+    UTF-8 BOM at the start of the file is not part of the first line."""
+    newlines, has_text, open_line = [], [], False
     with path.open("rb") as f:
+        bom = pos = len(_BOM) if f.read(len(_BOM)) == _BOM else 0
+        f.seek(pos)
         while chunk := f.read(_SCAN_CHUNK):
-            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + pos)
+            data = np.frombuffer(chunk, np.uint8)
+            text = ~_BLANK_BYTES[data]
+            breaks = np.flatnonzero(data == 10)
+            # per piece between line breaks (each starting at a break, itself blank):
+            # does it hold a non-blank byte
+            pieces = np.logical_or.reduceat(text, np.concatenate([[0], breaks]))
+            open_line |= bool(pieces[0])
+            if len(breaks):
+                has_text.append(np.concatenate([[open_line], pieces[1:-1]]))
+                open_line = bool(pieces[-1])
+            newlines.append(breaks + pos)
             pos += len(chunk)
+    has_text.append(np.array([open_line]))
     breaks = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], breaks + 1]).astype(np.int64)
+    starts = np.concatenate([[bom], breaks + 1]).astype(np.int64)
     ends = np.concatenate([breaks, [pos]]).astype(np.int64)
-    keep = ends > starts
+    keep = np.concatenate(has_text)
     return starts[keep], (ends - starts)[keep]
 
 
 class _LineIndex:
-    """Where every non-empty line of some jsonl files starts; reads one line per call."""
+    """Where every non-blank line of some jsonl files starts; reads one line per call."""
 
     def __init__(self, files: list[str], skipped: Counter, log: Log, name: str):
         self.paths, starts, lengths = [], [], []
@@ -619,9 +666,10 @@ class _LineIndex:
 class TextSource:
     """Text records from jsonl files of `{"text": "..."}`; other fields become `meta`.
 
-    Construction finds the line starts (blank lines are not examples); a line is parsed
-    when read: invalid UTF-8 raises BadExample("non_utf8_text"), invalid JSON "bad_json",
-    no text "missing_text". The key is "path@byte_offset".
+    Construction finds the line starts (blank or whitespace-only lines are not examples,
+    a leading UTF-8 BOM is not part of the first); a line is parsed when read: invalid
+    UTF-8 raises BadExample("non_utf8_text"), invalid JSON "bad_json", no text
+    "missing_text". The key is "path@byte_offset".
     """
 
     def __init__(self, spec: str, *, name: str | None = None, log: Log = print):

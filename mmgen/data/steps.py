@@ -20,6 +20,7 @@ rows >= 95% full with few drops.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections import Counter
 
@@ -42,6 +43,7 @@ SOURCES = {
     "interleaved": lambda path, cache_dir, log: _sources().InterleavedSource(path, log=log),
 }
 MIN_SEEN_FOR_BAD_CHECK = 64  # examples seen before the bad fraction can stop a run
+IMAGE_SEARCH_WINDOWS = 16  # next windows an image-tokenizer step without a good image reads
 _READ = dict(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -96,8 +98,9 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
         except ValueError:
             raise ValueError(f"data.mixture entry {part!r}: weight {weight!r} is not a "
                              "number") from None
-        if w <= 0:
-            raise ValueError(f"data.mixture entry {part!r}: weight must be positive")
+        if not (math.isfinite(w) and w > 0):  # nan and inf pass `w <= 0`, then break grain
+            raise ValueError(f"data.mixture entry {part!r}: weight must be a positive "
+                             f"finite number, got {weight!r}")
         out.append((kind, path, w))
     if not out:
         raise ValueError("data.mixture is empty")
@@ -111,38 +114,59 @@ def source_specs(data_cfg) -> list[tuple[str, str, float]]:
 
 
 class DataStats:
-    """Thread-safe counters of what the pipeline saw, skipped and packed (this process).
+    """Thread-safe counters of what the pipeline read, skipped and packed.
 
-    Counts include steps that are prefetched but not yet consumed (a few steps ahead)."""
+    Bad examples are judged against what they are a share of, in two parts:
+    - left out while indexing (`index_skipped`: the whole dataset's, the same on every
+      process, found once): against everything indexed, once, by `check_index`;
+    - found when read (this process's, since the run started or resumed): against the
+      examples read, on every step.
+    Index-time skips weighed against the examples read so far stopped healthy runs at
+    step 0 (and again after every resume, and on every process of a multi-process run).
+    Read counts include steps that are prefetched but not yet consumed (a few steps
+    ahead)."""
 
-    def __init__(self, max_bad_fraction: float, index_skipped: Counter | None = None):
+    def __init__(self, max_bad_fraction: float, index_skipped: Counter | None = None,
+                 indexed: int = 0):
         self.lock = threading.Lock()
         self.max_bad_fraction = max_bad_fraction
-        self.skipped: Counter = Counter(index_skipped or {})
-        self.index_skipped = sum(self.skipped.values())
+        self.index_skipped: Counter = Counter(index_skipped or {})
+        self.indexed = indexed  # entries indexed: usable examples plus index_skipped
+        self.read_skipped: Counter = Counter()
         self.seen = 0
         self.pack = packing.PackStats()
         self.events: Counter = Counter()  # e.g. short_steps (reported as data/<name>)
 
+    def check_index(self) -> None:
+        self._check(sum(self.index_skipped.values()), self.indexed, self.index_skipped,
+                    "indexed")
+
     def record(self, seen: int, skipped: Counter, pack: packing.PackStats | None) -> None:
         with self.lock:
             self.seen += seen
-            self.skipped.update(skipped)
+            self.read_skipped.update(skipped)
             if pack is not None:
                 self.pack.add(pack)
-            total, bad = self.seen + self.index_skipped, sum(self.skipped.values())
-            if total >= MIN_SEEN_FOR_BAD_CHECK and bad > self.max_bad_fraction * total:
-                top = ", ".join(f"{r} {c}" for r, c in self.skipped.most_common(4))
-                raise DataError(
-                    f"{bad} of {total} examples were bad ({bad / total:.1%} > "
-                    f"data.max_bad_fraction={self.max_bad_fraction}): {top}; "
-                    "`mmgen data inspect PATH` lists them")
+            self._check(sum(self.read_skipped.values()), self.seen, self.read_skipped, "read")
+
+    def _check(self, bad: int, total: int, reasons: Counter, what: str) -> None:
+        if total >= MIN_SEEN_FOR_BAD_CHECK and bad > self.max_bad_fraction * total:
+            top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(4))
+            raise DataError(
+                f"{bad} of {total} examples {what} were bad ({bad / total:.1%} > "
+                f"data.max_bad_fraction={self.max_bad_fraction}): {top}; "
+                "`mmgen data inspect PATH` lists them")
 
     def metrics(self) -> dict[str, float]:
+        """data/examples and data/bad: examples read and how many of them were bad (the
+        progress line's bad=N/M); data/bad/<reason>: index-time and read-time skips."""
         with self.lock:
             out = {"data/examples": float(self.seen),
-                   "data/bad": float(sum(self.skipped.values()))}
-            out.update({f"data/bad/{r}": float(c) for r, c in self.skipped.items()})
+                   "data/bad": float(sum(self.read_skipped.values())),
+                   "data/indexed": float(self.indexed),
+                   "data/index_skipped": float(sum(self.index_skipped.values()))}
+            reasons = self.index_skipped + self.read_skipped
+            out.update({f"data/bad/{r}": float(c) for r, c in reasons.items()})
             if self.pack.capacity:
                 out["data/packing_efficiency"] = self.pack.efficiency
                 out["data/dropped_overflow"] = float(self.pack.dropped)
@@ -295,16 +319,22 @@ class StepBuilder:
 
 def _open_sources(data_cfg, log):
     """(sources, DataStats holding their index-time skips, the global order) of the
-    configured source or mixture; an empty source is an error."""
+    configured source or mixture; an empty source, or one mostly left out while
+    indexing, is an error."""
     specs = source_specs(data_cfg)
-    sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
-               for kind, path, _ in specs]
+    try:
+        sources = [open_source(kind, path, cache_dir=data_cfg.get("cache_dir"), log=log)
+                   for kind, path, _ in specs]
+    except ValueError as e:  # a malformed captions file or path spec: one line, no traceback
+        raise DataError(str(e)) from None
     skipped = Counter()
     for src in sources:
         if len(src) == 0:
             raise DataError(f"data source {src!r} holds no usable examples")
         skipped.update(src.skipped)
-    stats = DataStats(data_cfg.max_bad_fraction, skipped)
+    indexed = sum(len(src) for src in sources) + sum(skipped.values())
+    stats = DataStats(data_cfg.max_bad_fraction, skipped, indexed)
+    stats.check_index()
     return sources, stats, _global_order(sources, [w for *_, w in specs], data_cfg.seed)
 
 
@@ -336,7 +366,9 @@ class ImageStepBuilder:
     Step b reads global examples [b * S, (b + 1) * S) with S = global_batch plus slack
     (data.image_slack, a fraction) so that bad images can be replaced by the next good
     ones of the same step; text examples are passed over (not bad). If a step has fewer
-    good images than rows, good ones are repeated (counted as data/short_steps)."""
+    good images than rows, good ones are repeated (counted as data/short_steps). If its
+    window holds no good image at all, this process reads its share of the next windows
+    instead (at most IMAGE_SEARCH_WINDOWS; counted as data/borrowed_steps)."""
 
     def __init__(self, data_cfg, *, global_batch: int, downsample: int = 1, log=print):
         self.cfg = data_cfg
@@ -349,8 +381,9 @@ class ImageStepBuilder:
         self.buckets = (image_shapes(data_cfg, downsample)
                         if data_cfg.get("aspect_buckets") else None)
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        lo = int(step) * self.per_step
+    def _window(self, lo: int) -> tuple[list[np.ndarray], int, Counter]:
+        """(good images, images tried, skipped by reason) of this process's share of the
+        window starting at global example `lo`, up to `rows` images."""
         skipped, images, seen = Counter(), [], 0
         for index in range(lo + self.process, lo + self.per_step, self.num_processes):
             if len(images) == self.rows:
@@ -373,9 +406,26 @@ class ImageStepBuilder:
                     min_size=c.min_image_size, max_aspect=c.max_aspect))
             except BadExample as e:
                 skipped[e.reason] += 1
+        return images, seen, skipped
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        lo = int(step) * self.per_step
+        images, seen, skipped = self._window(lo)
         self.stats.record(seen, skipped, None)
+        # A window with no good image is bad luck at small per-process batches, not bad
+        # data (the bad-fraction rule judges that): borrow the next windows' images. They
+        # depend on the step alone, so a resume reads the same; they are counted when
+        # their own step reads them, not here.
+        for k in range(1, IMAGE_SEARCH_WINDOWS + 1):
+            if images:
+                break
+            images, _, _ = self._window(lo + k * self.per_step)
+            if images:
+                self.stats.note("borrowed_steps")
         if not images:
-            raise DataError(f"step {step}: no usable image among {self.per_step} examples")
+            raise DataError(f"step {step}: no usable image among {self.per_step} examples "
+                            f"and the next {IMAGE_SEARCH_WINDOWS * self.per_step}; does "
+                            "data.path hold images?")
         if len(images) < self.rows:
             self.stats.note("short_steps")
             images += [images[i % len(images)] for i in range(self.rows - len(images))]

@@ -1,0 +1,321 @@
+"""Bad input a user really has (a few captionless images, Excel's BOM, Windows line ends,
+an unbalanced quote, a damaged cache) on real files written here: healthy data trains,
+broken data stops with one line, and nothing is lost uncounted."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmgen.cli import main as mmgen
+from mmgen.config import ConfigError, load_config, validate
+from mmgen.data import prepare, sources, steps
+from mmgen.data.records import BadExample
+from mmgen.data.sources import FolderSource, InterleavedSource, TarShardSource, TextSource
+from mmgen.tokenizers import text as text_tok
+from mmgen.tokenizers.layout import TokenLayout
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _png(i: int, size: int = 64) -> bytes:
+    """A real PNG whose colour says which example it is."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (i % 256, (i * 7) % 256, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, n: int, *, no_caption=(), empty_image=()) -> Path:
+    """n image-caption samples; indices in `no_caption` lack their .txt, those in
+    `empty_image` have a zero-byte image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            members = [(f"{i:05d}.png", b"" if i in empty_image else _png(i))]
+            if i not in no_caption:
+                members.append((f"{i:05d}.txt", f"square number {i}".encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _data_cfg(repo, path, *overrides, config="configs/tokenizer_tiny.py"):
+    return load_config(str(repo / config), ["--config.data.source=wds",
+                                             f"--config.data.path={path}", *overrides]).data
+
+
+def _image_builder(repo, path, *overrides, global_batch=16):
+    return steps.ImageStepBuilder(_data_cfg(repo, path, *overrides),
+                                  global_batch=global_batch, **QUIET)
+
+
+def _read_all(src) -> list:
+    """Every record of a source, or the reason it is bad."""
+    out = []
+    for i in range(len(src)):
+        try:
+            out.append(src[i])
+        except BadExample as e:
+            out.append(e.reason)
+    return out
+
+
+# -- index-time skips are a share of what was indexed ---------------------------------------
+
+NOISY = 640          # a healthy dataset: 15 captionless images of 640 (2.3%)
+CAPTIONLESS = set(range(0, NOISY, 43))
+
+
+@pytest.fixture(scope="module")
+def noisy_tar(tmp_path_factory) -> Path:
+    return _tar(tmp_path_factory.mktemp("noisy") / "00000.tar", NOISY, no_caption=CAPTIONLESS)
+
+
+def test_a_few_captionless_images_do_not_stop_the_first_step(repo, noisy_tar):
+    """15 skips at index time used to be weighed against the 16 images of step 0 (48%)."""
+    b = _image_builder(repo, noisy_tar)
+    assert len(b.sources[0]) == NOISY - len(CAPTIONLESS)
+    for step in range(3):
+        assert b(step)["images"].shape == (16, 64, 64, 3)
+    m = b.stats.metrics()
+    assert m["data/examples"] == 48 and m["data/bad"] == 0  # bad=N/M: of the examples read
+    assert m["data/bad/missing_caption"] == len(CAPTIONLESS)
+    assert m["data/index_skipped"] == len(CAPTIONLESS) and m["data/indexed"] == NOISY
+
+
+def test_second_process_and_a_resumed_run_read_a_noisy_dataset(repo, noisy_tar):
+    """Each process holds the whole index's skips but reads a share; a resume starts its
+    counts at 0 at a late step: neither may tip the bad fraction."""
+    b = _image_builder(repo, noisy_tar)
+    b.process, b.num_processes, b.rows = 1, 4, 4
+    assert b(0)["images"].shape == (4, 64, 64, 3)
+    resumed = _image_builder(repo, noisy_tar)
+    assert resumed(25)["images"].shape == (16, 64, 64, 3)
+    assert resumed.stats.metrics()["data/bad"] == 0
+
+
+def test_a_dataset_mostly_left_out_while_indexing_stops_with_one_line(repo, tmp_path):
+    path = _tar(tmp_path / "half.tar", 100, no_caption=set(range(0, 100, 2)))
+    with pytest.raises(steps.DataError) as err:
+        _image_builder(repo, path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("50 of 100 examples indexed were bad (50.0% > "
+                          "data.max_bad_fraction=0.1): missing_caption 50")
+
+
+def test_joint_step_builder_judges_read_skips_against_examples_read(repo, tmp_path):
+    """Text documents: 4 of 80 lines are bad JSON (5%), read 16 per step."""
+    lines = [json.dumps({"text": f"document {i}"}) if i % 20 else "{broken"
+             for i in range(80)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(str(repo / "configs/tiny.py:smoke"), [
+        "--config.data.source=text", f"--config.data.path={tmp_path}/docs.jsonl"]).data
+    layout = TokenLayout(image_codes=1000, image_grid=(16, 16))
+    b = steps.StepBuilder(cfg, global_batch=4, layout=layout, text_tokenizer=text_tok.BYTES,
+                          **QUIET)
+    for step in range(80 // b.examples_per_step):  # one epoch
+        assert b(step)["tokens"].shape == (4, cfg.seq_len)
+    m = b.stats.metrics()
+    assert m["data/examples"] == 80 and m["data/bad"] == 4 and m["data/bad/bad_json"] == 4
+    with pytest.raises(steps.DataError, match=r"examples read were bad .*bad_json"):
+        strict = steps.StepBuilder(
+            load_config(str(repo / "configs/tiny.py:smoke"), [
+                "--config.data.source=text", f"--config.data.path={tmp_path}/docs.jsonl",
+                "--config.data.max_bad_fraction=0.01"]).data,
+            global_batch=4, layout=layout, text_tokenizer=text_tok.BYTES, **QUIET)
+        for step in range(80 // strict.examples_per_step):
+            strict(step)
+
+
+def test_tokenizer_trains_on_a_tar_with_some_captionless_images(repo, noisy_tar, tmp_path,
+                                                                  capsys):
+    assert mmgen(["train", "--config", str(repo / "configs/tokenizer_tiny.py"), "--workdir",
+                  str(tmp_path / "tok"), "--config.model.channels=16",
+                  "--config.model.num_res_blocks=1", "--config.train.steps=2",
+                  "--config.train.log_every=1", "--config.data.source=wds",
+                  f"--config.data.path={noisy_tar}"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "tok" / "metrics.jsonl").read_text().split("\n")
+            if x.strip()]
+    last = [r for r in rows if "data/examples" in r][-1]
+    assert last["data/bad"] == 0 and last["data/bad/missing_caption"] == len(CAPTIONLESS)
+    progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert len(progress) == 2 and not any(" bad=" in x for x in progress)  # none read bad
+
+
+# -- an image-tokenizer step whose window holds no good image --------------------------------
+
+def test_a_step_without_a_good_image_borrows_the_next_window_deterministically(repo,
+                                                                              tmp_path):
+    """Per-process batch 1 (global batch 1, 2 examples per step): a step whose two
+    examples are zero-byte images used to stop the run, though 2 of 200 is 1%."""
+    path = tmp_path / "a.tar"
+    _tar(path, 200)
+    order = _image_builder(repo, path, global_batch=1).order
+    step = 5
+    window = {int(order[i]["key"]) for i in (2 * step, 2 * step + 1)}
+    _tar(path, 200, empty_image=window)  # same samples, so the same order
+    b = _image_builder(repo, path, global_batch=1)
+    assert b.per_step == 2 and {int(b.order[i]["key"]) for i in (10, 11)} == window
+    images = b(step)["images"]
+    assert b.stats.metrics()["data/bad/empty_file"] == 2
+    assert b.stats.metrics()["data/borrowed_steps"] == 1
+    np.testing.assert_array_equal(images, b(step + 1)["images"])  # the next window's
+    again = _image_builder(repo, path, global_batch=1)  # a resume reads the same
+    np.testing.assert_array_equal(again(step)["images"], images)
+
+
+def test_a_dataset_without_any_usable_image_still_stops_with_one_line(repo, tmp_path):
+    path = _tar(tmp_path / "a.tar", 60, empty_image=set(range(60)))
+    b = _image_builder(repo, path, "--config.data.max_bad_fraction=1.0", global_batch=1)
+    with pytest.raises(steps.DataError, match=r"^step 0: no usable image among 2 examples "
+                                              r"and the next 32"):
+        b(0)
+
+
+# -- captions.csv: unbalanced quotes, BOM ----------------------------------------------------
+
+def _folder(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"{i}.png").write_bytes(_png(i, 16))
+    return root
+
+
+def test_an_unbalanced_quote_in_captions_csv_is_refused_naming_its_line(tmp_path):
+    root = _folder(tmp_path / "f", 1005)
+    rows = ["file,caption", "0.png,fine", '1.png,"a caption with no closing quote']
+    rows += [f"{i}.png,caption {i}" for i in range(2, 1005)]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError) as err:  # used to read 2 examples, 1003 lost uncounted
+        FolderSource(str(root), **QUIET)
+    msg = str(err.value)
+    assert msg.startswith(f"{root / 'captions.csv'}:3: ") and "unbalanced quote" in msg
+    # closed by a later quoted caption, or so long that csv's field limit is hit
+    rows[500] = '500.png,"a quoted caption",x'
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"captions.csv:3: .*unbalanced quote"):
+        FolderSource(str(root), **QUIET)
+    rows = rows[:3] + [f"{i}.png,caption {i} {'x' * 200}" for i in range(2, 1005)]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"captions.csv:3: field larger than field limit"):
+        FolderSource(str(root), **QUIET)
+
+
+def test_a_broken_captions_csv_is_one_line_from_the_cli(repo, tmp_path, capsys):
+    root = _folder(tmp_path / "f", 3)
+    (root / "captions.csv").write_text('file,caption\n0.png,"open\n1.png,one\n2.png,two\n')
+    assert mmgen(["data", "inspect", f"folder:{root}", "--sheet", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "captions.csv:2: unexpected end of data" in err
+    (root / "captions.csv").write_text("path,words\n0.png,zero\n")  # no usable header
+    assert mmgen(["train", "--config", str(repo / "configs/tokenizer_tiny.py"), "--workdir",
+                  str(tmp_path / "run"), "--config.data.source=folder",
+                  f"--config.data.path={root}", "--config.train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the header needs a 'file' and a 'caption' column" in err
+
+
+def test_excel_csv_and_jsonl_with_a_byte_order_mark(tmp_path):
+    root = _folder(tmp_path / "f", 2)
+    (root / "captions.csv").write_bytes(b"\xef\xbb\xbffile,caption\r\n0.png,zero\r\n"
+                                        b"1.png,one\r\n")
+    src = FolderSource(str(root), **QUIET)
+    assert [src[i]["caption"] for i in range(2)] == ["zero", "one"] and not src.skipped
+    (root / "captions.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + b"\n".join(json.dumps({"file": f"{i}.png", "caption": str(i)})
+                                     .encode() for i in range(2)) + b"\n")
+    src = FolderSource(str(root), **QUIET)
+    assert len(src) == 2 and not src.skipped
+    (tmp_path / "t.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert [r["text"] for r in _read_all(TextSource(str(tmp_path / "t.jsonl"), **QUIET))] == [
+        "first", "second"]
+    (root / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"content": [{"image": "0.png"}]}\n')
+    doc, = _read_all(InterleavedSource(str(root / "d.jsonl"), **QUIET))
+    assert doc["parts"] == [{"image": (root / "0.png").read_bytes()}]
+
+
+# -- blank lines in jsonl --------------------------------------------------------------------
+
+def test_crlf_and_whitespace_only_lines_are_not_examples(tmp_path):
+    (tmp_path / "w.jsonl").write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n \t \r\n'
+                                       b'\r\n{"text": "c"}\r\n\r\n')
+    src = TextSource(str(tmp_path / "w.jsonl"), **QUIET)
+    assert [r["text"] for r in _read_all(src)] == ["a", "b", "c"]
+    (tmp_path / "d.jsonl").write_bytes(b'\r\n{"content": [{"text": "x"}]}\r\n   \r\n\r\n')
+    docs = _read_all(InterleavedSource(str(tmp_path / "d.jsonl"), **QUIET))
+    assert [d["parts"] for d in docs] == [[{"text": "x"}]]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8, 64])
+def test_line_index_is_the_same_at_every_read_size(tmp_path, monkeypatch, chunk):
+    """Lines (and blankness) carried across the reader's chunk boundaries."""
+    raw = (b'\xef\xbb\xbf{"text": "a"}\r\n\n \r\n{"text": "bb"}\n\t\n\n{"text": "c"}'
+           b'\r\n  x  \n\r')
+    (tmp_path / "t.jsonl").write_bytes(raw)
+    monkeypatch.setattr(sources, "_SCAN_CHUNK", chunk)
+    starts, lengths = sources._line_spans(sources.epath.Path(tmp_path / "t.jsonl"))
+    lines = [raw[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+    assert lines == [b'{"text": "a"}\r', b'{"text": "bb"}', b'{"text": "c"}\r', b"  x  "]
+
+
+# -- exceptions that used to escape as tracebacks -------------------------------------------
+
+def test_deeply_nested_json_is_bad_json(tmp_path):
+    deep = b"[" * 200000 + b"]" * 200000
+    (tmp_path / "t.jsonl").write_bytes(b'{"text": "ok"}\n' + deep + b"\n")
+    ok, bad = _read_all(TextSource(str(tmp_path / "t.jsonl"), **QUIET))
+    assert ok["text"] == "ok" and bad == "bad_json"
+    root = _folder(tmp_path / "f", 1)
+    (root / "captions.jsonl").write_bytes(deep + b'\n{"file": "0.png", "caption": "zero"}\n')
+    src = FolderSource(str(root), **QUIET)
+    assert len(src) == 1 and src.skipped == Counter(bad_json=1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "empty"])
+def test_a_damaged_tar_index_cache_is_rebuilt(tmp_path, damage):
+    path = _tar(tmp_path / "a.tar", 30, no_caption={3})
+    first = TarShardSource(str(path), cache_dir=str(tmp_path / "cache"), **QUIET)
+    cache, = (tmp_path / "cache").iterdir()
+    raw = cache.read_bytes()
+    cache.write_bytes({"truncated": raw[:len(raw) // 2], "zeroed": bytes(len(raw)),
+                       "empty": b""}[damage])
+    said = []
+    again = TarShardSource(str(path), cache_dir=str(tmp_path / "cache"), log=said.append)
+    assert any("ignoring unreadable index cache" in s for s in said), said
+    assert len(again) == len(first) == 29 and again.skipped == Counter(missing_caption=1)
+    assert [again[i]["caption"] for i in range(29)] == [first[i]["caption"] for i in range(29)]
+    assert cache.read_bytes() == raw  # rewritten whole
+
+
+# -- options -------------------------------------------------------------------------------
+
+def test_prepare_refuses_zero_shards_in_one_line(tmp_path, capsys):
+    path = _tar(tmp_path / "a.tar", 4)
+    with pytest.raises(ValueError, match="--num-shards must be at least 1, got 0"):
+        prepare.prepare(str(path), tmp_path / "out", num_shards=0, **QUIET)
+    assert mmgen(["data", "prepare", "--src", str(path), "--out", str(tmp_path / "out"),
+                  "--num-shards", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mmgen data prepare: error: --num-shards must be at least 1, got 0"
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e400", "0"])
+def test_mixture_weights_must_be_positive_and_finite(repo, weight):
+    spec = f"text:a.jsonl=1;text:b.jsonl={weight}"
+    with pytest.raises(ValueError, match=rf"entry 'text:b.jsonl={weight}': weight must be a "
+                                         "positive finite number"):
+        steps.parse_mixture(spec)
+    cfg = load_config(str(repo / "configs/tokenizer_tiny.py"), [
+        "--config.data.source=mix", f"--config.data.mixture={spec}"])
+    with pytest.raises(ConfigError, match="positive finite"):  # before anything is read
+        validate(cfg, 1)
