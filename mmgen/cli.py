@@ -31,7 +31,7 @@ def log(msg: str) -> None:
 def cmd_train(args) -> int:
     import jax
 
-    from mmgen.config import load_config, validate
+    from mmgen.config import ConfigError, load_config, validate
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -42,6 +42,9 @@ def cmd_train(args) -> int:
     inherit_init_model(cfg, log)
     validate(cfg, jax.device_count())
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
+    if "://" in workdir:  # file I/O would quietly make a local directory named "gs:"
+        raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported; mount the "
+                          "bucket (e.g. Cloud Storage FUSE) and pass the mount path")
     from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train
     from mmgen.train.step import NonFiniteError
 
@@ -61,20 +64,58 @@ def cmd_train(args) -> int:
     return 0
 
 
+# Numeric flags of sample and eval, refused before any model loads: dest -> (test, what a
+# valid value is). Comparisons are False for NaN, so NaN is refused too.
+_RANGES = {
+    "num": (lambda v: v >= 1, ">= 1"),
+    "batch": (lambda v: v >= 1, ">= 1"),
+    "max_tokens": (lambda v: v >= 1, ">= 1"),
+    "decoder_steps": (lambda v: v >= 1, ">= 1"),
+    "scale": (lambda v: v >= 1, ">= 1"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    "temperature": (lambda v: 0 <= v < float("inf"), "a finite number >= 0 (0 = greedy)"),
+    "cfg": (lambda v: 0 <= v < float("inf"), "a finite number >= 0 (1 = off, 0 = unconditional)"),
+}
+
+
+def _check_ranges(args) -> None:
+    from mmgen.config import ConfigError
+
+    for dest, (ok, valid) in _RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"--{dest.replace('_', '-')} must be {valid}, got {value:g}")
+
+
+def _check_sample_args(args) -> tuple[list, str]:
+    """(items, mode) once every input that needs no model checks out."""
+    from mmgen.sample import command as sample_cmd
+    from mmgen.sample.inputs import SampleError, check_images, check_out, read_items, resolve_mode
+
+    _check_ranges(args)
+    args.stop_ids = sample_cmd.parse_stop_ids(args.stop_ids)
+    items = read_items(args.prompt, args.prompts_file, args.image)
+    mode = resolve_mode(args.mode, items)
+    check_images(items)
+    if args.aspect and mode != "image":
+        raise SampleError("--aspect applies to --mode image only")
+    if args.aspect:
+        sample_cmd.check_aspect(args.aspect)
+    check_out(args.out, mode)
+    if args.decoder_steps is not None and not args.decoder:
+        raise SampleError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+    if args.decoder and not Path(args.decoder).exists():
+        raise SampleError(f"--decoder {args.decoder} does not exist")
+    return items, mode
+
+
 def cmd_sample(args) -> int:
     from mmgen.sample import command as sample_cmd
-    from mmgen.sample.inputs import SampleError, read_items, resolve_mode
+    from mmgen.sample.inputs import SampleError
 
     try:
-        args.stop_ids = sample_cmd.parse_stop_ids(args.stop_ids)
-        items = read_items(args.prompt, args.prompts_file, args.image)
-        mode = resolve_mode(args.mode, items)  # checks inputs before the checkpoint loads
-        if args.aspect and mode != "image":
-            raise SampleError("--aspect applies to --mode image only")
-        if args.decoder_steps is not None and not args.decoder:
-            raise SampleError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
-        if args.decoder and not Path(args.decoder).exists():
-            raise SampleError(f"--decoder {args.decoder} does not exist")
+        items, mode = _check_sample_args(args)  # before the checkpoint loads
         s = sample_cmd.load_sampler(args, log)
         grid = sample_cmd.aspect_grid(args, s.cfg, s.codec) if args.aspect else None
         if mode == "caption":
@@ -91,10 +132,15 @@ def cmd_eval(args) -> int:
     from mmgen.config import ConfigError
     from mmgen.eval import report as report_lib
     from mmgen.eval.evaluate import evaluate
+    from mmgen.sample.grid import file_in_the_way
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    _check_ranges(args)
     if args.decoder_steps is not None and not args.decoder:
         raise ConfigError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+    blocking = file_in_the_way(args.out)  # found now, not after every suite has run
+    if blocking is not None:
+        raise ConfigError(f"--out {args.out}: {blocking} is a file, not a directory")
     sampling = {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}
     report, examples = evaluate(args.checkpoint, suites=suites, num=args.num, step=args.step,
                                 tokenizer_dir=args.tokenizer, sampling=sampling,
@@ -211,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: edit with --image and a prompt, caption with --image "
                    "alone, else image")
     s.add_argument("--out", default="grid.png",
-                   help="PNG grid to write (caption: OUT with suffix .json)")
+                   help="image grid to write, format from the suffix (caption: OUT with "
+                   "suffix .json)")
     s.add_argument("--num", type=int, help="samples per prompt (default 16; edit 1)")
     s.add_argument("--batch", type=int, default=16, help="prompts per compiled batch")
     s.add_argument("--temperature", type=float,
@@ -220,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus: keep the smallest set of tokens reaching mass P (1 = off)")
     s.add_argument("--cfg", type=float, default=5.0,
-                   help="classifier-free guidance scale for image tokens (1 = off)")
+                   help="classifier-free guidance scale for image tokens, >= 0 (1 = off)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop-ids", help="caption: comma-separated token ids that end a "
                    "caption besides <eos>")
@@ -251,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="checkpoint step (default latest)")
     e.add_argument("--tokenizer", help="tokenizer run dir (default: the one in the config)")
     e.add_argument("--cfg", type=float, help="classifier-free guidance scale of the generative "
-                   "suites (default: the run's eval.cfg_scale; 1 = off)")
+                   "suites, >= 0 (default: the run's eval.cfg_scale; 1 = off)")
     e.add_argument("--temperature", type=float,
                    help="sampling temperature (default: the run's eval.temperature)")
     e.add_argument("--top-k", type=int, help="top-k truncation, 0 = none (default: the run's "

@@ -84,13 +84,25 @@ def _mmgen_version() -> str:
         return "unknown"
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path once it can become an export: not a run directory, and neither
+    it nor a parent an existing file."""
+    from mmgen.sample.grid import file_in_the_way
+
+    out = Path(out_dir)
+    if (out / "checkpoints").exists():
+        raise ExportError(f"{out} is a run directory (it has checkpoints/); export elsewhere")
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")
+    return out
+
+
 def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
                out_dir: str | Path, *, dtype: str = "float32",
                source: dict | None = None) -> Path:
     """Writes an exported directory from host arrays (see the module docstring)."""
-    out = Path(out_dir)
-    if (out / "checkpoints").exists():
-        raise ExportError(f"{out} is a run directory (it has checkpoints/); export elsewhere")
+    out = check_out_dir(out_dir)
     tensors = _cast(flat, dtype)
     out.mkdir(parents=True, exist_ok=True)
     # Old weights go first and new ones come last, renamed into place: a directory
@@ -131,6 +143,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     and `use_ema`. An exported directory can be re-exported (e.g. to another dtype)."""
     from mmgen.load import restore_params  # mmgen.load imports this module
 
+    check_out_dir(out_dir)  # before the weights load
     _, params, cfg, layout, step, source = restore_params(run_dir, step, use_ema=use_ema)
     return export_params(params, cfg, layout, out_dir, dtype=dtype, source=source)
 

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from mmgen import export
+from mmgen.config import ConfigError
 from mmgen.models import lora
 from mmgen.models.transformer import Transformer, TransformerConfig
 from mmgen.parallel.mesh import make_mesh
@@ -75,6 +76,20 @@ def read_run_metadata(path: str | Path, step: int | None = None):
         raise FileNotFoundError(f"{path} is neither a run directory (no checkpoints/) nor an "
                                 f"export (no {export.WEIGHTS} + {export.CONFIG})")
     return read_metadata(path, step)
+
+
+TOKENIZER_NEEDED = "the image tokenizer must be a tokenizer run (configs/tokenizer_tiny.py)"
+
+
+def expect_kind(path: str | Path, kind: str, needs: str, step: int | None = None):
+    """The config of the run or export at `path`, read from its metadata only, after
+    checking it is a `kind` run: a wrong run is refused in one line before any weights
+    load (and before a config group only `kind` has is read). `needs` finishes the
+    message, e.g. "mmgen sample needs a joint model run"."""
+    cfg = read_run_metadata(path, step)[0]
+    if cfg.kind != kind:
+        raise ConfigError(f"{path} is a {cfg.kind!r} run; {needs}")
+    return cfg
 
 
 def restore_params(path: str | Path, step: int | None = None, *, use_ema: bool = True):
@@ -150,9 +165,8 @@ class ImageCodec:
     CHUNK = 64
 
     def __init__(self, tokenizer_dir: str | Path):
+        expect_kind(tokenizer_dir, "tokenizer", TOKENIZER_NEEDED)
         self.model, self.cfg, _, self.step = load_run(tokenizer_dir, use_ema=True)
-        if self.cfg.kind != "tokenizer":
-            raise ValueError(f"{tokenizer_dir} is a {self.cfg.kind!r} run, not a tokenizer")
         self.layout = tokenizer_layout(self.model, self.cfg)
         graphdef, params = nnx.split(self.model)
         self._encode = jax.jit(

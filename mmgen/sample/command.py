@@ -70,7 +70,7 @@ class Sampler:
 
     def captions(self, ids: np.ndarray) -> list[str]:
         a, batch = self.args, max(1, min(self.args.batch, len(ids)))
-        max_tokens = a.max_tokens or self.cfg.data.max_caption_bytes
+        max_tokens = self.cfg.data.max_caption_bytes if a.max_tokens is None else a.max_tokens
         progress, out = Progress(len(ids), "captions"), []
         for b, (lo, hi) in enumerate(_batches(len(ids), batch)):
             out += generate_captions(
@@ -114,7 +114,7 @@ def _cols(num: int, n_prompts: int) -> int:
 
 
 def run_image(s: Sampler, items: list[Item], grid) -> int:
-    num = s.args.num or 16
+    num = 16 if s.args.num is None else s.args.num
     prompts = [it.prompt for it in items for _ in range(num)]
     h, w = grid or s.layout.image_grid
     s.log(f"sampling {len(prompts)} image(s) of {h}x{w} tokens")
@@ -123,7 +123,7 @@ def run_image(s: Sampler, items: list[Item], grid) -> int:
 
 
 def run_edit(s: Sampler, items: list[Item]) -> int:
-    num = s.args.num or 1
+    num = 1 if s.args.num is None else s.args.num
     pixels = s.images(items)
     sources = s.codec.encode(pixels)
     prompts = [it.prompt for it in items for _ in range(num)]
@@ -161,18 +161,50 @@ def parse_stop_ids(text: str | None) -> tuple[int, ...]:
         raise SampleError(f"--stop-ids takes comma-separated token ids, got {text!r}") from None
 
 
+def check_runs(args) -> str:
+    """The image tokenizer's directory, once the metadata of every run given (checkpoint,
+    tokenizer, decoder) says it is of the right kind: before any weights load."""
+    from mmgen.load import TOKENIZER_NEEDED, expect_kind
+    from mmgen.sample.render import DECODER_NEEDED
+
+    cfg = expect_kind(args.checkpoint, "joint", "mmgen sample needs a joint model run",
+                      args.step)
+    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
+    expect_kind(tok_dir, "tokenizer", TOKENIZER_NEEDED)
+    if args.decoder:
+        expect_kind(args.decoder, "decoder", DECODER_NEEDED)
+    return tok_dir
+
+
 def load_sampler(args, log: Callable) -> Sampler:
-    """The run, its image tokenizer (checked against the run's layout) and text tokenizer."""
+    """The run, its image tokenizer (checked against the run's layout) and text tokenizer;
+    a --decoder is loaded and checked against the tokenizer here, before any sampling."""
     from mmgen.load import ImageCodec, load_run
+    from mmgen.sample.render import load_decoder
     from mmgen.tokenizers.layout import check_same_images
     from mmgen.tokenizers.text import tokenizer_for_run
 
+    tok_dir = check_runs(args)
     model, cfg, layout, step = load_run(args.checkpoint, args.step)
-    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
     codec = ImageCodec(tok_dir)
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
+    if args.decoder:
+        load_decoder(args.decoder).check_codec(codec)
     print(f"mmgen sample: {args.checkpoint} step {step}", file=sys.stderr)
     return Sampler(args, model, cfg, layout, codec, tokenizer_for_run(cfg, layout), log)
+
+
+def check_aspect(text: str) -> None:
+    """--aspect is one W:H (checked before the checkpoint loads; whether the run was trained
+    on it is aspect_grid's question)."""
+    from mmgen.data import buckets
+
+    try:
+        shapes = buckets.parse(text, 64, 1)  # any size: only the syntax is checked
+    except ValueError:
+        shapes = []
+    if len(shapes) != 1 or "," in text:
+        raise SampleError(f"--aspect takes one W:H between 1:5 and 5:1 (e.g. 4:3), got {text!r}")
 
 
 def aspect_grid(args, cfg, codec) -> tuple[int, int]:
@@ -182,7 +214,7 @@ def aspect_grid(args, cfg, codec) -> tuple[int, int]:
 
     ds = codec.cfg.model.downsample
     trained = buckets.parse(cfg.data.get("aspect_buckets", ""), cfg.data.image_size, ds)
-    (shape,) = buckets.parse(args.aspect, cfg.data.image_size, ds) or [None]
+    (shape,) = buckets.parse(args.aspect, cfg.data.image_size, ds)
     if shape not in trained:
         names = cfg.data.get("aspect_buckets") or "none (square images only)"
         raise ConfigError(f"--aspect {args.aspect} is not one of the aspect buckets the "

@@ -22,6 +22,13 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
     return sheet
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first of `path` and its parents that exists as something other than a
+    directory: where writing under `path` (or creating it as a directory) would fail."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ checkpoint is loaded, so a typo fails in a second, not after a restore.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -37,22 +38,70 @@ def read_items(prompt: str | None, prompts_file: str | None, image: str | None) 
     path = Path(prompts_file)
     if not path.is_file():
         raise SampleError(f"prompts file {path} does not exist")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
+    numbered = [(n, ln) for n, ln in enumerate(_utf8_lines(path), 1) if ln.strip()]
+    if not numbered:
         raise SampleError(f"prompts file {path} has no prompts")
     if path.suffix != ".jsonl":
-        return [Item(ln.strip(), default) for ln in lines]
-    items = []
-    for n, ln in enumerate(lines, 1):
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not ({"prompt", "image"} & row.keys()):
-            raise SampleError(f'{path}:{n}: expected {{"prompt": ..., "image": ...}}')
-        img = row.get("image")
-        items.append(Item(row.get("prompt"), Path(img) if img else default))
-    return items
+        return [Item(ln.strip(), default) for _, ln in numbered]
+    return [_jsonl_item(path, n, ln, default) for n, ln in numbered]
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SampleError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          "save the prompts file as UTF-8") from None
+
+
+def _jsonl_item(path: Path, n: int, line: str, default: Path | None) -> Item:
+    """Line `n` of a .jsonl prompts file; null or a missing key means absent."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not ({"prompt", "image"} & row.keys()):
+        raise SampleError(f'{path}:{n}: expected {{"prompt": ..., "image": ...}}')
+    for key in ("prompt", "image"):
+        if not isinstance(row.get(key, ""), str | None):
+            raise SampleError(f'{path}:{n}: "{key}" must be a string, got {row[key]!r}')
+    img = row.get("image")
+    return Item(row.get("prompt"), Path(img) if img else default)
+
+
+def check_out(out: str, mode: str) -> None:
+    """Refuses, before the checkpoint loads, an --out the mode could not write: image and
+    edit save an image file whose format PIL takes from the suffix; caption writes OUT
+    with its suffix replaced by .json (so OUT may name a directory: DIR.json goes beside it)."""
+    from mmgen.sample.grid import file_in_the_way
+
+    path = Path(out)
+    if path.name in ("", ".."):
+        raise SampleError(f"--out {out} names no file")
+    target = path.with_suffix(".json") if mode == "caption" else path
+    blocking = file_in_the_way(target.parent)
+    if blocking is not None:
+        raise SampleError(f"--out {out}: {blocking} is a file, not a directory")
+    if target.is_dir():
+        raise SampleError(f"--out {out}: {target} is a directory; give a file name"
+                          + ("" if mode == "caption" else f" such as {target / 'grid.png'}"))
+    if mode != "caption":
+        _check_image_suffix(out, path.suffix)
+
+
+def _check_image_suffix(out: str, suffix: str) -> None:
+    """PIL picks the format from the suffix; a dry run into memory shows it can write RGB."""
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix.lower())
+    try:
+        if fmt is None:
+            raise ValueError
+        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
+    except (ValueError, OSError, KeyError):
+        what = f"PIL cannot write {suffix} images" if suffix else "no suffix to name the format"
+        raise SampleError(f"--out {out}: {what}; use e.g. .png or .jpg") from None
 
 
 def resolve_mode(mode: str | None, items: list[Item]) -> str:
@@ -73,21 +122,56 @@ def resolve_mode(mode: str | None, items: list[Item]) -> str:
     return mode
 
 
+def check_images(items: list[Item]) -> None:
+    """Reads every input image once before the checkpoint loads, so an unreadable,
+    non-square or unsupported one fails in a second (load_image reads it again later)."""
+    for path in dict.fromkeys(it.image for it in items if it.image is not None):
+        _read_square_rgb(path)
+
+
 def load_image(path: Path, size: int, note=None) -> np.ndarray:
     """uint8 [size, size, 3]. A square image of another size is resized (with a note);
     a non-square one is refused: cropping would silently drop part of the picture."""
-    try:
-        img = Image.open(path).convert("RGB")
-    except OSError as e:
-        raise SampleError(f"cannot read image {path}: {e}") from None
-    if img.width != img.height:
-        raise SampleError(f"image {path} is {img.width}x{img.height}; the model takes square "
-                          f"{size}x{size} images (crop it to a square first)")
+    img = _read_square_rgb(path)
     if img.width != size:
         if note:
             note(f"note: resizing {path} from {img.width}x{img.height} to {size}x{size}")
         img = img.resize((size, size), Image.BICUBIC)
     return np.asarray(img, np.uint8)
+
+
+def _read_square_rgb(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # decode now: a truncated file fails here, not in a conversion
+    except OSError as e:
+        raise SampleError(f"cannot read image {path}: {e}") from None
+    img = _to_rgb(img, path)
+    if img.width != img.height:
+        raise SampleError(f"image {path} is {img.width}x{img.height}; the model takes square "
+                          "images (crop it to a square first)")
+    return img
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale is scaled (65535 -> 255): PIL's own conversion clips
+    it, turning nearly every pixel white. 32-bit integer and float pixels have no
+    defined white level, so they are refused. Transparency is composited onto white."""
+    if img.mode.startswith("I;16"):
+        pixels = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img = Image.fromarray(np.round(pixels).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise SampleError(f"image {path} has {kind} pixels (PIL mode {img.mode}), which have "
+                          "no defined white level; save it as 8- or 16-bit RGB or grayscale")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # a mode PIL has no conversion for
+        raise SampleError(f"cannot convert image {path} (PIL mode {img.mode}) to RGB: "
+                          f"{e}") from None
 
 
 def render(ids: np.ndarray, codec, decoder_dir: str | None, decoder_steps: int | None,

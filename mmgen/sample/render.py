@@ -10,22 +10,21 @@ import numpy as np
 from flax import nnx
 
 from mmgen.config import ConfigError
-from mmgen.load import ImageCodec, chunked_call, load_run
+from mmgen.load import ImageCodec, chunked_call, expect_kind, load_run
 from mmgen.models.decoder import euler_sample
 from mmgen.tokenizers.image_autoencoder import images_to_unit, unit_to_images
 from mmgen.tokenizers.layout import check_same
 
 CHUNK = 32  # images per compiled call: one program serves any N (zero-padded chunks)
+DECODER_NEEDED = "the decoder must be a diffusion decoder run (configs/decoder_tiny.py)"
 
 
 class DiffusionDecoder:
     """A trained decoder run, ready to sample; compiled once per number of Euler steps."""
 
     def __init__(self, decoder_dir: str | Path):
+        expect_kind(decoder_dir, "decoder", DECODER_NEEDED)
         self.model, self.cfg, self.layout, self.step = load_run(decoder_dir, use_ema=True)
-        if self.cfg.kind != "decoder":
-            raise ConfigError(f"{decoder_dir} is a {self.cfg.kind!r} run, not a diffusion "
-                              "decoder run (configs/decoder_tiny.py)")
         self.dir = str(decoder_dir)
         graphdef, params = nnx.split(self.model)
         self._sample = jax.jit(
@@ -50,7 +49,9 @@ class DiffusionDecoder:
                seed: int = 0) -> np.ndarray:
         """uint8 [N, H, W, 3] sampled in `steps` Euler steps (default: sample.steps)."""
         self.check_codec(codec)
-        steps = int(steps or self.cfg.sample.steps)
+        steps = int(self.cfg.sample.steps if steps is None else steps)
+        if steps < 1:  # zero Euler steps would return the starting noise as the image
+            raise ConfigError(f"the diffusion decoder needs at least 1 Euler step, got {steps}")
         ids_NHW = np.asarray(ids_NHW, np.int32)
         noise = self.noise(len(ids_NHW), seed)
         arrays = [ids_NHW, noise]
