@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,7 +127,8 @@ _BOUNDS = (
     ("optim.b1", 0, 1, False), ("optim.b2", 0, 1, False), ("optim.ema_decay", 0, 1, False),
     ("optim.weight_decay", 0, None, True), ("optim.grad_clip", 0, None, True),
 )
-_JOINT_DIMS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+# the joint model's shape keys (validate; resuming checks them against the workdir's run)
+JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
 
 
 def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
@@ -145,7 +147,7 @@ def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(o.get("eps", 1.0) > 0, f"optim.eps must be positive, got {o.get('eps')}")
     if cfg.kind == "joint":
-        for name in _JOINT_DIMS:
+        for name in JOINT_SHAPE_KEYS:
             require(cfg.model[name] >= 1, f"model.{name} must be >= 1, got {cfg.model[name]}")
 
 
@@ -261,6 +263,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         parse_decay_rules(o.get("decay_rules", ""))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    regexes = {"optim.freeze": o.get("freeze", ""), "optim.no_decay": o.get("no_decay", "")}
+    if cfg.get("lora") is not None and cfg.lora.rank:
+        regexes["lora.targets"] = cfg.lora.targets
+    for key, pattern in regexes.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{key}: bad regex {pattern!r}: {e}") from None
     if cfg.kind == "tokenizer":
         m = cfg.model
         require(cfg.data.image_size % m.downsample == 0,

@@ -112,6 +112,15 @@ def _train_args(args) -> list[str]:
     return out + list(args.overrides)
 
 
+def _check_shared_workdir(args, hosts: int) -> None:
+    """Every process writes the same checkpoints, so on several hosts the workdir must be
+    one shared path; a relative one is a different directory on each host."""
+    if hosts > 1 and not Path(args.workdir).is_absolute():
+        raise LaunchError(f"--workdir {args.workdir!r} must be an absolute path on storage "
+                          f"all {hosts} hosts mount (NFS, Filestore, Cloud Storage FUSE); a "
+                          "relative one is a different directory on each host")
+
+
 def _default_workdir(config: str) -> str:
     return str(Path("runs") / Path(config.split(":")[0]).stem)
 
@@ -221,13 +230,18 @@ def xpk_command(args, acc: Accelerator) -> list[str]:
 
 def cmd_gke(args, print_fn) -> int:
     acc = parse_accelerator(args.accelerator)
+    _check_shared_workdir(args, acc.hosts)
     text = render_jobset(args, acc)
     path = _out_path(args, f"{args.name}.jobset.yaml")
     commands = [["kubectl", "apply", "-f", str(path)]]
     _emit(f"JobSet manifest ({path}; {acc.hosts} hosts x {acc.chips_per_host} chips)",
           text, commands, print_fn)
-    print_fn("# ---- or, equivalently, with xpk ----")
-    print_fn(shlex.join(xpk_command(args, acc)))
+    if not args.resume or args.resume in ("latest", "latest_valid"):
+        print_fn("# ---- or, equivalently, with xpk ----")
+        print_fn(shlex.join(xpk_command(args, acc)))
+    else:  # xpk's JobSet gives the command no restart count (MMGEN_RESTART)
+        print_fn(f"# ---- no xpk equivalent with --resume={args.resume}: its restarts would "
+                 "apply it again ----")
     if args.dry_run:
         return 0
     _require_tool("kubectl", "gke")
@@ -273,13 +287,14 @@ def render_tpu_vm(args, acc: Accelerator) -> str:
 
 def cmd_tpu_vm(args, print_fn) -> int:
     acc = parse_accelerator(args.accelerator)
+    _check_shared_workdir(args, acc.hosts)
     text = render_tpu_vm(args, acc)
     path = _out_path(args, f"{args.name}.tpu_vm.sh")
     c = tpu_vm_commands(args, acc)
     commands = [["bash", str(path)], c["create"], ["bash", "-c", c["pack"]], c["scp"],
                 [*c["ssh"], "--command", c["install"]],
                 [*c["ssh"], "--command", "export MMGEN_COORDINATOR=<worker 0 IP>:"
-                 f"{args.port}; {c['run']}"]]
+                 f"{args.port} MMGEN_RESTART=<restarts so far>; {c['run']}"]]
     _emit(f"TPU VM launcher ({path}; {acc.hosts} workers x {acc.chips_per_host} chips)",
           text, commands[:1], print_fn)
     print_fn("# ---- which runs (after copying the repo to every worker) ----")
@@ -478,6 +493,10 @@ def main(argv: list[str] | None = None, print_fn=None) -> int:
     args.overrides = [r for r in rest if r.startswith("--config.")]
     args.workdir = args.workdir or _default_workdir(args.config)
     try:
+        if "://" in args.workdir:
+            raise LaunchError(f"--workdir {args.workdir}: mmgen train writes its workdir with "
+                              "file I/O, so URLs are not supported; mount the bucket "
+                              "(Cloud Storage FUSE) and pass the mount path")
         return args.fn(args, print_fn)
     except LaunchError as e:
         print(f"mmgen launch {args.target}: error: {e}", file=sys.stderr)

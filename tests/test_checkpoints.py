@@ -240,11 +240,65 @@ def test_resume_step_moves_newer_checkpoints_aside(repo, six_steps, tmp_path, ca
     assert Checkpointer(work / "checkpoints", read_only=True).steps() == [3, 4]
 
 
+def test_a_launchers_restart_resumes_from_the_latest_not_the_step_again(
+        repo, six_steps, tmp_path, capsys, monkeypatch):
+    """Launchers rerun the first attempt's command line; before MMGEN_RESTART, a
+    `--resume=3` job rewound to step 3 after every preemption (and `none` was refused)."""
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    monkeypatch.setenv("MMGEN_RESTART", "1")
+    for mode, latest in (("3", 6), ("none", 7)):  # the first rerun trains on to step 7
+        assert _train_main(repo, work, tmp_path, f"--config.train.resume={mode}") == 0
+        out = capsys.readouterr().out
+        assert f"--resume={mode} was applied by the first attempt" in out, out
+        assert f"at step {latest}" in out.split("resumed from")[1], out
+    assert not list(work.glob("checkpoints_after_*"))  # nothing moved aside
+    assert Checkpointer(work / "checkpoints", read_only=True).steps()[-1] == 7
+    from mmgen.train.loop import Preempted
+
+    assert "rerun with --resume=latest to resume" in str(Preempted(9, 15, "3"))
+    assert "rerun the same command to resume" in str(Preempted(9, 15, "latest"))
+
+
 def test_resume_none_refuses_existing_checkpoints(repo, six_steps, tmp_path, capsys):
     work = tmp_path / "run"
     shutil.copytree(six_steps, work)
     assert _train_main(repo, work, tmp_path, "--config.train.resume=none") == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_a_workdir_of_another_run_is_refused_before_anything_is_written(
+        repo, six_steps, tmp_path, capsys):
+    """A joint config pointed at a tokenizer run's workdir used to fail deep in orbax
+    ("tree structures do not match"); a post-training config pointed at its pretraining
+    run's workdir resumed that run's optimizer and wrote SFT checkpoints into it."""
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    rc = mmgen(["train", "--config", str(repo / "configs/tiny.py:smoke"), "--workdir",
+                str(work), f"--config.tokenizer.checkpoint={six_steps}",
+                f"--config.data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "holds another run (kind='tokenizer' there, 'joint' here" in err[0], err
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+
+    from mmgen.train.checkpoint import CheckpointError
+    from mmgen.train.loop import check_same_run
+
+    tiny = load_config(str(repo / "configs/tiny.py"))
+    check_same_run(tiny, load_config(str(repo / "configs/tiny.py"),
+                                     ["--config.optim.lr=1e-4"]), "w")  # may change
+    for other, expect in [("configs/sft_edit.py", "posttrain.objective=None there, 'sft'"),
+                          ("configs/dpo.py", "posttrain.objective=None there, 'dpo'")]:
+        with pytest.raises(CheckpointError, match=expect):
+            check_same_run(tiny, load_config(str(repo / other)), "w")
+    with pytest.raises(CheckpointError, match="lora.rank=0 there, 8 here"):
+        check_same_run(tiny, load_config(str(repo / "configs/tiny.py"),
+                                         ["--config.lora.rank=8"]), "w")
+    with pytest.raises(CheckpointError, match="model.num_layers=3 there, 6 here"):
+        check_same_run(tiny, load_config(str(repo / "configs/tiny.py"),
+                                         ["--config.model.num_layers=6"]), "w")
 
 
 def test_retention_keeps_latest_n_and_every_k(repo, tmp_path):

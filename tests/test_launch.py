@@ -69,6 +69,7 @@ def test_slurm_script(capsys, tmp_path):
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert 'export MMGEN_NUM_PROCESSES="$SLURM_NTASKS"' in script
     assert 'export MMGEN_COORDINATOR="${head_node}:8476"' in script
+    assert 'export MMGEN_RESTART="${SLURM_RESTART_COUNT:-0}"' in script
     srun = next(x for x in script.splitlines() if x.startswith("srun "))
     assert "--ntasks-per-node=1" in srun and "--nodes=4" in srun
     task = shlex.split(srun)[-1]  # the per-task command, expanded by each task
@@ -102,8 +103,10 @@ def test_jobset_manifest(capsys):
                                    "cloud.google.com/gke-tpu-topology": "2x2x4"}
     (c,) = pod["containers"]
     assert c["resources"]["limits"]["google.com/tpu"] == 4 and c["image"] == "gcr.io/p/mmgen:1"
-    env = {e["name"]: e["value"] for e in c["env"]}
-    assert env == {"MMGEN_COORDINATOR": "mm1-workers-0-0.mm1:8476", "MMGEN_NUM_PROCESSES": "4"}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env == {"MMGEN_COORDINATOR": "mm1-workers-0-0.mm1:8476", "MMGEN_NUM_PROCESSES": "4",
+                   "MMGEN_RESTART": {"fieldRef": {"fieldPath": "metadata.annotations"
+                                                  "['jobset.sigs.k8s.io/restart-attempt']"}}}
     assert c["command"][:2] == ["bash", "-c"]
     assert c["command"][2].startswith("export MMGEN_PROCESS_ID=$JOB_COMPLETION_INDEX; exec ")
     assert c["command"][2].endswith("--workdir /gcs/run --config.train.steps=10")
@@ -114,14 +117,15 @@ def test_jobset_manifest(capsys):
 
 def test_jobset_topology_must_match(capsys):
     rc, out, err = _dry(capsys, "gke", "--config", CONFIG, "--name", "mm1", "--image", "i",
-                        "--accelerator", "v5p-32", "--topology", "2x2x2")
+                        "--accelerator", "v5p-32", "--topology", "2x2x2",
+                        "--workdir", "/gcs/run")
     assert rc == 2 and "8 chips but v5p-32 has 16" in err and err.count("\n") == 1
 
 
 def test_tpu_vm_script(capsys, tmp_path):
     rc, out, _ = _dry(capsys, "tpu-vm", "--config", CONFIG, "--name", "tpu1", "--zone",
                       "us-east5-a", "--accelerator", "v5p-32", "--project", "p1", "--spot",
-                      "--workdir", "gs://b/run", "--config.train.steps=10")
+                      "--workdir", "/mnt/b/run", "--config.train.steps=10")
     assert rc == 0
     script = _section(out, "TPU VM launcher")
     assert "4 workers x 4 chips" in out
@@ -134,9 +138,34 @@ def test_tpu_vm_script(capsys, tmp_path):
     assert len(ssh) == 2  # install, run
     run = shlex.split(ssh[1])[-1]
     assert "MMGEN_NUM_PROCESSES=4" in run and "MMGEN_PROCESS_ID=${TPU_WORKER_ID:-" in run
-    assert run.endswith("train --config configs/tokenizer_tiny.py --workdir gs://b/run "
+    assert run.endswith("train --config configs/tokenizer_tiny.py --workdir /mnt/b/run "
                         "--config.train.steps=10")
     assert "networkEndpoints[0].ipAddress" in script
+    assert 'MMGEN_RESTART=${restarts}; "' in script and "restarts=$((restarts + 1))" in script
+
+
+@pytest.mark.parametrize("target, extra", [
+    ("tpu-vm", ["--name", "t", "--zone", "z", "--accelerator", "v5p-32"]),
+    ("gke", ["--name", "t", "--image", "i", "--accelerator", "v5p-32", "--topology", "2x2x4"]),
+    ("slurm", ["--nodes", "2"]),
+])
+def test_workdirs_every_host_cannot_share_are_refused(capsys, target, extra):
+    """A gs:// workdir used to become a local directory named "gs:" on each host; a relative
+    one (the default included) is a different directory on each TPU VM worker or pod."""
+    rc, _, err = _dry(capsys, target, "--config", CONFIG, *extra, "--workdir", "gs://b/run")
+    assert rc == 2 and "URLs are not supported" in err and err.count("\n") == 1
+    if target != "slurm":  # SLURM runs in --repo-dir, on the shared filesystem
+        rc, _, err = _dry(capsys, target, "--config", CONFIG, *extra)
+        assert rc == 2 and "must be an absolute path" in err and err.count("\n") == 1
+
+
+def test_xpk_equivalent_is_not_offered_with_an_explicit_resume_step(capsys):
+    args = ["gke", "--config", CONFIG, "--name", "mm1", "--image", "i", "--accelerator",
+            "v5p-32", "--topology", "2x2x4", "--workdir", "/gcs/run"]
+    rc, out, _ = _dry(capsys, *args, "--resume", "500")
+    assert rc == 0 and "xpk workload create" not in out and "no xpk equivalent" in out
+    job = _section(out, "JobSet manifest")
+    assert "--resume=500" in job and "jobset.sigs.k8s.io/restart-attempt" in job
 
 
 def test_missing_tool_is_one_line_error(capsys, monkeypatch):

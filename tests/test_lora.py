@@ -184,9 +184,19 @@ def test_bad_decay_rules_fail_in_one_line(repo, rules):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, key", [("lora.targets=w_(q", "lora.targets"),
+                                           ("optim.freeze=enc(", "optim.freeze"),
+                                           ("optim.no_decay=[norm", "optim.no_decay")])
+def test_bad_regexes_fail_in_one_line(repo, override, key):
+    cfg = small_cfg(repo, "lora.rank=4", override)
+    with pytest.raises(ConfigError, match=rf"^{key}: bad regex") as e:
+        validate(cfg, 1)
+    assert "\n" not in str(e.value)
+
+
 def test_targets_matching_nothing_is_a_clear_error(repo):
     cfg = small_cfg(repo, "lora.rank=4", "lora.targets=no_such_weight")
-    with pytest.raises(ValueError, match="lora.targets='no_such_weight' matches no") as e:
+    with pytest.raises(ConfigError, match="lora.targets='no_such_weight' matches no") as e:
         build_model_fn(cfg)(nnx.Rngs(0))
     assert "\n" not in str(e.value) and "w_q_DHK" in str(e.value)
 

@@ -274,3 +274,18 @@ def test_dpo_jsonl_pairs_share_the_prompt_and_weigh_responses(tmp_path):
     assert bytes(text_row["tokens"][(text_row["loss_weight"] > 0)
                                     & (text_row["segment_ids"] == 2)][:-1]
                  .astype(np.uint8)) == b"blue"
+
+
+def test_a_reference_that_is_not_a_joint_run_is_refused_in_one_line(repo, tokenizer_run):
+    """A tokenizer run as `posttrain.reference` used to start training and fail in the
+    first step (`'dict' object has no attribute 'astype'`)."""
+    from mmgen.config import ConfigError, load_config
+    from mmgen.posttrain.reference import ReferenceScorer
+
+    tok = tokenizer_run["tokenizer"]
+    cfg = load_config(str(repo / "configs/dpo.py:smoke"),
+                      [f"--config.posttrain.reference={tok}"])
+    with pytest.raises(ConfigError) as e:
+        ReferenceScorer(cfg, None)
+    assert str(e.value) == (f"{tok} is a 'tokenizer' run; the DPO/GRPO reference must be a "
+                            "joint model run")

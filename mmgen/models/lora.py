@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mmgen.config import ConfigError
 from mmgen.models.paths import param_path
 
 ADAPTERS = "lora"  # the model attribute (and first path part) holding every adapter
@@ -89,7 +90,7 @@ def attach_adapters(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> nnx.Module:
             node = node.setdefault(part, {})
         node.update(a=a, b=b)
     if not tree:
-        raise ValueError(f"lora.targets={lora_cfg.targets!r} matches no 2-D or 3-D parameter; "
+        raise ConfigError(f"lora.targets={lora_cfg.targets!r} matches no 2-D or 3-D parameter; "
                          f"parameters are e.g. {', '.join(candidates[:4])}")
     model.lora = _to_nnx(tree)
     return model

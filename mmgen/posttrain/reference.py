@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.load import load_run
+from mmgen.load import expect_kind, load_run
 from mmgen.posttrain.logprobs import target_logps
 from mmgen.tokenizers.layout import check_same
 
@@ -38,6 +38,8 @@ class ReferenceScorer:
 
     def __init__(self, cfg, layout, *, temperature: float = 1.0, log=print):
         path, step = reference_source(cfg)
+        # from the metadata first: a tokenizer run here used to fail mid-step
+        expect_kind(path, "joint", "the DPO/GRPO reference must be a joint model run", step)
         model, _, ref_layout, step = load_run(path, step, use_ema=True)
         if ref_layout is not None:
             check_same(layout, ref_layout, f"the reference model {path}")

@@ -172,6 +172,11 @@ class Checkpointer:
         d, = self._json_items(step, "layout")
         return TokenLayout.from_json(d) if d else None
 
+    def config(self, step: int):
+        """The resolved config saved with checkpoint `step`."""
+        d, = self._json_items(step, "config")
+        return from_json(json.dumps(d))
+
     def meta(self, step: int) -> dict:
         """Run metadata of `step`: metrics window, mesh, process count, seeds, time."""
         return self._json_items(step, "meta")[0] if (self.directory / str(step) / "meta").is_dir() \
@@ -184,6 +189,24 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+# Set by the tpu-vm, slurm and gke launchers (docs/launching.md): how many times the job
+# has been restarted; 0 or unset on its first attempt.
+RESTART_ENV = "MMGEN_RESTART"
+
+
+def resume_mode(resume: str, log=print) -> str:
+    """`train.resume`, except on a launcher's restart, which reruns the first attempt's
+    command line: an explicit `--resume STEP` or `none` was applied by that attempt, and
+    applying it again would rewind the run to STEP (or refuse it) after every preemption."""
+    resume = str(resume)
+    restart = os.environ.get(RESTART_ENV, "").strip()
+    if resume in ("latest", "latest_valid") or restart in ("", "0"):
+        return resume
+    log(f"{RESTART_ENV}={restart} (a launcher's restart): --resume={resume} was applied by "
+        "the first attempt; resuming from the latest checkpoint")
+    return "latest"
 
 
 def choose_resume_step(ckpt: Checkpointer, resume: str, log=print) -> int | None:

@@ -12,10 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen.config import JOINT_SHAPE_KEYS
 from mmgen.data.pipeline import to_global
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers.layout import check_same
-from mmgen.train.checkpoint import Checkpointer, choose_resume_step
+from mmgen.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    choose_resume_step,
+    resume_mode,
+)
 from mmgen.train.hooks import CheckpointHook, Context, ProfilerHook
 from mmgen.train.metrics import MetricWriter, progress_line, summarise
 from mmgen.train.state import StateSpec
@@ -31,9 +37,12 @@ EXIT_PREEMPTED = 75
 class Preempted(Exception):
     """Raised by train() after a signal-triggered checkpoint has been fully written."""
 
-    def __init__(self, step: int, signum: int | None):
+    def __init__(self, step: int, signum: int | None, resume: str = "latest"):
+        # a rerun of `--resume STEP` would rewind to STEP, one of `--resume none` refuse
+        how = ("rerun the same command" if resume in ("latest", "latest_valid")
+               else "rerun with --resume=latest")
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {step} "
-                         "is complete; rerun the same command to resume")
+                         f"is complete; {how} to resume")
         self.step = step
 
 
@@ -94,8 +103,9 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
     writer = None
     try:
         data_iter = iter(task.data())
-        start = choose_resume_step(ckpt, cfg.train.resume, log)
+        start = choose_resume_step(ckpt, resume_mode(cfg.train.resume, log), log)
         if start is not None:
+            check_same_run(ckpt.config(start), cfg, f"{workdir} (checkpoint {start})")
             stored = ckpt.layout(start)
             if task.layout is not None and stored is not None:
                 check_same(stored, task.layout,
@@ -115,6 +125,30 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
         ckpt.close()
         if writer is not None:
             writer.close()
+
+
+# What a resumed run must share with the run in its workdir. Anything else (a
+# post-training config pointed at its pretraining run's workdir, another model size)
+# would carry on that run's optimizer and data state and write over its checkpoints.
+
+
+def _what_it_trains(cfg) -> dict:
+    post, lora = cfg.get("posttrain"), cfg.get("lora")
+    what = {"kind": cfg.get("kind"), "posttrain.objective": post.objective if post else None,
+            "lora.rank": int(lora.rank) if lora else 0}
+    if cfg.get("kind") == "joint":
+        what.update({f"model.{k}": cfg.model.get(k) for k in JOINT_SHAPE_KEYS})
+    return what
+
+
+def check_same_run(stored_cfg, cfg, where: str) -> None:
+    """Refuses, in one line, to resume a run that trains something else."""
+    old, new = _what_it_trains(stored_cfg), _what_it_trains(cfg)
+    diff = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in new
+            if k in old and old[k] != new[k]]  # model shapes: only joint runs have both
+    if diff:
+        raise CheckpointError(f"{where} holds another run ({'; '.join(diff)}): use a new "
+                              "--workdir, or this run's own config to resume it")
 
 
 def init_state(cfg, spec: StateSpec, task, log) -> dict:
@@ -201,5 +235,5 @@ def _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, 
             if stop.signum is None or isinstance(hook, (CheckpointHook, ProfilerHook)):
                 hook.end(ctx)
     if stop.signum is not None:
-        raise Preempted(ctx.step, stop.signum)
+        raise Preempted(ctx.step, stop.signum, str(cfg.train.resume))
     return ctx.metrics
