@@ -37,14 +37,15 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from mmgen.tasks import inherit_init_model, make_task
+    from mmgen.tasks import inherit_init_model, make_task, pin_source_steps
 
-    inherit_init_model(cfg, log)
-    validate(cfg, jax.device_count())
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     if "://" in workdir:  # file I/O would quietly make a local directory named "gs:"
         raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported; mount the "
                           "bucket (e.g. Cloud Storage FUSE) and pass the mount path")
+    pin_source_steps(cfg, workdir, log)
+    inherit_init_model(cfg, log)
+    validate(cfg, jax.device_count())
     from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train
     from mmgen.train.step import NonFiniteError
 

@@ -84,7 +84,7 @@ def init_defaults() -> ConfigDict:
     # fine-tuning: start from another run's params (fresh optimizer, step 0)
     return ConfigDict(dict(
         checkpoint="",          # run directory or exported directory ("" = random init)
-        step=-1,                # checkpoint step of a run directory (-1 = latest)
+        step=-1,                # its step (-1 = latest at the run's first start, then kept)
     ))
 
 
@@ -105,6 +105,7 @@ def posttrain_defaults(objective: str, **overrides) -> ConfigDict:
     p = ConfigDict(dict(
         objective=objective,    # sft | dpo | grpo (pretraining configs have no such group)
         reference="",           # dpo/grpo: frozen reference model ("" = init.checkpoint)
+        reference_step=-1,      # its step (-1 = latest at the run's first start, then kept)
         image_offset=0,         # derived from the tokenizer's layout (do not set)
         image_codes=0,          # derived from the tokenizer's layout (do not set)
     ))

@@ -79,6 +79,42 @@ def init_source(cfg):
     return src_cfg, src_layout
 
 
+def pin_source_steps(cfg, workdir, log=print) -> None:
+    """`init.step` and `posttrain.reference_step` at -1 ("latest") become the step that
+    was latest at this run's first start, and a resume reads them back from the
+    workdir's checkpoints: left at "latest", a resumed DPO or GRPO run would score
+    against whatever its reference run has written since, changing its loss mid-run."""
+    from mmgen.load import read_run_metadata
+
+    stored = _stored_config(workdir)
+    post = cfg.get("posttrain")
+    pins = [("init", "step", lambda c: c.init.get("checkpoint", ""))]
+    if post is not None:
+        pins.append(("posttrain", "reference_step",
+                     lambda c: c.posttrain.get("reference") or c.init.get("checkpoint", "")))
+    for group, key, source in pins:
+        path = source(cfg)
+        if not path or cfg[group].get(key, -1) >= 0:
+            continue
+        old = stored[group].get(key, -1) if stored is not None and group in stored else -1
+        if old >= 0 and source(stored) == path:
+            cfg[group][key] = old
+            log(f"{group}.{key}={old}: {path} as this run first found it")
+        else:
+            cfg[group][key] = read_run_metadata(path)[2]
+
+
+def _stored_config(workdir):
+    """The config saved in the workdir's newest checkpoint, or None. Any problem with it
+    is left to the resume, which reports it in one line."""
+    from mmgen.train.checkpoint import read_metadata
+
+    try:
+        return read_metadata(workdir)[0]
+    except Exception:
+        return None
+
+
 def inherit_init_model(cfg, log=print) -> None:
     """A fine-tune keeps the architecture of the model it starts from: every model key
     except RUNTIME_MODEL_KEYS is taken from `init.checkpoint`'s config (an imported LLM

@@ -469,6 +469,34 @@ def test_init_checkpoint_loads_params_keeps_its_architecture_and_refuses_bad_fil
 
 # -- two processes to one ------------------------------------------------------------------
 
+def test_a_resumed_fine_tune_keeps_the_source_step_of_its_first_start(
+        repo, six_steps, tmp_path, capsys):
+    """init.step (and posttrain.reference_step) at -1 are pinned at the first start: a
+    resume used to re-read "latest", so a DPO reference whose run trained on since
+    silently changed the loss."""
+    from mmgen.tasks import pin_source_steps
+    from mmgen.train.checkpoint import read_metadata
+
+    src, work = tmp_path / "src", tmp_path / "ft"
+    shutil.copytree(six_steps, src)  # checkpoints 3 and 6
+
+    def fine_tune(steps: int) -> int:
+        return mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                      *_small(tmp_path, f"--config.train.steps={steps}",
+                              f"--config.init.checkpoint={src}")])
+
+    assert fine_tune(1) == 0 and read_metadata(work)[0].init.step == 6
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(src),
+                  *_small(tmp_path, "--config.train.steps=8")]) == 0  # the source moves on
+    capsys.readouterr()
+    assert fine_tune(2) == 0
+    assert f"init.step=6: {src} as this run first found it" in capsys.readouterr().out
+    assert read_metadata(work)[0].init.step == 6
+    fresh = load_config(str(repo / "configs/dpo.py:smoke"), [f"--config.init.checkpoint={src}"])
+    pin_source_steps(fresh, tmp_path / "new", log=lambda _: None)
+    assert fresh.init.step == 8 and fresh.posttrain.reference_step == 8
+
+
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
     process resumes it. Each global step draws the same examples whatever the process

@@ -19,11 +19,13 @@ from mmgen.tokenizers.layout import check_same
 
 
 def reference_source(cfg) -> tuple[str, int | None]:
-    """(path, step) of the reference: posttrain.reference, else the run it starts from."""
-    if cfg.posttrain.reference:
-        return cfg.posttrain.reference, None
-    step = cfg.init.get("step", -1)
-    return cfg.init.checkpoint, None if step < 0 else step
+    """(path, step) of the reference: posttrain.reference, else the run it starts from,
+    at posttrain.reference_step (pinned at the run's first start: tasks.pin_source_steps)."""
+    post = cfg.posttrain
+    step = post.get("reference_step", -1)
+    if step < 0 and not post.reference:
+        step = cfg.init.get("step", -1)
+    return post.reference or cfg.init.checkpoint, None if step < 0 else step
 
 
 def per_token(logps_BT: np.ndarray) -> np.ndarray:
