@@ -219,6 +219,9 @@ def _llama_reference(w: dict, hf: dict, tokens_BL: np.ndarray) -> np.ndarray:
 def _write_hf(path, hf: dict, w: dict, *, shards: int, dtype=np.float32) -> None:
     path.mkdir()
     (path / "config.json").write_text(json.dumps(hf))
+    # the importer only hashes it into the layout's tokenizer id (a test that prompts the
+    # model copies a real one over it)
+    (path / "tokenizer.json").write_text("{}")
     names = sorted(w)
     if shards == 1:
         safetensors.numpy.save_file({k: w[k].astype(dtype) for k in names},
@@ -282,6 +285,11 @@ def test_llama_import_reproduces_the_llm_on_text(repo, tmp_path, tied, shards, d
 
 @pytest.mark.parametrize("change,match", [
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    # transformers >= 5 spells RoPE scaling this way; it used to import as plain RoPE
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     "rope_parameters"),
+    # Llama's tensor names with other maths: it used to import without a word
+    ({"model_type": "granite", "embedding_multiplier": 12.0}, "model_type='granite'"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
@@ -292,6 +300,48 @@ def test_llama_import_refuses_what_it_cannot_reproduce(repo, tmp_path, change, m
         import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
                      base_config=str(repo / "configs/tiny.py"))
     assert "\n" not in str(e.value)
+
+
+def test_llama_import_reads_rope_theta_from_rope_parameters(repo, tmp_path):
+    hf = dict(HF, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                             "rope_theta": 5e5})
+    del hf["rope_theta"]
+    _write_hf(tmp_path / "hf", hf, _llama_weights(hf, True), shards=1)
+    out = import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
+                       base_config=str(repo / "configs/tiny.py"))
+    assert load_run(out)[1].model.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("config", "config.json: not readable JSON"),
+    ("lfs", "a git-lfs pointer, not the weights"),
+    ("truncated", "model.safetensors: unreadable"),
+    ("index", "no weight_map object"),
+    ("no_tokenizer", "no tokenizer.json in"),
+])
+def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, match):
+    """Each of these used to end in a raw traceback (JSONDecodeError, SafetensorError,
+    KeyError) or, without a tokenizer.json, in an import no tokenizer could ever match."""
+    hf = dict(HF, tie_word_embeddings=True)
+    d = tmp_path / "hf"
+    _write_hf(d, hf, _llama_weights(hf, True), shards=1)
+    weights = d / "model.safetensors"
+    if damage == "config":
+        (d / "config.json").write_text('{"vocab_size": 3')
+    elif damage == "lfs":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "index":
+        (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    else:
+        (d / "tokenizer.json").unlink()
+    assert mmgen(["import-llama", "--hf", str(d), "--tokenizer", "x", "--out",
+                  str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmgen import-llama: error:") and "\n" not in err, err
+    assert match in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_llama_import_names_unknown_tensors_and_cli_errors(repo, tmp_path, capsys):

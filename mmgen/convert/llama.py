@@ -63,6 +63,31 @@ class LlamaConfig:
     model_type: str
 
 
+MODEL_TYPES = ("llama", "mistral")  # config.json model_type values imported exactly
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        d = json.loads(file.read_text())
+    except (ValueError, OSError) as e:  # ValueError covers bad JSON and bad UTF-8
+        raise ConvertError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConvertError(f"{file}: expected a JSON object")
+    return d
+
+
+def _safe_open(file: Path):
+    """safetensors' reader, with a damaged file named in one line (a git-lfs pointer, what
+    a clone without git-lfs leaves, is named as such)."""
+    try:
+        return safe_open(str(file), framework="np")
+    except Exception as e:  # SafetensorError has no importable base across versions
+        head = file.read_bytes()[:64] if file.stat().st_size < 1024 else b""
+        why = ("a git-lfs pointer, not the weights (run `git lfs pull`)"
+               if head.startswith(b"version https://git-lfs") else f"unreadable ({e})")
+        raise ConvertError(f"{file}: {why}") from None
+
+
 def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
     """The fields of a HF `config.json` that define a Llama; refuses what mmgen cannot
     reproduce exactly (RoPE scaling, biases, other activations, sliding windows)."""
@@ -70,7 +95,18 @@ def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in {hf_dir} (expected a Hugging Face "
                                 "model directory)")
-    d = json.loads(file.read_text())
+    d = _read_json(file)
+    # Families with Llama's tensor names but other maths (Granite's multipliers, Gemma's
+    # norms and soft-caps) would import without an error and compute something else.
+    if str(d.get("model_type", "llama")) not in MODEL_TYPES:
+        raise ConvertError(f"{file}: model_type={d.get('model_type')!r} is not supported "
+                           f"(one of {', '.join(MODEL_TYPES)})")
+    # transformers >= 5 keeps RoPE settings in rope_parameters instead of rope_theta and
+    # rope_scaling: read both forms
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConvertError(f"{file}: rope_parameters={json.dumps(rope)} is not supported "
+                           "(only rope_type default, plain RoPE)")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads")
     missing = [k for k in required if d.get(k) is None]
@@ -96,7 +132,7 @@ def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
         head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
         # defaults: transformers' LlamaConfig
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(d.get("rope_theta", 10_000.0)),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10_000.0))),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=str(d.get("model_type", "llama")),
     )
@@ -110,7 +146,9 @@ class HFTensors:
         self.where: dict[str, Path] = {}
         index = self.dir / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConvertError(f"{index}: no weight_map object")
             absent = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if absent:
                 raise FileNotFoundError(f"{index} lists shards missing from {self.dir}: "
@@ -121,7 +159,7 @@ class HFTensors:
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {self.dir}")
         for f in files:
-            with safe_open(str(f), framework="np") as h:
+            with _safe_open(f) as h:
                 for name in h.keys():
                     if name in self.where:
                         raise ConvertError(f"{self.dir}: tensor {name} is in both "
@@ -135,7 +173,7 @@ class HFTensors:
         """The tensor as float32, checked against the shape the config implies."""
         if name not in self.where:
             raise ConvertError(f"{self.dir}: tensor {name} is missing")
-        with safe_open(str(self.where[name]), framework="np") as h:
+        with _safe_open(self.where[name]) as h:
             x = h.get_tensor(name)
         if tuple(x.shape) != shape:
             raise ConvertError(f"{self.dir}: {name} has shape {tuple(x.shape)}, config.json "
@@ -222,15 +260,18 @@ def convert_params(llama: LlamaConfig, hf: HFTensors, layout: TokenLayout,
 def text_tokenizer_id(hf_dir: str | Path, llama: LlamaConfig) -> str:
     """Names the LLM's text tokenizer in the layout (and so in its fingerprint): a
     hash of its tokenizer files when the directory has them."""
+    if not (Path(hf_dir) / "tokenizer.json").is_file():
+        # the run's text tokenizer must be this tokenizer.json (data.text_tokenizer): an
+        # import without one could never be fine-tuned or prompted
+        raise ConvertError(f"no tokenizer.json in {hf_dir}: mmgen reads the LLM's text "
+                           "tokenizer from it (a tokenizer.model alone: save the tokenizer "
+                           "with transformers' save_pretrained first)")
     digest = hashlib.sha256()
-    found = False
     for name in ("tokenizer.json", "tokenizer.model"):
         f = Path(hf_dir) / name
         if f.is_file():
             digest.update(f.read_bytes())
-            found = True
-    suffix = digest.hexdigest()[:12] if found else "unknown"
-    return f"hf-{llama.model_type}-{llama.vocab_size}-{suffix}"
+    return f"hf-{llama.model_type}-{llama.vocab_size}-{digest.hexdigest()[:12]}"
 
 
 def model_group(llama: LlamaConfig, layout: TokenLayout, base_model: ConfigDict, *,
@@ -293,6 +334,7 @@ def import_llama(hf_dir: str | Path, out_dir: str | Path, *,
     hf_dir = Path(hf_dir)
     llama = read_llama_config(hf_dir)
     hf = HFTensors(hf_dir)  # fail on missing shards before loading a tokenizer
+    text_id = text_tokenizer_id(hf_dir, llama)  # and on a missing tokenizer.json
     if (tokenizer_dir is None) == (image_layout is None):
         raise ValueError("give exactly one of tokenizer_dir and image_layout")
     image_size = None
@@ -300,7 +342,7 @@ def import_llama(hf_dir: str | Path, out_dir: str | Path, *,
         codec = ImageCodec(tokenizer_dir)
         image_layout, image_size = codec.layout, codec.cfg.data.image_size
     layout = dataclasses.replace(image_layout, text_vocab=llama.vocab_size,
-                                 tokenizer_id=text_tokenizer_id(hf_dir, llama))
+                                 tokenizer_id=text_id)
     cfg = joint_config(llama, layout, base_config, tokenizer_dir=tokenizer_dir,
                        image_size=image_size, max_image_grid=max_image_grid)
     flat = convert_params(llama, hf, layout, seed=seed)
