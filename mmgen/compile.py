@@ -108,12 +108,26 @@ def run(config: str, overrides: list[str], topology: str, text_vocab: int | None
 
     import jax
 
-    from mmgen.tasks import resolve_joint
+    from mmgen.tasks import inherit_init_model, init_source, resolve_joint
 
     cfg = load_config(config, overrides)
     require(cfg.kind == "joint", f"mmgen compile takes joint configs, not {cfg.kind!r}")
+    post = cfg.get("posttrain")
+    require(post is None or post.objective == "sft",
+            f"mmgen compile: posttrain.objective={post and post.objective!r} is not supported "
+            "(its step also takes the reference's log-probabilities); compile the same model "
+            "with its pretraining or SFT config")
     devices = topology_devices(topology)
-    resolve_joint(cfg, joint_layout(cfg, text_vocab))
+    # a fine-tune trains init.checkpoint's architecture and text vocabulary, as
+    # `mmgen train` would (tasks.JointTask): compile that model, not the config's
+    source = init_source(cfg)
+    inherit_init_model(cfg, log)
+    if source is not None and source[1] is not None and text_vocab is None:
+        layout = dataclasses.replace(joint_layout(cfg, source[1].text_vocab),
+                                     tokenizer_id=source[1].tokenizer_id)
+    else:
+        layout = joint_layout(cfg, text_vocab)
+    resolve_joint(cfg, layout)
     validate(cfg, len(devices))
     chip = topology.split(":")[0].lower()
     log(f"compiling the train step of {config} for {topology} ({len(devices)} chips, "

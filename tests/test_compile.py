@@ -57,6 +57,34 @@ def test_bad_topology_or_mesh_is_one_line(repo, tmp_path, args, message):
     assert rc == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
 
 
+def test_a_fine_tune_compiles_the_model_of_its_init_checkpoint(repo, tmp_path):
+    """`mmgen train` takes a fine-tune's architecture and text vocabulary from
+    init.checkpoint; compile used to size the config's own model instead."""
+    from mmgen.config import load_config
+    from mmgen.export import export_params
+    from mmgen.load import build_model_fn
+    from mmgen.parallel.mesh import make_mesh
+    from mmgen.tasks import resolve_joint
+    from mmgen.tokenizers.layout import TokenLayout
+    from mmgen.train.state import StateSpec
+
+    cfg = load_config(str(repo / "configs/tiny.py"), ["--config.model.d_model=64",
+                                                      "--config.model.num_layers=2"])
+    resolve_joint(cfg, TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t",
+                                   text_vocab=300, tokenizer_id="llm-300"))
+    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    export_params(spec.init(0)["params"], cfg, None, tmp_path / "init")
+    rc, out, err = compile_cmd(repo, "--config", "configs/tiny.py", "--topology", "v5e:2x2",
+                               f"--config.tokenizer.checkpoint={tmp_path / 'none'}",
+                               f"--config.init.checkpoint={tmp_path / 'init'}")
+    assert rc == 0, err[-2000:]
+    assert "model architecture from init.checkpoint: d_model=64, num_layers=2" in out, out
+    rc, _, err = compile_cmd(repo, "--config", "configs/dpo.py", "--topology", "v5e:2x2",
+                             f"--config.tokenizer.checkpoint={tmp_path / 'none'}",
+                             f"--config.init.checkpoint={tmp_path / 'init'}")
+    assert rc == 2 and "posttrain.objective='dpo' is not supported" in err, err[-2000:]
+
+
 @pytest.mark.slow
 def test_pod_7b_recipe_compiles_for_v5p_and_fits(repo):
     rc, out, err = compile_cmd(repo, "--config", "configs/pod_7b.py", "--topology", "v5p:4x4x4",
