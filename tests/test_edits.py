@@ -69,3 +69,17 @@ def test_every_instruction_fits_the_edit_stream_bound():
         for split in ("train", "heldout"):
             instruction = edits.edit_pair(i, 3, split)["instruction"]
             assert len(instruction.encode()) <= edits.MAX_INSTRUCTION_BYTES
+
+
+def test_the_edit_scores_pass_the_target_and_show_the_floor_of_a_blank_image():
+    """edit/applied_blank and edit/preserved_blank: what a bare background scores. Only
+    removals (nothing left to find) and edits with nothing else to keep pass on it; the
+    rendered target passes both checks on every pair."""
+    from mmgen.eval.suites import HELDOUT_SEED, _edit_scores
+
+    pairs = [edits.edit_pair(i, HELDOUT_SEED, "heldout") for i in range(60)]
+    for p in pairs:
+        assert _edit_scores(syn.render(p["target"]), p) == (True, True), p["instruction"]
+        applied, kept = _edit_scores(syn.render_background(p["target"]), p)
+        assert applied == (p["kind"] == "remove"), p["instruction"]
+        assert kept == all(o == p["changed"] for o in p["target"].objects), p["instruction"]

@@ -68,6 +68,8 @@ def test_eval_report_has_expected_keys(report):
         "edit/applied",
         "edit/preserved",
         "edit/exact",
+        "edit/applied_blank",
+        "edit/preserved_blank",
         *(f"scenes/{c}" for c in CATEGORIES if c != "text"),
         *(f"tokenizer/checker_ceiling/{c}" for c in CATEGORIES),
         "tokenizer/photo_psnr",  # the test extra installs the optional `photos` extra

@@ -320,6 +320,11 @@ def _background(scene: Scene, size: int) -> np.ndarray:
     return np.clip(img - shade[..., None], 0, 255).astype(np.uint8)
 
 
+def render_background(scene: Scene, size: int = 64) -> np.ndarray:
+    """uint8 [size, size, 3]: the scene's background and texture alone (an eval's floor)."""
+    return _background(scene, size).copy()
+
+
 def render(scene: Scene, size: int = 64) -> np.ndarray:
     """Deterministic uint8 [size, size, 3] image. No anti-aliasing: flat colours, crisp edges."""
     im = Image.fromarray(_background(scene, size))
