@@ -318,6 +318,7 @@ def test_llama_import_reads_rope_theta_from_rope_parameters(repo, tmp_path):
     ("truncated", "model.safetensors: unreadable"),
     ("index", "no weight_map object"),
     ("no_tokenizer", "no tokenizer.json in"),
+    ("grid", "--max-image-grid must be >= 0"),
 ])
 def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, match):
     """Each of these used to end in a raw traceback (JSONDecodeError, SafetensorError,
@@ -334,10 +335,11 @@ def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, matc
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "index":
         (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    else:
+    elif damage == "no_tokenizer":
         (d / "tokenizer.json").unlink()
+    grid = ["--max-image-grid", "-3"] if damage == "grid" else []
     assert mmgen(["import-llama", "--hf", str(d), "--tokenizer", "x", "--out",
-                  str(tmp_path / "o")]) == 2
+                  str(tmp_path / "o"), *grid]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmgen import-llama: error:") and "\n" not in err, err
     assert match in err, err

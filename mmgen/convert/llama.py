@@ -331,6 +331,8 @@ def import_llama(hf_dir: str | Path, out_dir: str | Path, *,
     trained with an extra input term that fine-tuning would then move.
     `seed` seeds the noise of the new embedding rows.
     """
+    if max_image_grid < 0:
+        raise ConvertError(f"--max-image-grid must be >= 0 (0 = off), got {max_image_grid}")
     hf_dir = Path(hf_dir)
     llama = read_llama_config(hf_dir)
     hf = HFTensors(hf_dir)  # fail on missing shards before loading a tokenizer
