@@ -13,6 +13,8 @@ from mmgen.config import load_config_file
 
 
 def get_config(arg=None) -> ConfigDict:
+    if arg is not None:
+        raise ValueError(f"configs/tokenizer_256.py: unknown arg {arg!r} (expected none)")
     c = load_config_file(str(Path(__file__).with_name("tokenizer_tiny.py")))
     c.model.levels = (8, 8, 8, 5, 5, 5)  # 64,000 codes
     c.model.channels = 128

@@ -192,6 +192,12 @@ def test_eval_and_export_out_that_is_a_file_is_refused(exports, tmp_path, capsys
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
         one_error(capsys, ["export", "--checkpoint", str(exports["joint"]), "--out", str(out)],
                   "is a file, not a directory")
+    # into a run's checkpoints/: the export's files would break the run's own restores
+    (tmp_path / "run" / "checkpoints" / "20").mkdir(parents=True)
+    for out, why in ((tmp_path / "run", "is a run directory"),
+                     (tmp_path / "run" / "checkpoints" / "20", "is inside the checkpoint")):
+        one_error(capsys, ["export", "--checkpoint", str(exports["joint"]), "--out", str(out)],
+                  why)
 
 
 # -- 6. prompts files --------------------------------------------------------------------

@@ -71,7 +71,8 @@ def test_out_of_range_numbers_fail_by_name(repo, config, override, message):
 
 
 @pytest.mark.parametrize("spec", ["tiny.py:smok", "tokenizer_tiny.py:fast",
-                                  "decoder_tiny.py:1gpu", "small.py:jiont", "dpo.py:x"])
+                                  "tokenizer_256.py:smoke", "decoder_tiny.py:1gpu",
+                                  "small.py:jiont", "dpo.py:x"])
 def test_a_config_refuses_an_unknown_arg_in_one_line(repo, spec):
     """A mistyped `:ARG` used to train the full default config without a word (tiny,
     tokenizer_tiny, decoder_tiny) or end in a traceback (the others)."""
