@@ -3,7 +3,7 @@
 #   1. guidance scale sweep (eval --cfg S for each S in $SCALES)
 #   2. image pixels from the tokenizer's autoencoder vs a diffusion decoder trained on its ids
 #   3. edit SFT with bidirectional vs causal prompt-image attention (model.bidirectional_prompts)
-# Usage: bash scripts/ablations.sh RUN_ROOT [OUT]
+# Usage: bash scripts/ablations.sh RUN_ROOT [OUT]   (paths relative to where you run it)
 #   RUN_ROOT holds tokenizer/, joint/ and cache/ as `bash scripts/demo.sh` writes them
 #   (default runs/demo); results go to OUT (default RUN_ROOT/ablations), with a summary
 #   table in OUT/results.md. Every step reuses finished outputs, so a rerun resumes.
@@ -11,9 +11,12 @@
 #   MMGEN / PYTHON (default .venv/bin/mmgen / .venv/bin/python),
 #   DECODER_STEPS / SFT_STEPS (training steps, defaults 3200 / 500).
 set -euo pipefail
+abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # from the caller's directory
+root=${1:+$(abs "$1")}
+out=${2:+$(abs "$2")}
 cd "$(dirname "$0")/.."
-root=${1:-runs/demo}
-out=${2:-$root/ablations}
+root=${root:-runs/demo}
+out=${out:-$root/ablations}
 num=${NUM:-100}
 scales=${SCALES:-1 2 3 5 8}
 mmgen=${MMGEN:-.venv/bin/mmgen}

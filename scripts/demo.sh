@@ -3,8 +3,10 @@
 # the tiny joint model on the synthetic world, sample a grid, evaluate.
 # Outputs go to $MMGEN_DEMO_DIR (default runs/demo); re-running resumes/reuses them.
 set -euo pipefail
+abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # from the caller's directory
+out=${MMGEN_DEMO_DIR:+$(abs "$MMGEN_DEMO_DIR")}
 cd "$(dirname "$0")/.."
-out=${MMGEN_DEMO_DIR:-runs/demo}
+out=${out:-runs/demo}
 py=${PYTHON:-python3}
 
 start=$(date +%s)

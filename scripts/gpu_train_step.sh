@@ -28,5 +28,10 @@ for flags in --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true; 
   echo "== XLA_FLAGS += $flags" | tee -a "$out/train_step.txt"
   XLA_FLAGS="$XLA_FLAGS $flags" timeout 110 python3 bench/train_step.py \
     2>> "$out/train_step.log" | grep "^| " | tail -n 1 | tee -a "$out/train_step.txt"
+  rc2=${PIPESTATUS[0]}
+  # a flag XLA does not know aborts the run at start: say so instead of printing nothing
+  [ "$rc2" -eq 0 ] || echo "== that run exited $rc2 (see train_step.log)" \
+    | tee -a "$out/train_step.txt"
+  [ "$rc" -ne 0 ] || rc=$rc2
 done
 exit "$rc"

@@ -3,12 +3,15 @@
 # evaluates the joint model on 500 held-out prompts per category, with the tokenizer's
 # decoder and with the diffusion decoder. Outputs under OUT (default runs/small); every
 # stage resumes or is skipped when finished, so a rerun continues.
-#   bash scripts/small.sh [OUT]
+#   bash scripts/small.sh [OUT]    (OUT relative to where you run it; default runs/small
+#   in the repository)
 # Environment: MMGEN (default .venv/bin/mmgen), NUM (prompts per category, default 500),
 #   ARG_SUFFIX ("-smoke" runs the CPU-sized variants, for tests).
 set -euo pipefail
+abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # from the caller's directory
+out=${1:+$(abs "$1")}
 cd "$(dirname "$0")/.."
-out=${1:-runs/small}
+out=${out:-runs/small}
 mmgen=${MMGEN:-.venv/bin/mmgen}
 num=${NUM:-500}
 sfx=${ARG_SUFFIX:-}
