@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a joint-model checkpoint",
                        description="Runs eval suites; writes OUT/report.json, OUT/report.md "
                        "and example grids. Suites: loss, tokenizer, colour, scenes, text, "
-                       "caption, edit (see docs/eval.md).")
+                       "caption, edit, edit_loss (see docs/eval.md).")
     e.add_argument("--checkpoint", required=True, help="joint-model run directory")
     e.add_argument("--out", default="eval_report", help="output directory")
     e.add_argument("--suite", default="all",
