@@ -128,7 +128,7 @@ def run(config: str, overrides: list[str], topology: str, text_vocab: int | None
     else:
         layout = joint_layout(cfg, text_vocab)
     resolve_joint(cfg, layout)
-    validate(cfg, len(devices))
+    validate(cfg, len(devices), platform=devices[0].platform)
     chip = topology.split(":")[0].lower()
     log(f"compiling the train step of {config} for {topology} ({len(devices)} chips, "
         f"{devices[0].device_kind}) ...")

@@ -151,6 +151,25 @@ def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
             require(cfg.model[name] >= 1, f"model.{name} must be >= 1, got {cfg.model[name]}")
 
 
+def _validate_attention(m, mesh: dict, platform: str) -> None:
+    """An explicitly chosen attention kernel that cannot run here fails by name, before
+    compiling (`auto` picks only what can)."""
+    from mmgen.kernels.attention import KERNEL_HEAD_DIMS
+
+    impl, key = m.attention_impl, f"model.attention_impl={m.attention_impl!r}"
+    if impl in ("pallas_gpu", "pallas_mgpu"):
+        require(m.head_dim in KERNEL_HEAD_DIMS, f"{key} supports model.head_dim in "
+                f"{KERNEL_HEAD_DIMS}, got {m.head_dim}")
+    if impl in ("pallas_mgpu", "cudnn"):
+        require(m.dtype == "bfloat16", f"{key} needs model.dtype='bfloat16', got {m.dtype!r}")
+        require(platform in ("gpu", "cuda"), f"{key} runs on NVIDIA GPUs, not on {platform!r}")
+    # the interpreters of the Pallas kernels wait on each other's buffers across devices
+    # that split one sequence, and never return
+    if impl.startswith("pallas") and platform == "cpu":
+        require(mesh["sequence"] == 1, f"{key} runs interpreted on CPU, which does not work "
+                f"with mesh.sequence={mesh['sequence']}: use attention_impl 'xla' or 'auto'")
+
+
 def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     import jax
 
@@ -220,8 +239,10 @@ def _validate_decoder(cfg: ml_collections.ConfigDict) -> None:
             f"train.global_batch={cfg.train.global_batch}")
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks shapes against each other and the device mesh; one line per failure."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int,
+             platform: str | None = None) -> None:
+    """Checks shapes against each other and the device mesh; one line per failure.
+    `platform`: where the step will run (default: JAX's default backend)."""
     import jax
 
     from mmgen.parallel.mesh import MeshError, resolve_axis_sizes
@@ -303,6 +324,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
     require(m.attention_impl in IMPLS,
             f"model.attention_impl={m.attention_impl!r} is not one of {IMPLS}")
+    _validate_attention(m, mesh, platform or jax.default_backend())
     require(int(cfg.loss.get("ce_chunk", 0)) >= 0,
             f"loss.ce_chunk must be >= 0 (0 = unchunked), got {cfg.loss.get('ce_chunk')}")
     require(m.dtype in ("float32", "bfloat16"),
@@ -316,6 +338,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     require(m.get("rope", "mm") in ROPE_KINDS,
             f"model.rope must be one of {ROPE_KINDS}, got {m.get('rope')!r}")
     require(m.get("norm_eps", 1e-6) > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    require(m.get("rope_theta", 1.0) > 0,
+            f"model.rope_theta must be positive, got {m.get('rope_theta')}")
     from mmgen.tokenizers.layout import MODALITIES
 
     unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})

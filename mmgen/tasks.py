@@ -16,6 +16,7 @@ import numpy as np
 from mmgen.config import require
 from mmgen.data import pipeline, steps, synthetic, token_cache
 from mmgen.load import ImageCodec, build_model_fn
+from mmgen.parallel.mesh import resolve_axis_sizes
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
 from mmgen.train.hooks import Hook
@@ -61,8 +62,8 @@ class TokenizerTask:
 
 
 # Runtime choices a fine-tune may change; every other model key is the architecture.
-RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "remat", "vocab_size", "padded_vocab_size",
-                      "bidirectional_prompts")
+RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "remat", "scan_layers", "vocab_size",
+                      "padded_vocab_size", "bidirectional_prompts")
 
 
 def init_source(cfg):
@@ -153,6 +154,10 @@ class JointTask:
             layout_lib.check_same(src_layout, self.layout,
                                   f"the tokenizer {cfg.tokenizer.checkpoint}")
         resolve_joint(cfg, self.layout)
+        tensor = resolve_axis_sizes(dict(cfg.mesh), jax.device_count())["tensor"]
+        require(cfg.model.padded_vocab_size % tensor == 0,
+                f"the vocabulary ({cfg.model.padded_vocab_size} rows, padded to a multiple of "
+                f"128) does not divide over mesh tensor={tensor}: use a power of two")
         tok_size = self.codec.cfg.data.image_size
         require(cfg.data.image_size == tok_size,
                 f"data.image_size={cfg.data.image_size} differs from the tokenizer's {tok_size}")

@@ -81,6 +81,16 @@ def test_chunked_loss_and_grads_match_unchunked(repo, chunk):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_chunk_past_the_sequence_holds_no_more_than_the_sequence(repo):
+    """ce_chunk=100000 on 80 tokens used to pad every row to 100000 positions of logits
+    (a 4 GB chunk in the demo's shapes): now one chunk of the sequence's own length."""
+    layout = _layout_with_vocab(BIG_VOCAB)
+    step, spec, batch = _compiled_step(repo, 100_000)
+    shapes = _all_shapes(jax.make_jaxpr(step)(spec.abstract_with_shardings(), batch).jaxpr)
+    assert not any(100_000 in s for s in shapes), sorted(s for s in shapes if len(s) > 2)[:5]
+    assert layout.padded_vocab_size() == BIG_VOCAB
+
+
 def test_negative_chunk_is_a_clear_error(repo):
     with pytest.raises(ValueError, match="loss.ce_chunk must be >= 0"):
         _loss_and_grads(_cfg(repo, SMALL, "loss.ce_chunk=-1"), _batch(SMALL, 1, 80))

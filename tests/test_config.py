@@ -81,6 +81,30 @@ def test_a_config_refuses_an_unknown_arg_in_one_line(repo, spec):
     assert "\n" not in str(e.value) and repr(spec.partition(":")[2]) in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, devices, platform, message", [
+    (["model.attention_impl=pallas_gpu"], 1, "cpu",
+     "model.attention_impl='pallas_gpu' supports model.head_dim in (64, 128, 256), got 32"),
+    (["model.attention_impl=cudnn", "model.head_dim=64", "model.num_heads=2",
+      "model.num_kv_heads=1"], 1, "gpu",
+     "model.attention_impl='cudnn' needs model.dtype='bfloat16', got 'float32'"),
+    (["model.attention_impl=pallas_mgpu", "model.head_dim=64", "model.num_heads=2",
+      "model.num_kv_heads=1", "model.dtype=bfloat16"], 1, "cpu",
+     "model.attention_impl='pallas_mgpu' runs on NVIDIA GPUs, not on 'cpu'"),
+    (["model.attention_impl=pallas_tpu", "mesh.data=1", "mesh.sequence=2"], 2, "cpu",
+     "model.attention_impl='pallas_tpu' runs interpreted on CPU, which does not work with "
+     "mesh.sequence=2: use attention_impl 'xla' or 'auto'"),
+    (["model.rope_theta=0.0"], 1, "cpu", "model.rope_theta must be positive, got 0.0"),
+])
+def test_an_attention_kernel_that_cannot_run_here_fails_by_name(repo, overrides, devices,
+                                                                platform, message):
+    """Each used to compile and then end in a raw traceback at step 1 (or, for the
+    interpreted kernels under a sequence-split mesh, hang; rope_theta 0: NaN losses)."""
+    cfg = load_config(str(repo / "configs/tiny.py"), [f"--config.{o}" for o in overrides])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, devices, platform=platform)
+    assert str(e.value) == message
+
+
 def test_dcn_multiplies_the_per_slice_axes(repo):
     from mmgen.parallel.mesh import resolve_axis_sizes
 

@@ -94,6 +94,7 @@ def chunked_lse_and_target_logit(logits_fn: Callable[[jax.Array], jax.Array], h_
     [B, chunk, V] logits instead of keeping all of them: peak logits memory is one chunk's.
     """
     B, L, D = h_BLD.shape
+    chunk = min(chunk, L)  # a chunk past the sequence would only pad it with zero rows
     n = -(-L // chunk)
     pad = n * chunk - L
     h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
