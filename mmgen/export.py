@@ -92,12 +92,12 @@ def check_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if (out / "checkpoints").exists():
         raise ExportError(f"{out} is a run directory (it has checkpoints/); export elsewhere")
-    # an export written into checkpoints/N would break the run's own restores
+    # an export written into a step directory (checkpoints/N) breaks the run's restores;
+    # other folders that happen to be named "checkpoints" are fine
     inside = next((p for p in (out.resolve(), *out.resolve().parents)
-                   if p.name == "checkpoints" and p.is_dir()), None)
+                   if p.name.isdigit() and p.parent.name == "checkpoints" and p.is_dir()), None)
     if inside is not None:
-        raise ExportError(f"{out} is inside the checkpoint directory {inside}; export "
-                          "elsewhere")
+        raise ExportError(f"{out} is inside the checkpoint {inside}; export elsewhere")
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")

@@ -195,9 +195,12 @@ def test_eval_and_export_out_that_is_a_file_is_refused(exports, tmp_path, capsys
     # into a run's checkpoints/: the export's files would break the run's own restores
     (tmp_path / "run" / "checkpoints" / "20").mkdir(parents=True)
     for out, why in ((tmp_path / "run", "is a run directory"),
-                     (tmp_path / "run" / "checkpoints" / "20", "is inside the checkpoint")):
+                     (tmp_path / "run" / "checkpoints" / "20" / "x", "is inside the checkpoint")):
         one_error(capsys, ["export", "--checkpoint", str(exports["joint"]), "--out", str(out)],
                   why)
+    # a folder of one's own that is merely named "checkpoints" is fine
+    assert mmgen(["export", "--checkpoint", str(exports["joint"]), "--out",
+                  str(tmp_path / "checkpoints" / "mine")]) == 0
 
 
 # -- 6. prompts files --------------------------------------------------------------------
