@@ -79,6 +79,7 @@ def read_run_metadata(path: str | Path, step: int | None = None):
 
 
 TOKENIZER_NEEDED = "the image tokenizer must be a tokenizer run (configs/tokenizer_tiny.py)"
+DECODER_NEEDED = "the decoder must be a diffusion decoder run (configs/decoder_tiny.py)"
 
 
 def expect_kind(path: str | Path, kind: str, needs: str, step: int | None = None):
@@ -90,6 +91,18 @@ def expect_kind(path: str | Path, kind: str, needs: str, step: int | None = None
     if cfg.kind != kind:
         raise ConfigError(f"{path} is a {cfg.kind!r} run; {needs}")
     return cfg
+
+
+def check_run_kinds(run_dir, step, tokenizer_dir, decoder_dir, verb: str) -> str:
+    """The image tokenizer's directory (`tokenizer_dir`, else the run config's), once the
+    metadata of every run `mmgen VERB` was given shows the right kind: a wrong directory is
+    refused in one line before any weights load."""
+    cfg = expect_kind(run_dir, "joint", f"mmgen {verb} needs a joint model run", step)
+    tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
+    expect_kind(tok_dir, "tokenizer", TOKENIZER_NEEDED)
+    if decoder_dir:
+        expect_kind(decoder_dir, "decoder", DECODER_NEEDED)
+    return tok_dir
 
 
 def restore_params(path: str | Path, step: int | None = None, *, use_ema: bool = True):

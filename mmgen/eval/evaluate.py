@@ -9,7 +9,7 @@ from pathlib import Path
 from mmgen.config import ConfigError
 from mmgen.data.synthetic import SPLITS
 from mmgen.eval.suites import SUITES, EvalContext
-from mmgen.load import TOKENIZER_NEEDED, ImageCodec, expect_kind, load_run
+from mmgen.load import ImageCodec, check_run_kinds, load_run
 from mmgen.tokenizers.layout import check_same_images
 from mmgen.tokenizers.text import tokenizer_for_run
 
@@ -26,19 +26,6 @@ def default_num(cfg, suite: str, num: int | None = None) -> int:
     return {"loss": e.num_heldout_scenes, "tokenizer": e.num_heldout_scenes,
             "edit_loss": e.num_heldout_scenes,
             "colour": e.num_colour_prompts}.get(suite, e.get("num_per_category", 500))
-
-
-def _check_runs(run_dir, step, tokenizer_dir, decoder_dir) -> str:
-    """The tokenizer's directory, once every run's metadata shows the right kind: a wrong
-    directory is refused before any weights load."""
-    from mmgen.sample.render import DECODER_NEEDED
-
-    cfg = expect_kind(run_dir, "joint", "mmgen eval needs a joint model run", step)
-    tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
-    expect_kind(tok_dir, "tokenizer", TOKENIZER_NEEDED)
-    if decoder_dir is not None:
-        expect_kind(decoder_dir, "decoder", DECODER_NEEDED)
-    return tok_dir
 
 
 SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k")  # eval.* keys `sampling` may override
@@ -62,7 +49,7 @@ def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int 
         raise ConfigError(f"unknown eval split {split!r}; known: {list(SPLITS)}")
     if num is not None and num < 1:
         raise ConfigError(f"num must be >= 1, got {num}")
-    tok_dir = _check_runs(run_dir, step, tokenizer_dir, decoder_dir)
+    tok_dir = check_run_kinds(run_dir, step, tokenizer_dir, decoder_dir, "eval")
     model, cfg, layout, step = load_run(run_dir, step)
     for key, value in (sampling or {}).items():
         if key not in SAMPLING_KEYS:

@@ -164,16 +164,9 @@ def parse_stop_ids(text: str | None) -> tuple[int, ...]:
 def check_runs(args) -> str:
     """The image tokenizer's directory, once the metadata of every run given (checkpoint,
     tokenizer, decoder) says it is of the right kind: before any weights load."""
-    from mmgen.load import TOKENIZER_NEEDED, expect_kind
-    from mmgen.sample.render import DECODER_NEEDED
+    from mmgen.load import check_run_kinds
 
-    cfg = expect_kind(args.checkpoint, "joint", "mmgen sample needs a joint model run",
-                      args.step)
-    tok_dir = args.tokenizer or cfg.tokenizer.checkpoint
-    expect_kind(tok_dir, "tokenizer", TOKENIZER_NEEDED)
-    if args.decoder:
-        expect_kind(args.decoder, "decoder", DECODER_NEEDED)
-    return tok_dir
+    return check_run_kinds(args.checkpoint, args.step, args.tokenizer, args.decoder, "sample")
 
 
 def load_sampler(args, log: Callable) -> Sampler:

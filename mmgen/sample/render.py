@@ -10,13 +10,12 @@ import numpy as np
 from flax import nnx
 
 from mmgen.config import ConfigError
-from mmgen.load import ImageCodec, chunked_call, expect_kind, load_run
+from mmgen.load import DECODER_NEEDED, ImageCodec, chunked_call, expect_kind, load_run
 from mmgen.models.decoder import euler_sample
 from mmgen.tokenizers.image_autoencoder import images_to_unit, unit_to_images
 from mmgen.tokenizers.layout import check_same
 
 CHUNK = 32  # images per compiled call: one program serves any N (zero-padded chunks)
-DECODER_NEEDED = "the decoder must be a diffusion decoder run (configs/decoder_tiny.py)"
 
 
 class DiffusionDecoder:
