@@ -99,7 +99,7 @@ def runs(repo, tmp_path_factory, tokenizer_run) -> dict[str, Path]:
 # to whichever worker runs low). Unit 1: every test on the joint run (`runs`), on one
 # worker, built once. Unit 2: the diffusion decoder's tests (`decoder_run`, ~10 min of
 # training on the session tokenizer), led by the slowest test that needs no trained run
-# (the Mosaic GPU interpreter, ~3 min) so that worker has work while the other trains the
+# (the Mosaic GPU interpreter, ~2 min) so that worker has work while the other trains the
 # tokenizer. Everything else after these, one test at a time, slow (training) tests first.
 FIRST_ON_DECODER_WORKER = "tests/test_attention_mgpu.py::test_mgpu_kernel_in_interpret_mode"
 

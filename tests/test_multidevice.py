@@ -124,3 +124,24 @@ def test_dcn_axis_crosses_processes_and_ici_axes_stay_inside_one(repo):
     got = json.loads(next(x for x in outs[0].splitlines() if x.startswith("ROWS"))[5:])
     assert got["shape"]["data"] == 2 and got["shape"]["fsdp"] == 4
     assert [sorted(set(r)) for r in got["rows"]] == [[0], [1]]
+
+
+def test_a_vocabulary_that_does_not_divide_over_mesh_tensor_is_one_line(repo, tokenizer_run,
+                                                                         tmp_path):
+    """The unembedding's vocabulary rows split over mesh.tensor: on 3 devices with
+    tensor=3 (heads and widths chosen to divide) the padded vocabulary, a multiple of 128,
+    cannot, and training stops before building anything, naming both numbers."""
+    r = subprocess.run(
+        [sys.executable, "-m", "mmgen.cli", "train", "--config", str(repo / "configs/tiny.py"),
+         "--workdir", str(tmp_path / "run"),
+         f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
+         f"--config.data.cache_dir={tokenizer_run['cache']}", "--config.mesh.data=1",
+         "--config.mesh.tensor=3", "--config.model.num_heads=3",
+         "--config.model.num_kv_heads=3", "--config.model.head_dim=32"],
+        capture_output=True, text=True, timeout=300, start_new_session=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=3"))
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mmgen train: error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "does not divide over mesh tensor=3" in lines[0] and "rows" in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
