@@ -100,7 +100,7 @@ def check_run_kinds(run_dir, step, tokenizer_dir, decoder_dir, verb: str) -> str
     cfg = expect_kind(run_dir, "joint", f"mmgen {verb} needs a joint model run", step)
     tok_dir = tokenizer_dir or cfg.tokenizer.checkpoint
     expect_kind(tok_dir, "tokenizer", TOKENIZER_NEEDED)
-    if decoder_dir:
+    if decoder_dir is not None:  # evaluate() loads any decoder_dir that is not None
         expect_kind(decoder_dir, "decoder", DECODER_NEEDED)
     return tok_dir
 
