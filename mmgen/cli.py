@@ -44,12 +44,12 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported; mount the "
                           "bucket (e.g. Cloud Storage FUSE) and pass the mount path")
     pin_source_steps(cfg, workdir, log)
-    inherit_init_model(cfg, log)
+    inherit_init_model(cfg, log, workdir)
     validate(cfg, jax.device_count())
     from mmgen.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED, Preempted, train
     from mmgen.train.step import NonFiniteError
 
-    task = make_task(cfg, log=log)
+    task = make_task(cfg, log=log, workdir=workdir)
     try:
         final = train(cfg, workdir, task, log=log)
     except Preempted as e:

@@ -66,11 +66,21 @@ RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "remat", "scan_layers", "vocab_
                       "padded_vocab_size", "bidirectional_prompts")
 
 
-def init_source(cfg):
-    """(config, layout) of `init.checkpoint` (run or exported directory), or None."""
+def init_source(cfg, workdir=None):
+    """(config, layout) a fine-tune takes its architecture and text vocabulary from, or
+    None without `init.checkpoint`. Read from `init.checkpoint` (run or exported
+    directory) at a run's first start; a resumed run (`workdir` holding checkpoints of a
+    run from the same source) reads its own newest checkpoint instead, which holds both
+    since that start: the source is not needed to resume, and may since have dropped the
+    pinned step (retention), moved or been deleted."""
     init = cfg.get("init") or {}
     if not init.get("checkpoint"):
         return None
+    if workdir is not None and str(cfg.train.get("resume", "latest")) != "none":
+        stored = _stored_metadata(workdir)
+        if (stored is not None and stored[0].kind == cfg.kind
+                and (stored[0].get("init") or {}).get("checkpoint") == init.checkpoint):
+            return stored
     from mmgen.load import read_run_metadata
 
     step = init.get("step", -1)
@@ -87,7 +97,8 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
     against whatever its reference run has written since, changing its loss mid-run."""
     from mmgen.load import read_run_metadata
 
-    stored = _stored_config(workdir)
+    stored = _stored_metadata(workdir)
+    stored = stored and stored[0]
     post = cfg.get("posttrain")
     pins = [("init", "step", lambda c: c.init.get("checkpoint", ""))]
     if post is not None:
@@ -105,22 +116,23 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
             cfg[group][key] = read_run_metadata(path)[2]
 
 
-def _stored_config(workdir):
-    """The config saved in the workdir's newest checkpoint, or None. Any problem with it
-    is left to the resume, which reports it in one line."""
+def _stored_metadata(workdir):
+    """(config, layout or None) saved in the workdir's newest checkpoint, or None. Any
+    problem with it is left to the resume, which reports it in one line."""
     from mmgen.train.checkpoint import read_metadata
 
     try:
-        return read_metadata(workdir)[0]
+        return read_metadata(workdir)[:2]
     except Exception:
         return None
 
 
-def inherit_init_model(cfg, log=print) -> None:
+def inherit_init_model(cfg, log=print, workdir=None) -> None:
     """A fine-tune keeps the architecture of the model it starts from: every model key
     except RUNTIME_MODEL_KEYS is taken from `init.checkpoint`'s config (an imported LLM
-    brings its width, depth, RoPE kind, ...). Called before validation."""
-    source = init_source(cfg)
+    brings its width, depth, RoPE kind, ...), or on resume from the run's own (see
+    init_source). Called before validation."""
+    source = init_source(cfg, workdir)
     if source is None:
         return
     changed = []
@@ -137,12 +149,12 @@ class JointTask:
     name = "joint transformer"
     loss = "next_token"
 
-    def __init__(self, cfg, log=print):
+    def __init__(self, cfg, log=print, workdir=None):
         self.cfg, self.log = cfg, log
         self.codec = ImageCodec(cfg.tokenizer.checkpoint)
         self.text_tokenizer = text_tok.load_text_tokenizer(cfg.data.text_tokenizer)
         self.layout = text_tok.with_text_tokenizer(self.codec.layout, self.text_tokenizer)
-        source = init_source(cfg)
+        source = init_source(cfg, workdir)
         if source is not None and source[1] is not None:
             # fine-tuning: the text part of the vocabulary is the initial model's (e.g. an
             # imported LLM's), which the configured text tokenizer must be
@@ -291,10 +303,14 @@ def objective(cfg) -> str:
     return group.get("objective", "pretrain") or "pretrain"
 
 
-def make_task(cfg, log=print):
-    """The task a config trains: by `kind`, and for the joint model by its objective."""
-    if cfg.kind == "joint" and objective(cfg) != "pretrain":
+def make_task(cfg, log=print, workdir=None):
+    """The task a config trains: by `kind`, and for the joint model by its objective.
+    `workdir` (the run's) lets a resumed fine-tune read its own checkpoint instead of
+    `init.checkpoint` (init_source)."""
+    if cfg.kind != "joint":
+        return TASKS[cfg.kind](cfg, log=log)
+    if objective(cfg) != "pretrain":
         from mmgen.posttrain.tasks import POSTTRAIN_TASKS
 
-        return POSTTRAIN_TASKS[objective(cfg)](cfg, log=log)
-    return TASKS[cfg.kind](cfg, log=log)
+        return POSTTRAIN_TASKS[objective(cfg)](cfg, log=log, workdir=workdir)
+    return JointTask(cfg, log=log, workdir=workdir)

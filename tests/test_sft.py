@@ -220,6 +220,33 @@ def test_sft_smoke_run_learns_the_edits(runs, tmp_path, capsys):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
+def test_a_resumed_sft_run_needs_neither_its_source_nor_the_pinned_step(
+        runs, tmp_path, capsys):
+    """A fine-tune takes its architecture and text vocabulary from init.checkpoint at its
+    first start; a resume reads them from its own checkpoint, so it still works after the
+    source run is gone (deleted, moved, or its pinned step dropped by retention)."""
+    import shutil
+
+    source, work = tmp_path / "pretrained", tmp_path / "sft"
+    shutil.copytree(runs["joint"], source)
+
+    def sft(steps: int) -> int:
+        return mmgen(["train", "--config", str(REPO / "configs/sft_edit.py") + ":smoke",
+                      "--workdir", str(work), f"--config.init.checkpoint={source}",
+                      f"--config.tokenizer.checkpoint={runs['tokenizer']}",
+                      f"--config.data.cache_dir={tmp_path / 'cache'}",
+                      "--config.sft.tasks=edit", "--config.sft.num_edit_pairs=4",
+                      f"--config.train.steps={steps}", "--config.train.checkpoint_every=2"])
+
+    assert sft(2) == 0
+    assert "initialised parameters from" in capsys.readouterr().out
+    shutil.rmtree(source)
+    assert sft(4) == 0
+    out = capsys.readouterr().out
+    assert "at step 2" in out and "initialised parameters from" not in out, out[-2000:]
+    assert len(_losses(work)) == 4 and np.all(np.isfinite(_losses(work)))
+
+
 def test_rows_too_short_for_an_edit_fail_in_one_line(runs, tmp_path, capsys):
     rc = mmgen(["train", "--config", str(REPO / "configs/sft_edit.py") + ":smoke",
                 "--workdir", str(tmp_path / "sft"), f"--config.init.checkpoint={runs['joint']}",

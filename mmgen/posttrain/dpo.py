@@ -133,8 +133,8 @@ class DPOTask(JointTask):
     name = "dpo"
     loss = "dpo"
 
-    def __init__(self, cfg, log=print):
-        super().__init__(cfg, log=log)
+    def __init__(self, cfg, log=print, workdir=None):
+        super().__init__(cfg, log=log, workdir=workdir)
         d = cfg.dpo
         require(d.beta > 0, f"dpo.beta must be positive, got {d.beta}")
         require(d.source in ("synthetic", "jsonl"),

@@ -78,8 +78,8 @@ class GRPOTask(JointTask):
     name = "grpo"
     loss = "grpo"
 
-    def __init__(self, cfg, log=print):
-        super().__init__(cfg, log=log)
+    def __init__(self, cfg, log=print, workdir=None):
+        super().__init__(cfg, log=log, workdir=workdir)
         r = cfg.rl
         self.categories = [c.strip() for c in r.categories.split(",") if c.strip()]
         require(self.categories and set(self.categories) <= set(CATEGORIES),

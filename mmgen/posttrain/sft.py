@@ -51,9 +51,9 @@ class SFTTask(JointTask):
     name = "sft"
     loss = "next_token"
 
-    def __init__(self, cfg, log=print):
+    def __init__(self, cfg, log=print, workdir=None):
         self.weights = check_sft_config(cfg)
-        super().__init__(cfg, log=log)
+        super().__init__(cfg, log=log, workdir=workdir)
 
     def row_length_problem(self) -> str | None:
         """Rows must hold the longest example of every synthetic task (jsonl examples

@@ -4,22 +4,22 @@ only its own modules."""
 from __future__ import annotations
 
 
-def _sft(cfg, log=print):
+def _sft(cfg, log=print, workdir=None):
     from mmgen.posttrain.sft import SFTTask
 
-    return SFTTask(cfg, log=log)
+    return SFTTask(cfg, log=log, workdir=workdir)
 
 
-def _dpo(cfg, log=print):
+def _dpo(cfg, log=print, workdir=None):
     from mmgen.posttrain.dpo import DPOTask
 
-    return DPOTask(cfg, log=log)
+    return DPOTask(cfg, log=log, workdir=workdir)
 
 
-def _grpo(cfg, log=print):
+def _grpo(cfg, log=print, workdir=None):
     from mmgen.posttrain.grpo import GRPOTask
 
-    return GRPOTask(cfg, log=log)
+    return GRPOTask(cfg, log=log, workdir=workdir)
 
 
 POSTTRAIN_TASKS = {"sft": _sft, "dpo": _dpo, "grpo": _grpo}
