@@ -249,19 +249,21 @@ class DecoderTask:
         d = self.cfg.data
         source = synthetic_tokens(self.codec, d, split="train", num=d.num_train_scenes,
                                   seed=d.seed, log=self.log)
-        decode = self.codec.decode if self.cfg.model.refine else None
-        return decoder_batches(source, d, self.layout.image_grid, per_host_batch(self.cfg),
-                               decode)
+        if self.cfg.model.refine:  # the refiner's input: the tokenizer's own decoding
+            token_cache.build_decoded(source.path, self.codec.decode, self.layout.image_grid,
+                                      log=self.log)
+            source = token_cache.CachedScenes(source.path, decoded=True)
+        return decoder_batches(source, d, self.layout.image_grid, per_host_batch(self.cfg))
 
     def hooks(self) -> list[Hook]:
         return []
 
 
-def decoder_batches(source, data_cfg, grid: tuple[int, int], batch: int,
-                    decode=None) -> grain.IterDataset:
+def decoder_batches(source, data_cfg, grid: tuple[int, int], batch: int) -> grain.IterDataset:
     """Host-local batches of {"images", "image_ids", "noise_seed"[, "coarse"]}: scenes are
     re-rendered from the cache's scene descriptions (cheaper than storing pixels), and
-    each example's flow noise and time come from its seed, a function of its index."""
+    each example's flow noise and time come from its seed, a function of its index. The
+    refiner's "coarse" image is the source's "decoded" (token_cache.build_decoded)."""
     seed, size = data_cfg.seed, data_cfg.image_size
     ds = grain.MapDataset.source(source).shuffle(seed=seed)
     ds = ds.repeat(2**40 // len(ds))  # "forever" as a finite count
@@ -269,17 +271,15 @@ def decoder_batches(source, data_cfg, grid: tuple[int, int], batch: int,
     def to_example(index: int, item: dict) -> dict:
         scene = synthetic.Scene.from_json(item["scene"])
         noise_seed = np.random.default_rng([seed, index, 13]).integers(2**31)
-        return {"images": synthetic.render(scene, size),
-                "image_ids": np.asarray(item["image_ids"], np.int32).reshape(grid),
-                "noise_seed": np.int32(noise_seed)}
-
-    def add_coarse(b: dict) -> dict:
-        return dict(b, coarse=decode(b["image_ids"]))
+        example = {"images": synthetic.render(scene, size),
+                   "image_ids": np.asarray(item["image_ids"], np.int32).reshape(grid),
+                   "noise_seed": np.int32(noise_seed)}
+        if "decoded" in item:
+            example["coarse"] = item["decoded"]
+        return example
 
     ds = ds.map_with_index(to_example)[jax.process_index()::jax.process_count()]
     ds = ds.batch(batch, drop_remainder=True)
-    if decode is not None:  # the refiner's input: the tokenizer's own decoding
-        ds = ds.map(add_coarse)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 

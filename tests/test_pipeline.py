@@ -108,6 +108,47 @@ def test_token_cache_is_keyed_by_scene_parameters(tmp_path):
     assert words[0.0] == 0 and words[1.0] >= 4, words  # busy scenes drop the word
 
 
+def mean_colour_decode(ids):
+    """Its inverse: each code back to a flat grey 16x16 patch."""
+    grey = (np.asarray(ids) * 4 + 2).astype(np.uint8)
+    return np.repeat(np.repeat(grey, 16, axis=1), 16, axis=2)[..., None].repeat(3, axis=-1)
+
+
+def test_decoded_scenes_are_built_once_and_are_the_refiners_coarse_input(tmp_path):
+    """The diffusion decoder's refiner input is decoded once per cache, in large batches
+    (token_cache.build_decoded), not per training batch; a failed build leaves nothing
+    that a later run would take for a finished one."""
+    from mmgen.tasks import decoder_batches
+
+    path = tmp_path / "c"
+    token_cache.build(path, mean_colour_codes, num=40, seed=0, split="train", log=None)
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        if fail and len(calls) == 2:
+            raise RuntimeError("killed")
+        return mean_colour_decode(ids)
+
+    fail = True
+    with pytest.raises(RuntimeError):
+        token_cache.build_decoded(path, decode, (4, 4), batch=16, log=None)
+    assert not list(path.glob("decoded*"))
+    fail, calls = False, []
+    for _ in range(2):
+        token_cache.build_decoded(path, decode, (4, 4), batch=16, log=None)
+    assert calls == [16, 16, 8]  # once, in batches of 16
+    scenes = token_cache.CachedScenes(path, decoded=True)
+    np.testing.assert_array_equal(scenes.decoded,
+                                  mean_colour_decode(scenes.image_ids.reshape(-1, 4, 4)))
+    batch = next(iter(decoder_batches(scenes, data_cfg(), (4, 4), batch=8)))
+    assert batch["coarse"].shape == (8, 64, 64, 3) and batch["coarse"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["coarse"], mean_colour_decode(batch["image_ids"]))
+    plain = next(iter(decoder_batches(token_cache.CachedScenes(path), data_cfg(), (4, 4), 8)))
+    assert "coarse" not in plain
+    np.testing.assert_array_equal(plain["image_ids"], batch["image_ids"])
+
+
 def test_eos_is_a_target_only_after_a_caption():
     """The sampler ends an image at <eoi>; "<eoi> -> <eos>" in text->image rows would fight
     the captioning rows' "<eoi> -> caption" at the same position."""

@@ -3,7 +3,8 @@
 Encoding a scene costs a forward pass of the image tokenizer; a training run reads
 each scene many times, so tokens are computed once per (tokenizer, seed, split, N,
 scene parameters) and kept as an .npz of ints (no pickle) plus a JSON-lines file of
-scenes. Captions are NOT cached: each epoch draws a fresh template from the scene.
+scenes; the diffusion decoder adds the tokenizer's decodings of those ids (.npy, uint8).
+Captions are NOT cached: each epoch draws a fresh template from the scene.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
         scenes += chunk_scenes
         if log and (hi == num or (lo // batch) % 20 == 0):
             log(f"token cache {split}: {hi}/{num} scenes encoded ({time.time() - start:.0f}s)")
-    tmp = path / "tokens.tmp.npz"
+    tmp = path / f"tokens.tmp{os.getpid()}.npz"  # per process: hosts may share the cache
     np.savez(tmp, image_ids=np.concatenate(ids_chunks))
-    tmp.rename(path / "tokens.npz")
+    os.replace(tmp, path / "tokens.npz")
     with open(path / "scenes.jsonl", "w") as f:
         for s in scenes:
             f.write(json.dumps(s) + "\n")
@@ -103,19 +104,64 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
     return path
 
 
-class CachedScenes:
-    """A grain random-access source: index -> {"image_ids", "scene"}."""
+DecodeFn = Callable[[np.ndarray], np.ndarray]  # int [B,h,w] -> uint8 [B,H,W,3]
 
-    def __init__(self, path: Path):
-        with np.load(Path(path) / "tokens.npz", allow_pickle=False) as z:
+
+def build_decoded(path: Path, decode: DecodeFn, grid: tuple[int, int], *, batch: int = 256,
+                  log=print) -> Path:
+    """Writes `path`/decoded.npy: the tokenizer's own decoding of every cached scene's
+    ids, uint8 [N,H,W,3], the diffusion decoder's refiner input. Its training reads each
+    scene several times (configs/decoder_tiny.py: 3 epochs), and decoding a batch in a
+    grain thread queues behind the train step on the same device, so it is decoded once,
+    in large batches. Written through a temporary name: a failed build leaves no file."""
+    out = path / "decoded.npy"
+    if out.exists():
+        return out
+    with np.load(path / "tokens.npz", allow_pickle=False) as z:
+        ids = z["image_ids"]
+    tmp = path / f"decoded.tmp{os.getpid()}.npy"  # per process: hosts may share the cache
+    images = None
+    start = time.time()
+    try:
+        for lo in range(0, len(ids), batch):
+            chunk = np.asarray(decode(ids[lo:lo + batch].reshape(-1, *grid)))
+            if images is None:  # written in place: N images may not fit twice in memory
+                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                                   shape=(len(ids), *chunk.shape[1:]))
+            images[lo:lo + len(chunk)] = chunk
+            hi = lo + len(chunk)
+            if log and (hi == len(ids) or (lo // batch) % 20 == 0):
+                log(f"token cache: {hi}/{len(ids)} tokenizer decodings "
+                    f"({time.time() - start:.0f}s)")
+        images.flush()
+        del images
+        os.replace(tmp, out)  # identical bytes if another process got there first
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+class CachedScenes:
+    """A grain random-access source: index -> {"image_ids", "scene"[, "decoded"]}, the
+    last (uint8 [H,W,3], memory-mapped) when built (build_decoded) and asked for."""
+
+    def __init__(self, path: Path, decoded: bool = False):
+        self.path = Path(path)
+        with np.load(self.path / "tokens.npz", allow_pickle=False) as z:
             self.image_ids = z["image_ids"]
-        with open(Path(path) / "scenes.jsonl") as f:
+        with open(self.path / "scenes.jsonl") as f:
             self.scenes = [json.loads(line) for line in f]
-        if len(self.scenes) != len(self.image_ids):
+        self.decoded = (np.load(self.path / "decoded.npy", mmap_mode="r", allow_pickle=False)
+                        if decoded else None)
+        if len(self.scenes) != len(self.image_ids) or (
+                self.decoded is not None and len(self.decoded) != len(self.scenes)):
             raise ValueError(f"token cache {path} is inconsistent; delete it to rebuild")
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image_ids": self.image_ids[i], "scene": self.scenes[i]}
+        item = {"image_ids": self.image_ids[i], "scene": self.scenes[i]}
+        if self.decoded is not None:
+            item["decoded"] = np.asarray(self.decoded[i])
+        return item
