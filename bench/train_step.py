@@ -25,10 +25,12 @@ row; it costs the matmuls the same). MFU = tokens/s * FLOPs per token / peak, ag
 same run (what this card really gives).
 
 Levers (each a flag; `--levers` runs LEVERS one after another in this process, reusing one
-train state, and prints one table with each row's speed relative to the first; the state
+train state, and prints one table with each row's tokens/s relative to the first; the state
 keeps training from row to row, so the printed losses differ and say nothing):
   --remat none|full|dots_saveable   --scan/--no-scan   --ce-chunk N   --dtype
   --attention auto|xla|cudnn|pallas_gpu|pallas_mgpu   --no-donate (state not donated: a copy more)
+  --batch N (rows a step; the lever list doubles it, the rows repeated, so the FLOPs a
+  token stay those of the first row)
 Peak memory: the compiled step's own (arguments + outputs - donated aliases + temporaries,
 from memory_analysis) per row, and the device's peak_bytes_in_use (a running maximum
 over the process, so only rising values say something about a row). Compile time is
@@ -79,11 +81,12 @@ class Case:
     attention: str
     dtype: str
     donate: bool = True
+    batch: int = 0  # rows a step
 
     def overrides(self) -> list[str]:
         return [f"model.remat={self.remat}", f"model.scan_layers={self.scan}",
                 f"loss.ce_chunk={self.ce_chunk}", f"model.attention_impl={self.attention}",
-                f"model.dtype={self.dtype}"]
+                f"model.dtype={self.dtype}", f"train.global_batch={self.batch}"]
 
     def changes(self, base: Case) -> str:
         """The levers that differ from `base`, as flags."""
@@ -101,10 +104,13 @@ def lever_cases(base: Case, smoke: bool) -> list[Case]:
     """The lever list, most informative first (a time budget may cut the tail)."""
     r = dataclasses.replace
     cases = [base,
+             # larger matmuls and the optimizer update spread over twice the tokens
+             r(base, batch=2 * base.batch),
              r(base, attention="pallas_gpu"),  # the Triton kernel beside auto's choice
              r(base, remat="none"),  # no recompute: out of memory when scanned on an H200
              r(base, scan=not base.scan),
              r(base, remat="full"),
+             r(base, remat="full", batch=2 * base.batch),
              r(base, attention="cudnn"),
              r(base, ce_chunk=1024 if not smoke else 128),
              r(base, attention="xla"),
@@ -180,8 +186,6 @@ def matmul_tflops(n: int, iters: int = 10) -> float:
 def load_cfg(args, case: Case):
     cfg = load_config(str(REPO / CONFIGS[args.size]), case.overrides() + list(args.override))
     resolve_joint(cfg, LAYOUT)
-    if args.batch:
-        cfg.train.global_batch = args.batch
     return cfg
 
 
@@ -228,6 +232,9 @@ def run_case(args, case: Case, state, batch, flops: float) -> tuple[dict, object
     if state is None or any(x.is_deleted() for x in jax.tree.leaves(state)):
         state = spec.init(0)  # first case, or a failed run consumed the donated state
     row = {"case": dataclasses.asdict(case)}
+    if len(batch["tokens"]) != case.batch:  # the same rows repeated: the same FLOPs a token
+        reps = -(-case.batch // len(batch["tokens"]))
+        batch = {k: jnp.concatenate([v] * reps)[:case.batch] for k, v in batch.items()}
     with jax.set_mesh(spec.mesh):
         compiled, row["compile_s"] = compile_step(spec, case.donate, state, batch)
         row["compiled_bytes"] = compiled_bytes(compiled)
@@ -257,7 +264,7 @@ def print_table(rows: list[dict], base: Case, matmul: float) -> None:
         if "error" in r:
             print(f"| {name} | error: {r['error']} |" + " |" * 8)
             continue
-        rel = first["step_s"] / r["step_s"]
+        rel = r["tokens_per_s"] / first["tokens_per_s"]  # tokens/s: rows differ in batch
         print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{r['model_tflops']:.3g} | {r['model_tflops'] * 1e12 / H100_BF16_PEAK:.1%} | "
               f"{r['model_tflops'] / matmul:.1%} | {rel:.2f}x | {r['compile_s']:.1f} | "
@@ -302,7 +309,8 @@ def base_case(args) -> Case:
     return Case(remat=pick(args.remat, m.remat), scan=pick(args.scan, m.scan_layers),
                 ce_chunk=pick(args.ce_chunk, cfg.loss.get("ce_chunk", 0)),
                 attention=pick(args.attention, m.attention_impl),
-                dtype=pick(args.dtype, m.dtype), donate=not args.no_donate)
+                dtype=pick(args.dtype, m.dtype), donate=not args.no_donate,
+                batch=pick(args.batch, cfg.train.global_batch))
 
 
 def main(argv=None) -> None:
