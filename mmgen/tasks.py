@@ -250,9 +250,8 @@ class DecoderTask:
         source = synthetic_tokens(self.codec, d, split="train", num=d.num_train_scenes,
                                   seed=d.seed, log=self.log)
         if self.cfg.model.refine:  # the refiner's input: the tokenizer's own decoding
-            token_cache.build_decoded(source.path, self.codec.decode, self.layout.image_grid,
+            token_cache.build_decoded(source, self.codec.decode, self.layout.image_grid,
                                       log=self.log)
-            source = token_cache.CachedScenes(source.path, decoded=True)
         return decoder_batches(source, d, self.layout.image_grid, per_host_batch(self.cfg))
 
     def hooks(self) -> list[Hook]:

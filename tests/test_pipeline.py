@@ -122,6 +122,7 @@ def test_decoded_scenes_are_built_once_and_are_the_refiners_coarse_input(tmp_pat
 
     path = tmp_path / "c"
     token_cache.build(path, mean_colour_codes, num=40, seed=0, split="train", log=None)
+    scenes = token_cache.CachedScenes(path)
     calls = []
 
     def decode(ids):
@@ -132,13 +133,12 @@ def test_decoded_scenes_are_built_once_and_are_the_refiners_coarse_input(tmp_pat
 
     fail = True
     with pytest.raises(RuntimeError):
-        token_cache.build_decoded(path, decode, (4, 4), batch=16, log=None)
-    assert not list(path.glob("decoded*"))
+        token_cache.build_decoded(scenes, decode, (4, 4), batch=16, log=None)
+    assert not list(path.glob("decoded*")) and scenes.decoded is None
     fail, calls = False, []
     for _ in range(2):
-        token_cache.build_decoded(path, decode, (4, 4), batch=16, log=None)
+        token_cache.build_decoded(scenes, decode, (4, 4), batch=16, log=None)
     assert calls == [16, 16, 8]  # once, in batches of 16
-    scenes = token_cache.CachedScenes(path, decoded=True)
     np.testing.assert_array_equal(scenes.decoded,
                                   mean_colour_decode(scenes.image_ids.reshape(-1, 4, 4)))
     batch = next(iter(decoder_batches(scenes, data_cfg(), (4, 4), batch=8)))

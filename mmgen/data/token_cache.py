@@ -107,18 +107,19 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
 DecodeFn = Callable[[np.ndarray], np.ndarray]  # int [B,h,w] -> uint8 [B,H,W,3]
 
 
-def build_decoded(path: Path, decode: DecodeFn, grid: tuple[int, int], *, batch: int = 256,
-                  log=print) -> Path:
-    """Writes `path`/decoded.npy: the tokenizer's own decoding of every cached scene's
-    ids, uint8 [N,H,W,3], the diffusion decoder's refiner input. Its training reads each
+def build_decoded(scenes: CachedScenes, decode: DecodeFn, grid: tuple[int, int], *,
+                  batch: int = 256, log=print) -> None:
+    """Writes decoded.npy beside `scenes`' tokens, unless there: the tokenizer's own
+    decoding of every cached scene's ids, uint8 [N,H,W,3], the diffusion decoder's refiner
+    input; then `scenes` yields it (CachedScenes.attach_decoded). Its training reads each
     scene several times (configs/decoder_tiny.py: 3 epochs), and decoding a batch in a
     grain thread queues behind the train step on the same device, so it is decoded once,
     in large batches. Written through a temporary name: a failed build leaves no file."""
+    path, ids = scenes.path, scenes.image_ids
     out = path / "decoded.npy"
     if out.exists():
-        return out
-    with np.load(path / "tokens.npz", allow_pickle=False) as z:
-        ids = z["image_ids"]
+        scenes.attach_decoded()
+        return
     tmp = path / f"decoded.tmp{os.getpid()}.npy"  # per process: hosts may share the cache
     images = None
     start = time.time()
@@ -138,24 +139,29 @@ def build_decoded(path: Path, decode: DecodeFn, grid: tuple[int, int], *, batch:
         os.replace(tmp, out)  # identical bytes if another process got there first
     finally:
         tmp.unlink(missing_ok=True)
-    return out
+    scenes.attach_decoded()
 
 
 class CachedScenes:
     """A grain random-access source: index -> {"image_ids", "scene"[, "decoded"]}, the
-    last (uint8 [H,W,3], memory-mapped) when built (build_decoded) and asked for."""
+    last (uint8 [H,W,3], memory-mapped) once attached (build_decoded)."""
 
-    def __init__(self, path: Path, decoded: bool = False):
+    def __init__(self, path: Path):
         self.path = Path(path)
         with np.load(self.path / "tokens.npz", allow_pickle=False) as z:
             self.image_ids = z["image_ids"]
         with open(self.path / "scenes.jsonl") as f:
             self.scenes = [json.loads(line) for line in f]
-        self.decoded = (np.load(self.path / "decoded.npy", mmap_mode="r", allow_pickle=False)
-                        if decoded else None)
-        if len(self.scenes) != len(self.image_ids) or (
-                self.decoded is not None and len(self.decoded) != len(self.scenes)):
+        self.decoded = None
+        if len(self.scenes) != len(self.image_ids):
             raise ValueError(f"token cache {path} is inconsistent; delete it to rebuild")
+
+    def attach_decoded(self) -> None:
+        """Items carry "decoded" from here on, read memory-mapped from decoded.npy."""
+        decoded = np.load(self.path / "decoded.npy", mmap_mode="r", allow_pickle=False)
+        if len(decoded) != len(self.scenes):
+            raise ValueError(f"token cache {self.path} is inconsistent; delete it to rebuild")
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.scenes)
