@@ -1,0 +1,66 @@
+"""mmgen's XLA:CPU defaults (mmgen/xla_cpu.py): how they are added, and that they take
+effect (benefit measured by bench/cpu_flags.py, docs/performance.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmgen.xla_cpu import YNN_FLAG, apply_defaults
+
+CHECKED = (0, 10, 2)
+
+
+def test_the_flag_is_appended_to_the_users_flags_once():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert apply_defaults(env, CHECKED)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN_FLAG}="
+    assert not apply_defaults(env, CHECKED)  # a second import adds nothing
+    assert env["XLA_FLAGS"].count(YNN_FLAG) == 1
+    empty = {}
+    assert apply_defaults(empty, CHECKED) and empty["XLA_FLAGS"] == f"{YNN_FLAG}="
+
+
+@pytest.mark.parametrize("env, version", [
+    ({"XLA_FLAGS": f"{YNN_FLAG}=-reduce"}, CHECKED),      # the user's own setting wins
+    ({"MMGEN_XLA_CPU_DEFAULTS": "0"}, CHECKED),           # opted out
+    ({}, (0, 10, 1)), ({}, (0, 12, 0)), ({}, None),       # unchecked jaxlib: XLA would abort
+])
+def test_the_flags_are_left_alone(env, version):
+    before = dict(env)
+    if version is None:  # no jaxlib installed
+        import mmgen.xla_cpu as mod
+
+        orig, mod._jaxlib_version = mod._jaxlib_version, lambda: None
+        try:
+            assert not apply_defaults(env)
+        finally:
+            mod._jaxlib_version = orig
+    else:
+        assert not apply_defaults(env, version)
+    assert env == before
+
+
+CONV_PROBE = """
+import mmgen, jax, jax.numpy as jnp
+f = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())
+hlo = f.lower(jnp.ones((2, 16, 16, 16)), jnp.ones((3, 3, 16, 16))).compile().as_text()
+print("__ynn_fusion" in hlo)
+"""
+
+
+def test_importing_mmgen_turns_off_ynnpack_fusions_before_jax_compiles():
+    def probe(**extra) -> str:
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(YNN_FLAG)]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+        out = subprocess.run([sys.executable, "-c", CONV_PROBE], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return out.strip().splitlines()[-1]
+
+    # XLA's own defaults fuse this convolution into YNNPACK (so the check below can fail)
+    assert probe(MMGEN_XLA_CPU_DEFAULTS="0") == "True"
+    assert probe() == "False"
