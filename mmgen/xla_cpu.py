@@ -18,6 +18,7 @@ on (the pinned range, >= 0.10.2 and < 0.12).
 from __future__ import annotations
 
 import os
+import re
 from importlib import metadata
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -25,11 +26,13 @@ CHECKED_JAXLIB = ((0, 10, 2), (0, 12, 0))  # [lo, hi): versions known to have th
 
 
 def _jaxlib_version() -> tuple[int, ...] | None:
+    """(major, minor, patch) of the installed jaxlib ("0.11.2rc1" -> (0, 11, 2))."""
     try:
-        parts = metadata.version("jaxlib").split(".")[:3]
-        return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+        version = metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
         return None
+    return tuple(int(m.group()) if (m := re.match(r"\d+", p)) else 0
+                 for p in version.split(".")[:3])
 
 
 def apply_defaults(environ=os.environ, jaxlib_version=None) -> bool:

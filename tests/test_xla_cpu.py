@@ -29,19 +29,21 @@ def test_the_flag_is_appended_to_the_users_flags_once():
     ({"MMGEN_XLA_CPU_DEFAULTS": "0"}, CHECKED),           # opted out
     ({}, (0, 10, 1)), ({}, (0, 12, 0)), ({}, None),       # unchecked jaxlib: XLA would abort
 ])
-def test_the_flags_are_left_alone(env, version):
-    before = dict(env)
-    if version is None:  # no jaxlib installed
-        import mmgen.xla_cpu as mod
+def test_the_flags_are_left_alone(env, version, monkeypatch):
+    import mmgen.xla_cpu as mod
 
-        orig, mod._jaxlib_version = mod._jaxlib_version, lambda: None
-        try:
-            assert not apply_defaults(env)
-        finally:
-            mod._jaxlib_version = orig
-    else:
-        assert not apply_defaults(env, version)
+    monkeypatch.setattr(mod, "_jaxlib_version", lambda: version)  # None: no jaxlib
+    before = dict(env)
+    assert not apply_defaults(env)
     assert env == before
+
+
+def test_the_installed_jaxlib_version_is_read():
+    import jaxlib
+
+    from mmgen.xla_cpu import _jaxlib_version
+
+    assert _jaxlib_version() == tuple(int(x) for x in jaxlib.__version__.split(".")[:3])
 
 
 CONV_PROBE = """
