@@ -43,8 +43,10 @@ def test_sft_lowers_the_heldout_edit_loss(repo, runs, tmp_path):
     assert nll["after"] < nll["before"] - SFT_MIN_DROP, nll
 
 
-DPO_STEPS = 40
-DPO_MIN_GAIN = 0.5  # nats of held-out log p(chosen) - log p(rejected); measured +1.4 (docs)
+# 40 steps gained +0.42, +1.4 and +4.2 from three session runs (the gain depends on the
+# run DPO starts from); 80 steps gained +1.26 from the run that gained +0.42 in 40
+DPO_STEPS = 80
+DPO_MIN_GAIN = 0.5  # nats of held-out log p(chosen) - log p(rejected)
 
 
 @pytest.mark.slow
