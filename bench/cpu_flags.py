@@ -10,8 +10,8 @@ by mmgen's own `make_train_step` on random batches of their shapes:
   joint      configs/tiny.py (B8 x L320, bench/train_step.py's random rows)
   decoder    configs/decoder_tiny.py (B16 x 64x64, 16x16 ids of 1000 codes)
 Rows: the median step time over the rounds' medians, the speed-up, and each config's
-first loss under both settings (the same initial state and batch: they must agree to
-float tolerance, the flags change kernels, not the maths).
+first loss under both settings (the same initial state and batch: they agree to float
+rounding, since the flags change kernels, not the maths).
 """
 
 from __future__ import annotations
