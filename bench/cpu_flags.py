@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 KINDS = ("tokenizer", "joint", "decoder")
 CONFIGS = {"tokenizer": "configs/tokenizer_tiny.py", "joint": "configs/tiny.py",
            "decoder": "configs/decoder_tiny.py"}
@@ -34,20 +35,17 @@ SETTINGS = ("xla", "mmgen")  # XLA's defaults; mmgen's (mmgen/xla_cpu.py)
 
 
 def child_env(setting: str) -> dict[str, str]:
-    from mmgen.xla_cpu import YNN_FLAG
+    from mmgen.xla_cpu import without_defaults
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     # this process imported mmgen, so its own XLA_FLAGS already carry the defaults
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(YNN_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["MMGEN_XLA_CPU_DEFAULTS"] = "0" if setting == "xla" else "1"
-    return env
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=without_defaults(os.environ.get("XLA_FLAGS", "")),
+                MMGEN_XLA_CPU_DEFAULTS="0" if setting == "xla" else "1")
 
 
 def build_step(kind: str):
     """(compiled step, initial state, batch) for one config at its batch shape."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from train_step import LAYOUT, random_rows
+    from train_step import LAYOUT, random_rows  # bench/, the 1B step's bench
 
     from mmgen.config import load_config
     from mmgen.load import build_model_fn

@@ -35,14 +35,20 @@ def _jaxlib_version() -> tuple[int, ...] | None:
                  for p in version.split(".")[:3])
 
 
-def apply_defaults(environ=os.environ, jaxlib_version=None) -> bool:
+def without_defaults(flags: str) -> str:
+    """An XLA_FLAGS string less any setting of the flag these defaults add (to compare
+    against XLA's own defaults in a child process: benches, tests)."""
+    return " ".join(f for f in flags.split() if not f.startswith(YNN_FLAG))
+
+
+def apply_defaults(environ=os.environ) -> bool:
     """Adds the defaults to environ["XLA_FLAGS"]; True when it changed anything."""
     if environ.get("MMGEN_XLA_CPU_DEFAULTS", "1") == "0":
         return False
     flags = environ.get("XLA_FLAGS", "")
     if YNN_FLAG in flags:
         return False
-    version = jaxlib_version if jaxlib_version is not None else _jaxlib_version()
+    version = _jaxlib_version()
     lo, hi = CHECKED_JAXLIB
     if version is None or not lo <= tuple(version) < hi:
         return False

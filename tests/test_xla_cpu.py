@@ -9,19 +9,22 @@ import sys
 
 import pytest
 
-from mmgen.xla_cpu import YNN_FLAG, apply_defaults
+import mmgen.xla_cpu as xla_cpu
+from mmgen.xla_cpu import YNN_FLAG, apply_defaults, without_defaults
 
 CHECKED = (0, 10, 2)
 
 
-def test_the_flag_is_appended_to_the_users_flags_once():
+def test_the_flag_is_appended_to_the_users_flags_once(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: CHECKED)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert apply_defaults(env, CHECKED)
+    assert apply_defaults(env)
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN_FLAG}="
-    assert not apply_defaults(env, CHECKED)  # a second import adds nothing
+    assert not apply_defaults(env)  # a second import adds nothing
     assert env["XLA_FLAGS"].count(YNN_FLAG) == 1
+    assert without_defaults(env["XLA_FLAGS"]) == "--xla_force_host_platform_device_count=8"
     empty = {}
-    assert apply_defaults(empty, CHECKED) and empty["XLA_FLAGS"] == f"{YNN_FLAG}="
+    assert apply_defaults(empty) and empty["XLA_FLAGS"] == f"{YNN_FLAG}="
 
 
 @pytest.mark.parametrize("env, version", [
@@ -30,9 +33,7 @@ def test_the_flag_is_appended_to_the_users_flags_once():
     ({}, (0, 10, 1)), ({}, (0, 12, 0)), ({}, None),       # unchecked jaxlib: XLA would abort
 ])
 def test_the_flags_are_left_alone(env, version, monkeypatch):
-    import mmgen.xla_cpu as mod
-
-    monkeypatch.setattr(mod, "_jaxlib_version", lambda: version)  # None: no jaxlib
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: version)  # None: no jaxlib
     before = dict(env)
     assert not apply_defaults(env)
     assert env == before
@@ -41,9 +42,7 @@ def test_the_flags_are_left_alone(env, version, monkeypatch):
 def test_the_installed_jaxlib_version_is_read():
     import jaxlib
 
-    from mmgen.xla_cpu import _jaxlib_version
-
-    assert _jaxlib_version() == tuple(int(x) for x in jaxlib.__version__.split(".")[:3])
+    assert xla_cpu._jaxlib_version() == tuple(int(x) for x in jaxlib.__version__.split(".")[:3])
 
 
 CONV_PROBE = """
@@ -57,8 +56,8 @@ print("__ynn_fusion" in hlo)
 
 def test_importing_mmgen_turns_off_ynnpack_fusions_before_jax_compiles():
     def probe(**extra) -> str:
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(YNN_FLAG)]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=without_defaults(os.environ.get("XLA_FLAGS", "")), **extra)
         out = subprocess.run([sys.executable, "-c", CONV_PROBE], env=env, capture_output=True,
                              text=True, check=True).stdout
         return out.strip().splitlines()[-1]
