@@ -43,5 +43,6 @@ mkdir -p "$JAX_COMPILATION_CACHE_DIR/autotune"
 #  per-fusion autotune cache: GEMM/fusion autotuning results reused by later compiles.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_per_fusion_autotune_cache_dir=$JAX_COMPILATION_CACHE_DIR/autotune"
+source scripts/xla_cpu_probe.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"

@@ -4,11 +4,14 @@ parts run at CPU size."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mmgen import xla_cpu
 
 SCRIPTS = sorted(Path(__file__).resolve().parents[1].glob("scripts/gpu_*.sh"))
 
@@ -44,3 +47,30 @@ def test_attention_training_comparison_runs_at_cpu_size(repo):
                          timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "PASS" in res.stdout and "| pallas_gpu |" in res.stdout
+
+
+def _probe(repo, xla_flags: str) -> tuple[str, str]:
+    """scripts/xla_cpu_probe.sh sourced under XLA_FLAGS: (its output, the exported
+    MMGEN_XLA_CPU_DEFAULTS afterwards, or "unset")."""
+    env = {k: v for k, v in os.environ.items() if k != "MMGEN_XLA_CPU_DEFAULTS"}
+    env.update(XLA_FLAGS=xla_flags, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}"
+               f":{env.get('PATH', '')}")
+    res = subprocess.run(["bash", "-c", "source scripts/xla_cpu_probe.sh; "
+                          "echo \"defaults=${MMGEN_XLA_CPU_DEFAULTS:-unset}\""],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    *lines, last = res.stdout.strip().splitlines()
+    return "\n".join(lines), last.removeprefix("defaults=")
+
+
+def test_xla_cpu_probe_falls_back_only_for_mmgens_own_flag(repo):
+    """A jaxlib whose XLA lacked mmgen's XLA:CPU flag would abort every GPU check at
+    start; gpu_env.sh's probe then turns the flag off. Simulated with a flag XLA does
+    not know whose name starts with mmgen's (mmgen then takes it for the user's own
+    setting and adds nothing, so XLA sees only the unknown name)."""
+    out, defaults = _probe(repo, "")
+    assert (out, defaults) == ("", "unset")          # known flag: nothing to do
+    out, defaults = _probe(repo, f"{xla_cpu.YNN_FLAG}_zz=")
+    assert defaults == "0" and "MMGEN_XLA_CPU_DEFAULTS=0" in out
+    out, defaults = _probe(repo, "--xla_no_such_flag_zz=1")   # someone else's flag
+    assert defaults == "unset" and "Unknown flag" in out and "xla_no_such_flag_zz" in out

@@ -1,0 +1,14 @@
+# Sourced by scripts/gpu_env.sh. `import mmgen` adds an XLA:CPU flag (YNN_FLAG in
+# mmgen/xla_cpu.py) that was run on jaxlib 0.10.2 only, and XLA aborts every process on a
+# flag it does not know. One probe (CPU backend only: a second or two) finds that before
+# the checks start; they then run with XLA's own CPU defaults instead of all failing.
+if ! xla_probe=$(JAX_PLATFORMS=cpu python3 -c "import mmgen, jax; jax.devices()" 2>&1); then
+  if grep -q "Unknown flag.*xla_cpu_experimental_ynn_fusion_type" <<<"$xla_probe"; then
+    export MMGEN_XLA_CPU_DEFAULTS=0
+    echo "XLA does not know mmgen's XLA:CPU flag: running with MMGEN_XLA_CPU_DEFAULTS=0"
+  else
+    echo "import mmgen fails here: $(grep -m1 'Unknown flag' <<<"$xla_probe" \
+      || tail -1 <<<"$xla_probe")"
+  fi
+fi
+unset xla_probe
