@@ -20,6 +20,7 @@ budget=${3:-560}
 mkdir -p "$out"
 declare -A MIN=([attention_train]=100 [decode]=150 [train_step]=300 [attention]=300 [small]=400)
 start=$(date +%s)
+source scripts/xla_cpu_probe.sh   # once for every check (they inherit its result)
 status=0
 for c in $checks; do
   [ -n "${MIN[$c]:-}" ] || { echo "unknown check $c (attention_train decode train_step attention small)"; exit 2; }

@@ -2,7 +2,11 @@
 # mmgen/xla_cpu.py) that was run on jaxlib 0.10.2 only, and XLA aborts every process on a
 # flag it does not know. One probe (CPU backend only: a second or two) finds that before
 # the checks start; they then run with XLA's own CPU defaults instead of all failing.
-if ! xla_probe=$(JAX_PLATFORMS=cpu python3 -c "import mmgen, jax; jax.devices()" 2>&1); then
+# scripts/gpu_all.sh probes once for all its checks (MMGEN_XLA_CPU_PROBED); run from the
+# repo root.
+if [ -z "${MMGEN_XLA_CPU_PROBED:-}" ] && ! xla_probe=$(JAX_PLATFORMS=cpu \
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 -c "import mmgen, jax; jax.devices()" 2>&1)
+then
   if grep -q "Unknown flag.*xla_cpu_experimental_ynn_fusion_type" <<<"$xla_probe"; then
     export MMGEN_XLA_CPU_DEFAULTS=0
     echo "XLA does not know mmgen's XLA:CPU flag: running with MMGEN_XLA_CPU_DEFAULTS=0"
@@ -12,3 +16,4 @@ if ! xla_probe=$(JAX_PLATFORMS=cpu python3 -c "import mmgen, jax; jax.devices()"
   fi
 fi
 unset xla_probe
+export MMGEN_XLA_CPU_PROBED=1

@@ -49,12 +49,13 @@ def test_attention_training_comparison_runs_at_cpu_size(repo):
     assert "PASS" in res.stdout and "| pallas_gpu |" in res.stdout
 
 
-def _probe(repo, xla_flags: str) -> tuple[str, str]:
+def _probe(repo, xla_flags: str, **extra_env) -> tuple[str, str]:
     """scripts/xla_cpu_probe.sh sourced under XLA_FLAGS: (its output, the exported
     MMGEN_XLA_CPU_DEFAULTS afterwards, or "unset")."""
-    env = {k: v for k, v in os.environ.items() if k != "MMGEN_XLA_CPU_DEFAULTS"}
-    env.update(XLA_FLAGS=xla_flags, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}"
-               f":{env.get('PATH', '')}")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MMGEN_XLA_CPU_DEFAULTS", "MMGEN_XLA_CPU_PROBED", "PYTHONPATH")}
+    env.update(XLA_FLAGS=xla_flags, PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+               **extra_env)
     res = subprocess.run(["bash", "-c", "source scripts/xla_cpu_probe.sh; "
                           "echo \"defaults=${MMGEN_XLA_CPU_DEFAULTS:-unset}\""],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
@@ -74,3 +75,6 @@ def test_xla_cpu_probe_falls_back_only_for_mmgens_own_flag(repo):
     assert defaults == "0" and "MMGEN_XLA_CPU_DEFAULTS=0" in out
     out, defaults = _probe(repo, "--xla_no_such_flag_zz=1")   # someone else's flag
     assert defaults == "unset" and "Unknown flag" in out and "xla_no_such_flag_zz" in out
+    # gpu_all.sh probes once; its checks' own gpu_env.sh then skip the probe
+    out, defaults = _probe(repo, f"{xla_cpu.YNN_FLAG}_zz=", MMGEN_XLA_CPU_PROBED="1")
+    assert (out, defaults) == ("", "unset")
