@@ -3,7 +3,8 @@ bf16, FSDP over all chips, our Pallas TPU attention, 256 px images as 16x16 toke
 a 32k BPE text vocabulary, packed 4096-token rows, 1M tokens a step.
 
     mmgen compile --config configs/pod_7b.py --topology v5p:4x4x4 --text-vocab 32000
-    mmgen launch tpu-vm --config configs/pod_7b.py --tpu v5p-128 ...   (docs/launching.md)
+    mmgen launch tpu-vm --config configs/pod_7b.py --name NAME --zone ZONE \
+        --accelerator v5p-128 --workdir /mnt/shared/runs/pod_7b   (docs/launching.md)
 
 Arguments: None (v5p:4x4x4), "v5p-256" (v5p:4x4x8, global batch doubled).
 """
@@ -24,7 +25,8 @@ def get_config(arg=None) -> ConfigDict:
     ))
     c.data.update(dict(
         source="wds", path="gs://BUCKET/shards/{00000..09999}.tar",
-        text_tokenizer="runs/bpe_32k/tokenizer.json",  # `mmgen data tokenizer --vocab 32000`
+        # from `mmgen data tokenizer --src SHARDS --out runs/bpe_32k --vocab-size 32000`
+        text_tokenizer="runs/bpe_32k/tokenizer.json",
         image_size=256, seq_len=4096, examples_per_row=10.0, max_caption_bytes=1024,
     ))
     c.optim.update(dict(lr=3e-4, warmup_steps=2000, weight_decay=0.1, ema_decay=0.0))
