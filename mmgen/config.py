@@ -27,9 +27,15 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if file.suffix != ".py":
+        raise ConfigError(f"{path} is not a config: configs are Python files defining "
+                          "get_config(arg) (configs/*.py)")
     module_spec = importlib.util.spec_from_file_location(f"mmgen_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
     try:
@@ -88,6 +94,15 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
         raise ConfigError(f"config key '{key}': cannot set {text!r}: {e}") from None
 
 
+# The groups every config of a kind has: code reads them before `validate` runs (resume
+# pinning, init inheritance), so a config without one fails here, by name.
+KIND_GROUPS = {
+    "tokenizer": ("model", "data", "loss", "optim", "train", "mesh", "init"),
+    "joint": ("model", "data", "loss", "optim", "train", "mesh", "init", "tokenizer", "eval"),
+    "decoder": ("model", "data", "optim", "train", "mesh", "init", "tokenizer", "sample"),
+}
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads `spec` and applies overrides given as `key=value` or `--config.key=value`."""
     cfg = load_config_file(spec)
@@ -96,7 +111,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         key, eq, text = item.partition("=")
         if not eq:
             raise ConfigError(f"override '{item}' must look like --config.key=value")
+        if key == "kind":  # the other keys of a config belong to its kind
+            raise ConfigError("config key 'kind' cannot be overridden: it says what the "
+                              "config file builds; pick a config of the other kind instead")
         apply_override(cfg, key, text)
+    kind = cfg.get("kind")
+    if kind not in KIND_GROUPS:
+        raise ConfigError(f"{spec}: kind must be one of {list(KIND_GROUPS)}, got {kind!r}")
+    missing = [g for g in KIND_GROUPS[kind]
+               if not isinstance(cfg.get(g), ml_collections.ConfigDict)]
+    if missing:
+        raise ConfigError(f"{spec}: a {kind} config needs the groups {missing} "
+                          "(see configs/ and docs/configs.md)")
     return cfg
 
 
@@ -126,6 +152,13 @@ _BOUNDS = (
     ("optim.warmup_steps", 0, None, True), ("optim.min_lr_ratio", 0, 1, True),
     ("optim.b1", 0, 1, False), ("optim.b2", 0, 1, False), ("optim.ema_decay", 0, 1, False),
     ("optim.weight_decay", 0, None, True), ("optim.grad_clip", 0, None, True),
+    # probabilities; 1.5 for 0.15 would train an unconditional model without a word
+    ("data.caption_dropout", 0, 1, True), ("data.caption_task_fraction", 0, 1, True),
+    ("data.p_word", 0, 1, True), ("data.p_texture", 0, 1, True),
+    ("data.max_objects", 1, 4, True), ("data.image_size", 8, None, True),
+    ("data.num_train_scenes", 1, None, True),
+    # negative loss terms are gradient ascent
+    ("loss.z_loss", 0, None, True), ("loss.code_snap", 0, None, True),
 )
 # the joint model's shape keys (validate; resuming checks them against the workdir's run)
 JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
@@ -134,7 +167,7 @@ JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_
 def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
     for key, lo, hi, hi_closed in _BOUNDS:
         group, name = key.split(".")
-        if group not in cfg or name not in cfg[group]:
+        if not isinstance(cfg.get(group), ml_collections.ConfigDict) or name not in cfg[group]:
             continue
         value = cfg[group][name]
         ok = lo <= value and (hi is None or (value <= hi if hi_closed else value < hi))
@@ -342,8 +375,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int,
             f"model.rope_theta must be positive, got {m.get('rope_theta')}")
     from mmgen.tokenizers.layout import MODALITIES
 
-    unknown = set(cfg.loss.modality_weights) - (set(MODALITIES) - {"pad"})
+    weights = cfg.loss.modality_weights
+    unknown = set(weights) - (set(MODALITIES) - {"pad"})
     require(not unknown, f"loss.modality_weights has unknown modalities: {sorted(unknown)}")
+    require(all(w >= 0 for w in weights.values()) and any(w > 0 for w in weights.values()),
+            f"loss.modality_weights must be >= 0 with one > 0, got {dict(weights)}")
     post = cfg.get("posttrain")
     if post is not None:
         from mmgen.posttrain.tasks import POSTTRAIN_TASKS

@@ -60,6 +60,16 @@ def test_impossible_shapes_fail_before_compiling(repo, override, devices, messag
     ("tiny.py", "model.num_layers=0", "model.num_layers must be >= 1, got 0"),
     ("tokenizer_tiny.py", "train.log_every=0", "train.log_every must be >= 1, got 0"),
     ("decoder_tiny.py", "optim.grad_clip=-1.0", "optim.grad_clip must be >= 0, got -1.0"),
+    ("tiny.py", "data.caption_dropout=1.5", "data.caption_dropout must be in [0, 1], got 1.5"),
+    ("tiny.py", "data.caption_task_fraction=-0.5",
+     "data.caption_task_fraction must be in [0, 1], got -0.5"),
+    ("tiny.py", "data.p_word=2.0", "data.p_word must be in [0, 1], got 2.0"),
+    ("tiny.py", "data.max_objects=0", "data.max_objects must be in [1, 4], got 0"),
+    ("tokenizer_tiny.py", "data.image_size=0", "data.image_size must be >= 8, got 0"),
+    ("tiny.py", "loss.z_loss=-1.0", "loss.z_loss must be >= 0, got -1.0"),
+    ("tokenizer_tiny.py", "loss.code_snap=-0.1", "loss.code_snap must be >= 0, got -0.1"),
+    ("tiny.py", "loss.modality_weights.text=-1.0",
+     "loss.modality_weights must be >= 0 with one > 0, got {'image': 1.0, 'text': -1.0}"),
 ])
 def test_out_of_range_numbers_fail_by_name(repo, config, override, message):
     """Each of these used to crash mid-run (a modulo by zero, grain's batcher) or run
@@ -146,3 +156,29 @@ def test_tokenizer_encoder_is_checked(repo):
     cfg = load_config(str(repo / "configs/tokenizer_tiny.py"), ["--config.model.encoder=vit"])
     with pytest.raises(ConfigError, match="model.encoder must be 'conv' or 'patch'"):
         validate(cfg, 1)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("syntax.py", "def get_config(:\n", r"syntax.py:1: syntax error"),
+    ("notes.md", "# not a config\n", r"notes.md is not a config: configs are Python files"),
+    ("typo_kind.py", "from ml_collections import ConfigDict\n"
+     "def get_config(arg=None):\n    return ConfigDict(dict(kind='jont'))\n",
+     r"kind must be one of \['tokenizer', 'joint', 'decoder'\], got 'jont'"),
+    ("no_groups.py", "from ml_collections import ConfigDict\n"
+     "def get_config(arg=None):\n    return ConfigDict(dict(kind='joint', model={}))\n",
+     r"a joint config needs the groups \['data', 'loss'"),
+])
+def test_a_broken_config_file_fails_in_one_line(tmp_path, name, text, message):
+    """These used to end in tracebacks (SyntaxError, 'NoneType' has no 'loader', an
+    AttributeError from the first group code read before validate)."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_kind_cannot_be_overridden(repo):
+    """--config.kind=tokenizer on a joint config used to fail deep in the tokenizer code."""
+    with pytest.raises(ConfigError, match="config key 'kind' cannot be overridden"):
+        load_config(str(repo / "configs/tiny.py"), ["--config.kind=tokenizer"])

@@ -30,6 +30,16 @@ def test_grad_accumulation_matches_full_batch(repo):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def test_freeze_regex_matching_no_parameter_is_refused(repo):
+    """`optim.freeze=embeds` (the parameter is embed_VD) used to train everything silently."""
+    from mmgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.freeze='embeds' matches no parameter; "
+                       r"parameters are e.g. ") as e:
+        small_spec(small_cfg(repo, "optim.freeze=embeds")).init(0)
+    assert "\n" not in str(e.value)
+
+
 def test_freeze_regex_keeps_params_fixed_and_ema_tracks(repo):
     cfg = small_cfg(repo, "optim.freeze=^embed_VD$", "optim.ema_decay=0.5")
     spec = small_spec(cfg)

@@ -7,6 +7,7 @@ import re
 import jax
 import optax
 
+from mmgen.config import ConfigError
 from mmgen.models.lora import is_adapter
 from mmgen.models.paths import param_path
 
@@ -97,6 +98,9 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
     )
     frozen = regex_mask(params, o.freeze)
     paths = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p), params)
+    if o.freeze and not any(jax.tree.leaves(frozen)):  # a typo would train everything
+        raise ConfigError(f"optim.freeze={o.freeze!r} matches no parameter; parameters are "
+                          f"e.g. {', '.join(jax.tree.leaves(paths)[:4])}")
     lora = any(is_adapter(p) for p in jax.tree.leaves(paths))
     if lora:
         frozen = jax.tree.map(lambda f, p: f or not is_adapter(p), frozen, paths)
