@@ -9,14 +9,14 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmgen.cli import main as mmgen
 from mmgen.config import ConfigError, load_config
 from mmgen.export import export_params
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.parallel.mesh import make_mesh
-from mmgen.sample.inputs import SampleError, check_out, load_image, read_items
+from mmgen.sample.inputs import MAX_PIXELS, SampleError, check_out, load_image, read_items
 from mmgen.tasks import resolve_joint
 from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.state import StateSpec
@@ -230,3 +230,56 @@ def test_jsonl_null_fields_mean_absent(tmp_path):
     f.write_text('{"prompt": "red", "image": null}\n')
     (item,) = read_items(None, str(f), None)
     assert item.prompt == "red" and item.image is None
+
+
+def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM; it used to begin the first prompt."""
+    for name, text in (("p.txt", "two red circles\n"),
+                       ("p.jsonl", '{"prompt": "two red circles"}\n')):
+        f = tmp_path / name
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [it.prompt for it in read_items(None, str(f), None)] == ["two red circles"]
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("p.json", '["two red circles", "a blue square"]\n',
+     "p.json: .json is not a prompts format"),
+    ("p.jsonl", '{"prompt": "red", "img": "x.png"}\n', "p.jsonl:1: unknown keys ['img']"),
+])
+def test_prompts_files_that_would_be_misread_are_refused(tmp_path, capsys, name, text,
+                                                         expected):
+    """A JSON list used to become one literal prompt; {"img": ...} sampled without its image."""
+    f = tmp_path / name
+    f.write_text(text)
+    one_error(capsys, ["sample", "--checkpoint", str(tmp_path / "no_run"), "--prompts-file",
+                       str(f)], expected)
+
+
+def test_prompt_mistakes_of_the_mode_fail_before_loading(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    run = ["sample", "--checkpoint", str(tmp_path / "no_run")]
+    one_error(capsys, [*run, "--image", str(tmp_path / "x.png"), "--prompt", "describe",
+                       "--mode", "caption"], "--mode caption takes no prompt")
+    one_error(capsys, [*run, "--prompt", "   "], "--mode image needs a prompt")
+    one_error(capsys, [*run, "--image", str(tmp_path), "--mode", "caption"],
+              "is a directory, not a file")
+
+
+def test_input_images_follow_exif_orientation_and_bombs_are_refused(tmp_path, capsys):
+    """A photo stored sideways with EXIF Orientation=6 is shown rotated by viewers and read
+    rotated by training (data/transforms.py); sample used to take the stored pixels."""
+    stored = np.zeros((8, 8, 3), np.uint8)
+    stored[:4] = (255, 0, 0)   # red on top, blue below, as stored
+    stored[4:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "rot.png", exif=exif)
+    shown = load_image(tmp_path / "rot.png", 8)
+    np.testing.assert_array_equal(shown, np.asarray(
+        ImageOps.exif_transpose(Image.open(tmp_path / "rot.png"))))
+    assert tuple(shown[0, 0]) == (0, 0, 255) and tuple(shown[0, 7]) == (255, 0, 0)
+    side = int(MAX_PIXELS ** 0.5) + 1
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # a few KB on disk
+    one_error(capsys, ["sample", "--checkpoint", str(tmp_path / "no_run"), "--image",
+                       str(tmp_path / "bomb.png"), "--mode", "caption"],
+              f"is {side}x{side}, more than 50,000,000 pixels")

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MODES = ("image", "caption", "edit")
+# larger inputs are refused before decoding, as in training (data.max_pixels' default)
+MAX_PIXELS = 50_000_000
 
 
 class SampleError(ValueError):
@@ -34,10 +36,14 @@ def read_items(prompt: str | None, prompts_file: str | None, image: str | None) 
     """--prompt / --prompts-file (+ --image, the default image of every line)."""
     default = Path(image) if image else None
     if prompts_file is None:
-        return [Item(prompt, default)]
+        return [Item(prompt.strip() if prompt is not None else None, default)]
     path = Path(prompts_file)
     if not path.is_file():
-        raise SampleError(f"prompts file {path} does not exist")
+        raise SampleError(f"prompts file {path} " + ("is a directory, not a file"
+                                                      if path.is_dir() else "does not exist"))
+    if path.suffix == ".json":  # read line by line, a JSON list would be one prompt
+        raise SampleError(f"prompts file {path}: .json is not a prompts format; write one "
+                          'prompt per line (.txt) or .jsonl lines {"prompt": ..., "image": ...}')
     numbered = [(n, ln) for n, ln in enumerate(_utf8_lines(path), 1) if ln.strip()]
     if not numbered:
         raise SampleError(f"prompts file {path} has no prompts")
@@ -48,8 +54,8 @@ def read_items(prompt: str | None, prompts_file: str | None, image: str | None) 
 
 def _utf8_lines(path: Path) -> list[str]:
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
+    try:  # -sig: a byte-order mark (Windows editors) is not part of the first prompt
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise SampleError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
@@ -64,6 +70,10 @@ def _jsonl_item(path: Path, n: int, line: str, default: Path | None) -> Item:
         raise SampleError(f"{path}:{n}: not JSON ({e.msg})") from None
     if not isinstance(row, dict) or not ({"prompt", "image"} & row.keys()):
         raise SampleError(f'{path}:{n}: expected {{"prompt": ..., "image": ...}}')
+    unknown = sorted(row.keys() - {"prompt", "image"})
+    if unknown:  # {"img": ...} would otherwise sample without its image
+        raise SampleError(f'{path}:{n}: unknown keys {unknown}; a line has "prompt" and/or '
+                          '"image"')
     for key in ("prompt", "image"):
         if not isinstance(row.get(key, ""), str | None):
             raise SampleError(f'{path}:{n}: "{key}" must be a string, got {row[key]!r}')
@@ -116,9 +126,14 @@ def resolve_mode(mode: str | None, items: list[Item]) -> str:
         raise SampleError(f"--mode {mode} needs a prompt (--prompt or --prompts-file)")
     if mode == "image" and has_image:
         raise SampleError("--image is an input of --mode caption or edit, not of --mode image")
+    if mode == "caption" and has_prompt:
+        raise SampleError("--mode caption takes no prompt (it captions the image); drop the "
+                          "prompt, or use --mode edit to edit the image by it")
     for it in items:
         if it.image is not None and not it.image.is_file():
-            raise SampleError(f"image file {it.image} does not exist")
+            raise SampleError(f"image file {it.image} " + ("is a directory, not a file"
+                                                           if it.image.is_dir()
+                                                           else "does not exist"))
     return mode
 
 
@@ -143,8 +158,13 @@ def load_image(path: Path, size: int, note=None) -> np.ndarray:
 def _read_square_rgb(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:  # before decoding: a bomb fills memory
+            raise SampleError(f"image {path} is {img.width}x{img.height}, more than "
+                              f"{MAX_PIXELS:,} pixels; downscale it first")
         img.load()  # decode now: a truncated file fails here, not in a conversion
-    except OSError as e:
+        # as training reads images: a phone photo's EXIF rotation is applied
+        img = ImageOps.exif_transpose(img)
+    except (OSError, Image.DecompressionBombError) as e:
         raise SampleError(f"cannot read image {path}: {e}") from None
     img = _to_rgb(img, path)
     if img.width != img.height:
