@@ -133,15 +133,20 @@ def cmd_eval(args) -> int:
     from mmgen.config import ConfigError
     from mmgen.eval import report as report_lib
     from mmgen.eval.evaluate import evaluate
-    from mmgen.sample.grid import file_in_the_way
+    from mmgen.sample.grid import file_in_the_way, unwritable
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if not suites:  # `--suite "$SUITES"` with the variable unset
+        raise ConfigError(f"--suite {args.suite!r} names no suite (e.g. all, or scenes,text)")
     _check_ranges(args)
     if args.decoder_steps is not None and not args.decoder:
         raise ConfigError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
     blocking = file_in_the_way(args.out)  # found now, not after every suite has run
     if blocking is not None:
         raise ConfigError(f"--out {args.out}: {blocking} is a file, not a directory")
+    why = unwritable(args.out)
+    if why is not None:
+        raise ConfigError(f"--out {args.out}: {why}")
     sampling = {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}
     report, examples = evaluate(args.checkpoint, suites=suites, num=args.num, step=args.step,
                                 tokenizer_dir=args.tokenizer, sampling=sampling,
@@ -220,7 +225,12 @@ def cmd_import_llama(args) -> int:
 
 def cmd_compile(args) -> int:
     from mmgen.compile import run
+    from mmgen.config import ConfigError
+    from mmgen.tokenizers.bpe import BYTE_ALPHABET
 
+    if args.text_vocab is not None and args.text_vocab < BYTE_ALPHABET:
+        raise ConfigError(f"--text-vocab must be >= {BYTE_ALPHABET} (the byte symbols every "
+                          f"text tokenizer has), got {args.text_vocab}")
     return run(args.config, list(args.overrides), args.topology, args.text_vocab, log=log)
 
 
@@ -399,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
+    spaced = [r for r in overrides if "=" not in r]
+    if spaced:  # `--config.train.steps 5` leaves a bare `5` among the unknowns
+        parser.error(f"{spaced[0]} needs its value after '=': {spaced[0]}=VALUE")
     if unknown or (overrides and args.verb not in ("train", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
@@ -413,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
             ExportError, DataError) as e:
+        print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user named: keep the traceback
+            raise
+        # an unwritable --out / --workdir / cache_dir, a file where a folder must go
         print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

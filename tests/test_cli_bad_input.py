@@ -283,3 +283,37 @@ def test_input_images_follow_exif_orientation_and_bombs_are_refused(tmp_path, ca
     one_error(capsys, ["sample", "--checkpoint", str(tmp_path / "no_run"), "--image",
                        str(tmp_path / "bomb.png"), "--mode", "caption"],
               f"is {side}x{side}, more than 50,000,000 pixels")
+
+
+# -- 7. outputs that cannot be written, and flags that name nothing -----------------------
+
+READ_ONLY = "/sys/mmgen_test_out"  # sysfs refuses new entries, even to root
+
+
+def test_unwritable_outputs_fail_before_the_work_in_one_line(repo, exports, tmp_path, capsys):
+    """sample and eval used to do all their work and then raise PermissionError; a train
+    workdir or export folder that cannot be made was a traceback too."""
+    joint = str(exports["joint"])
+    one_error(capsys, ["sample", "--checkpoint", str(tmp_path / "no_run"), "--prompt", "x",
+                       "--out", f"{READ_ONLY}/grid.png"], f"cannot write in {READ_ONLY}")
+    one_error(capsys, ["eval", "--checkpoint", joint, "--suite", "loss", "--out", READ_ONLY],
+              f"cannot write in {READ_ONLY}")
+    one_error(capsys, ["export", "--checkpoint", joint, "--out", READ_ONLY], READ_ONLY)
+    one_error(capsys, ["train", "--config", f"{repo}/configs/tokenizer_tiny.py:smoke",
+                       "--workdir", f"{READ_ONLY}/run"], READ_ONLY)
+
+
+def test_flags_that_name_nothing_are_refused(repo, exports, capsys):
+    one_error(capsys, ["eval", "--checkpoint", str(exports["joint"]), "--suite", ","],
+              "--suite ',' names no suite")
+    one_error(capsys, ["compile", "--config", f"{repo}/configs/tiny.py:smoke", "--topology",
+                       "v5e:2x2", "--text-vocab", "-5"], "--text-vocab must be >= 256")
+
+
+def test_a_config_override_with_a_space_names_the_fix(repo, capsys):
+    with pytest.raises(SystemExit) as e:
+        mmgen(["train", "--config", f"{repo}/configs/tiny.py:smoke", "--config.train.steps",
+               "5"])
+    assert e.value.code == 2
+    assert "--config.train.steps needs its value after '=': --config.train.steps=VALUE" in (
+        capsys.readouterr().err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,19 @@ def file_in_the_way(path: str | Path) -> Path | None:
     directory: where writing under `path` (or creating it as a directory) would fail."""
     path = Path(path)
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
+def unwritable(directory: str | Path) -> str | None:
+    """Why files cannot be written in `directory` (created if missing), or None. Commands
+    ask before their work, so a read-only or full --out fails in a second, not at the end
+    of a long eval or sampling run."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        return f"cannot write in {directory}: {e.strerror or e}"
+    return None
 
 
 def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> Path:

@@ -85,7 +85,7 @@ def check_out(out: str, mode: str) -> None:
     """Refuses, before the checkpoint loads, an --out the mode could not write: image and
     edit save an image file whose format PIL takes from the suffix; caption writes OUT
     with its suffix replaced by .json (so OUT may name a directory: DIR.json goes beside it)."""
-    from mmgen.sample.grid import file_in_the_way
+    from mmgen.sample.grid import file_in_the_way, unwritable
 
     path = Path(out)
     if path.name in ("", ".."):
@@ -99,6 +99,9 @@ def check_out(out: str, mode: str) -> None:
                           + ("" if mode == "caption" else f" such as {target / 'grid.png'}"))
     if mode != "caption":
         _check_image_suffix(out, path.suffix)
+    why = unwritable(target.parent)
+    if why is not None:
+        raise SampleError(f"--out {out}: {why}")
 
 
 def _check_image_suffix(out: str, suffix: str) -> None:
