@@ -182,14 +182,10 @@ def cmd_data(args) -> int:
             prep.inspect(args.path, limit=args.limit, sheet=args.sheet,
                          seq_len=args.seq_len, tokens_per_image=args.tokens_per_image, log=log)
         else:
-            from mmgen.tokenizers.bpe import train_bpe_from_captions
-
-            path, summary = train_bpe_from_captions(
-                prep.texts(args.src, limit=args.limit, log=log), args.out, args.vocab_size,
-                log=log)
-            log(f"wrote {path} ({summary['vocab_size']} ids, {summary['num_captions']:,} "
-                f"texts); train with --config.data.text_tokenizer={path}")
-    except ValueError as e:  # a bad --src spec or option: one line, like config errors
+            prep.text_tokenizer(args.src, args.out, vocab_size=args.vocab_size,
+                                limit=args.limit, log=log)
+    # a bad --src spec or option, or a path that is not there: one line, like config errors
+    except (ValueError, FileNotFoundError) as e:
         print(f"mmgen data {args.data_verb}: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -238,6 +234,25 @@ def cmd_launch(args) -> int:
     from mmgen.launch import main as launch_main
 
     return launch_main(args.argv)
+
+
+def _int_at_least(minimum: int):
+    """An argparse `type=` for counts and sizes: argparse then names the flag in its
+    one-line usage error, before any data is read."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,27 +345,30 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_verb", required=True)
     dp = dsub.add_parser("prepare", help="validate a source and write ArrayRecord shards")
     dp.add_argument("--src", required=True, help="KIND:PATH or PATH")
-    dp.add_argument("--out", required=True, help="output directory")
-    dp.add_argument("--num-shards", type=int, default=8)
+    dp.add_argument("--out", required=True, help="output directory (empty or new)")
+    dp.add_argument("--num-shards", type=_positive_int, default=8)
     dp.add_argument("--tokenizer", help="image tokenizer run: also store image tokens")
-    dp.add_argument("--image-size", type=int, default=64,
+    dp.add_argument("--image-size", type=_positive_int, default=64,
                     help="decode check size (the tokenizer's own size when --tokenizer)")
-    dp.add_argument("--max-caption-bytes", type=int, default=256)
+    dp.add_argument("--max-caption-bytes", type=_positive_int, default=256)
     dp.add_argument("--drop-images", action="store_true",
                     help="with --tokenizer: store tokens only, not the image bytes")
-    dp.add_argument("--limit", type=int, help="only the first N records")
+    dp.add_argument("--limit", type=_positive_int, help="only the first N records")
     di = dsub.add_parser("inspect", help="counts, skip reasons, captions, contact sheet")
     di.add_argument("path", help="KIND:PATH or PATH")
-    di.add_argument("--limit", type=int, default=1000, help="records decoded (default 1000)")
-    di.add_argument("--sheet", default="contact_sheet.png", help="contact-sheet PNG to write")
-    di.add_argument("--seq-len", type=int, default=0,
+    di.add_argument("--limit", type=_positive_int, default=1000,
+                    help="records decoded (default 1000)")
+    di.add_argument("--sheet", default="contact_sheet.png",
+                    help="contact-sheet image to write (.png or .jpg)")
+    di.add_argument("--seq-len", type=_positive_int,
                     help="with --tokens-per-image: suggest data.examples_per_row")
-    di.add_argument("--tokens-per-image", type=int, default=0)
+    di.add_argument("--tokens-per-image", type=_positive_int)
     dt = dsub.add_parser("tokenizer", help="train a byte-level BPE on captions and texts")
     dt.add_argument("--src", required=True, help="KIND:PATH or PATH")
     dt.add_argument("--out", required=True, help="directory for tokenizer.json")
-    dt.add_argument("--vocab-size", type=int, default=8192)
-    dt.add_argument("--limit", type=int, help="only the first N records")
+    # byte-level BPE starts from the 256 byte symbols (tokenizers/bpe.py BYTE_ALPHABET)
+    dt.add_argument("--vocab-size", type=_int_at_least(256), default=8192)
+    dt.add_argument("--limit", type=_positive_int, help="only the first N records")
     d.set_defaults(fn=cmd_data)
 
     x = sub.add_parser("export", help="export a checkpoint's weights as safetensors",

@@ -299,14 +299,10 @@ def test_a_damaged_tar_index_cache_is_rebuilt(tmp_path, damage):
 
 # -- options -------------------------------------------------------------------------------
 
-def test_prepare_refuses_zero_shards_in_one_line(tmp_path, capsys):
+def test_prepare_refuses_zero_shards_in_one_line(tmp_path):
     path = _tar(tmp_path / "a.tar", 4)
     with pytest.raises(ValueError, match="--num-shards must be at least 1, got 0"):
         prepare.prepare(str(path), tmp_path / "out", num_shards=0, **QUIET)
-    assert mmgen(["data", "prepare", "--src", str(path), "--out", str(tmp_path / "out"),
-                  "--num-shards", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "mmgen data prepare: error: --num-shards must be at least 1, got 0"
 
 
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e400", "0"])
@@ -319,3 +315,122 @@ def test_mixture_weights_must_be_positive_and_finite(repo, weight):
         "--config.data.source=mix", f"--config.data.mixture={spec}"])
     with pytest.raises(ConfigError, match="positive finite"):  # before anything is read
         validate(cfg, 1)
+
+
+# -- `mmgen data` commands: impossible options, used folders, sources without text ----------
+
+def one_data_error(capsys, argv: list[str], expected: str) -> None:
+    """`mmgen data argv` exits 2 with one error line (argparse's follows its usage lines)."""
+    try:
+        rc = mmgen(["data", *argv])
+    except SystemExit as e:  # argparse refused an option
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err, (rc, err)
+    assert err[-1].startswith(f"mmgen data {argv[0]}: error: ") and expected in err[-1], err
+    assert not any("error" in line for line in err[:-1]), err  # usage lines at most
+
+
+@pytest.mark.parametrize("argv, flag, minimum, value", [
+    (["inspect", "a.tar", "--limit", "-3"], "--limit", 1, -3),
+    (["inspect", "a.tar", "--seq-len", "-5", "--tokens-per-image", "256"], "--seq-len", 1, -5),
+    (["inspect", "a.tar", "--seq-len", "320", "--tokens-per-image", "0"],
+     "--tokens-per-image", 1, 0),
+    (["prepare", "--src", "a.tar", "--out", "o", "--limit", "-5"], "--limit", 1, -5),
+    (["prepare", "--src", "a.tar", "--out", "o", "--image-size", "0"], "--image-size", 1, 0),
+    (["prepare", "--src", "a.tar", "--out", "o", "--image-size", "-8"], "--image-size", 1, -8),
+    (["prepare", "--src", "a.tar", "--out", "o", "--max-caption-bytes", "0"],
+     "--max-caption-bytes", 1, 0),
+    (["prepare", "--src", "a.tar", "--out", "o", "--num-shards", "0"], "--num-shards", 1, 0),
+    (["tokenizer", "--src", "a.tar", "--out", "o", "--vocab-size", "255"],
+     "--vocab-size", 256, 255),
+    (["tokenizer", "--src", "a.tar", "--out", "o", "--limit", "0"], "--limit", 1, 0),
+])
+def test_impossible_counts_and_sizes_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys,
+                                                                 argv, flag, minimum, value):
+    """They used to print "checked -3", write 0 records, divide by zero, or name no flag."""
+    monkeypatch.chdir(tmp_path)
+    _tar(tmp_path / "a.tar", 4)
+    one_data_error(capsys, argv, f"argument {flag}: must be at least {minimum}, got {value}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_says_when_seq_len_is_smaller_than_one_example(tmp_path, capsys):
+    """0.97 * 100 / 270 tokens used to be suggested as data.examples_per_row=0.36."""
+    path = _tar(tmp_path / "a.tar", 4)  # captions "square number i": 15 bytes
+    assert mmgen(["data", "inspect", str(path), "--sheet", str(tmp_path / "s.png"),
+                  "--seq-len", "100", "--tokens-per-image", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len is smaller than one example (277 tokens on average); use a " \
+           "data.seq_len of at least 286" in out and "examples_per_row=" not in out
+    summary = prepare.inspect(str(path), sheet=tmp_path / "s.png", seq_len=286,
+                              tokens_per_image=256, **QUIET)
+    assert summary["suggested_examples_per_row"] == 1.0
+
+
+def test_prepare_refuses_an_out_that_holds_a_prepared_set(tmp_path, capsys):
+    """A second prepare (here with other --num-shards) used to write its shards beside the
+    first's, and the summary's read_with glob trained on both."""
+    path = _tar(tmp_path / "a.tar", 6)
+    out = tmp_path / "prepared"
+    assert mmgen(["data", "prepare", "--src", str(path), "--out", str(out),
+                  "--num-shards", "2"]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    # refused before the source is read: this one does not even exist
+    one_data_error(capsys, ["prepare", "--src", str(tmp_path / "gone.tar"), "--out", str(out),
+                            "--num-shards", "3"],
+                   f"--out {out} already holds 2 shard(s) such as "
+                   "data-00000-of-00002.array_record and summary.json from an earlier prepare; "
+                   "pick an empty or new --out")
+    for shard in out.glob("*.array_record"):
+        shard.unlink()
+    one_data_error(capsys, ["prepare", "--src", str(path), "--out", str(out)],
+                   f"--out {out} already holds summary.json from an earlier prepare")
+    assert sorted(f.name for f in out.iterdir()) == ["summary.json"]
+    assert (out / "summary.json").read_bytes() == before["summary.json"]  # nothing deleted
+
+
+def test_prepare_refuses_drop_images_without_a_tokenizer(tmp_path, capsys):
+    """--drop-images was ignored: the records kept their images."""
+    path = _tar(tmp_path / "a.tar", 4)
+    one_data_error(capsys, ["prepare", "--src", str(path), "--out", str(tmp_path / "o"),
+                            "--drop-images"], "--drop-images needs --tokenizer RUN")
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_names_a_missing_path_and_a_sheet_it_cannot_write(tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    one_data_error(capsys, ["inspect", "bad/nothere.jsonl"],
+                   "1 path(s) of spec 'bad/nothere.jsonl' do not exist: bad/nothere.jsonl")
+    _tar(tmp_path / "a.tar", 4)
+    (tmp_path / "runs").mkdir()
+    # refused up front (it used to fail with "unknown file extension" after all the work)
+    one_data_error(capsys, ["inspect", "a.tar", "--sheet", "runs/sheet"],
+                   "--sheet runs/sheet: no suffix to name the format; use e.g. .png or .jpg")
+    one_data_error(capsys, ["inspect", "a.tar", "--sheet", "runs"],
+                   "--sheet runs: runs is a directory; give a file name")
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_text_tokenizer_counts_records_without_text_and_refuses_no_text(tmp_path, capsys):
+    """"256 ids, 1 texts" used to be all it said of 5 lines with 4 unusable; a source
+    without any text wrote a tokenizer of the 256 bytes and exit 0."""
+    rows = [json.dumps({"text": "hello world"}), json.dumps({"body": "no text field"}),
+            json.dumps({"text": "  "}), json.dumps({"text": 5}), "{broken"]
+    (tmp_path / "t.jsonl").write_text("\n".join(rows) + "\n")
+    assert mmgen(["data", "tokenizer", "--src", str(tmp_path / "t.jsonl"), "--out",
+                  str(tmp_path / "tok")]) == 0
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("texts: ")]
+    assert said == [f"texts: 1 from {tmp_path / 't.jsonl'}, skipped 4 records: bad_json 2, "
+                    "missing_text 1, empty_text 1"]
+    (tmp_path / "0.png").write_bytes(_png(0, 16))
+    (tmp_path / "images.jsonl").write_text(json.dumps({"content": [{"image": "0.png"}]}) + "\n")
+    one_data_error(capsys, ["tokenizer", "--src", str(tmp_path / "images.jsonl"), "--out",
+                            str(tmp_path / "none")],
+                   f"no text in {tmp_path / 'images.jsonl'}: skipped 1 records: missing_text 1")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    one_data_error(capsys, ["tokenizer", "--src", f"text:{tmp_path / 'empty.jsonl'}", "--out",
+                            str(tmp_path / "none")], "it holds no records")
+    assert not (tmp_path / "none").exists()

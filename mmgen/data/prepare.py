@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgen.data import transforms
+from mmgen.data import paths, transforms
 from mmgen.data.records import BadExample
 from mmgen.data.steps import SOURCES, open_source
 
@@ -51,6 +51,8 @@ def parse_src(spec: str) -> tuple[str, str]:
             return ("interleaved" if "content" in json.loads(line) else "text"), spec
         except (ValueError, TypeError):
             return "text", spec
+    if "://" in spec or ":" not in spec:  # a path, not KIND:PATH with an unknown KIND
+        paths.expand(spec)  # FileNotFoundError when it does not exist, not "cannot tell"
     raise ValueError(f"cannot tell the kind of {spec!r}; write KIND:PATH with KIND in "
                      f"{', '.join(SOURCES)}")
 
@@ -72,6 +74,11 @@ class Progress:
         pct = 100.0 * done / self.total if self.total else 100.0
         self.log(f"{self.what}: {done:,}/{self.total:,} ({pct:.0f}%) {extra} "
                  f"{rate:,.0f}/s eta {eta / 60:.1f} min")
+
+
+def _said(skipped: Counter) -> str:
+    """Skip counts as one line: "bad_json 2, missing_text 1", most common first."""
+    return ", ".join(f"{r} {c}" for r, c in skipped.most_common())
 
 
 def _validated(source, *, size: int, max_caption_bytes: int, max_pixels: int,
@@ -102,6 +109,24 @@ def _validated(source, *, size: int, max_caption_bytes: int, max_pixels: int,
             skipped[e.reason] += 1
 
 
+def _refuse_used_out(out: Path) -> None:
+    """A second prepare into the same folder would put both sets' shards under the summary's
+    read_with glob (OUT/*.array_record), so training would read both: refuse, before any
+    data is read, and delete nothing."""
+    from mmgen.sample.grid import file_in_the_way
+
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a directory")
+    shards = sorted(out.glob("*.array_record")) if out.is_dir() else []
+    held = [f"{len(shards)} shard(s) such as {shards[0].name}"] if shards else []
+    if (out / SUMMARY).exists():
+        held.append(f"{SUMMARY} from an earlier prepare")
+    if held:
+        raise ValueError(f"--out {out} already holds {' and '.join(held)}; pick an empty or "
+                         "new --out")
+
+
 def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None = None,
             image_size: int = 64, max_caption_bytes: int = 256, max_pixels: int = 50_000_000,
             keep_images: bool = True, limit: int | None = None, log=print) -> dict:
@@ -111,9 +136,13 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
 
     if num_shards < 1:  # ValueError: `mmgen data prepare` prints it as one line
         raise ValueError(f"--num-shards must be at least 1, got {num_shards}")
+    if not keep_images and not tokenizer:  # without tokens a record would hold nothing
+        raise ValueError("--drop-images needs --tokenizer RUN: it stores image tokens "
+                         "instead of the images")
+    out = Path(out)
+    _refuse_used_out(out)
     kind, path = parse_src(src)
     source = open_source(kind, path, log=log)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     codec = None
     if tokenizer:
@@ -186,13 +215,34 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
     return summary
 
 
+def _suggest_examples_per_row(caption_bytes: list[int], seq_len: int,
+                              tokens_per_image: int) -> tuple[dict, str]:
+    """(summary keys, log line) for `inspect --seq-len --tokens-per-image`."""
+    # + 6 specials per example, as steps.row_length_problem counts them
+    lengths = np.asarray(caption_bytes) + tokens_per_image + 6
+    # offering 97% of a row's tokens fills rows to ~96% and drops ~1% of examples
+    # (first-fit, lengths like uniform 50..350 at seq_len 4096; tests/test_data_pipeline)
+    per_row = 0.97 * seq_len / lengths.mean()
+    said = f"with seq_len {seq_len} and {tokens_per_image} tokens per image: "
+    if per_row < 1:  # a row would not hold one example: no examples_per_row helps
+        need = int(np.ceil(lengths.mean() / 0.97))
+        return {"min_seq_len": need}, (
+            f"{said}seq_len is smaller than one example ({lengths.mean():.0f} tokens on "
+            f"average); use a data.seq_len of at least {need}")
+    return {"suggested_examples_per_row": round(float(per_row), 2)}, (
+        f"{said}data.examples_per_row={per_row:.2f} fills rows to about 96% "
+        "(byte-level captions; subword captions are shorter)")
+
+
 def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.png",
-            image_size: int = 96, max_pixels: int = 50_000_000, seq_len: int = 0,
-            tokens_per_image: int = 0, log=print) -> dict:
+            image_size: int = 96, max_pixels: int = 50_000_000, seq_len: int | None = None,
+            tokens_per_image: int | None = None, log=print) -> dict:
     """Counts, skip reasons and caption statistics of (the first `limit` records of) a
     source, plus a contact sheet of its first 64 usable images."""
     from mmgen.sample.grid import make_grid, save_png
+    from mmgen.sample.inputs import check_out
 
+    check_out(str(sheet), "image", flag="--sheet")  # now, not after every record is read
     kind, path = parse_src(src)
     source = open_source(kind, path, log=log)
     skipped: Counter = Counter()
@@ -213,12 +263,11 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
            "skipped": dict(sorted(skipped.items()))}
     log(f"{src} ({kind}): {len(source):,} records indexed"
         + (f", {sum(source.skipped.values()):,} skipped while indexing: "
-           + ", ".join(f"{r} {c}" for r, c in source.skipped.most_common())
+           + _said(source.skipped)
            if source.skipped else ""))
     log(f"checked {checked:,}: {out['usable']:,} usable "
         + " ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
-        + (", skipped " + ", ".join(f"{r} {c}" for r, c in skipped.most_common())
-           if skipped else ", none skipped"))
+        + (", skipped " + _said(skipped) if skipped else ", none skipped"))
     if caption_bytes:
         q = np.percentile(caption_bytes, [50, 90, 99])
         out["caption_bytes"] = {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
@@ -226,14 +275,9 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
         log(f"caption bytes: p50 {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, "
             f"max {max(caption_bytes)}")
         if seq_len and tokens_per_image:
-            lengths = np.asarray(caption_bytes) + tokens_per_image + 6
-            # offering 97% of a row's tokens fills rows to ~96% and drops ~1% of examples
-            # (first-fit, lengths like uniform 50..350 at seq_len 4096; tests/test_data_pipeline)
-            per_row = 0.97 * seq_len / lengths.mean()
-            out["suggested_examples_per_row"] = round(float(per_row), 2)
-            log(f"with seq_len {seq_len} and {tokens_per_image} tokens per image: "
-                f"data.examples_per_row={per_row:.2f} fills rows to about 96% "
-                "(byte-level captions; subword captions are shorter)")
+            keys, line = _suggest_examples_per_row(caption_bytes, seq_len, tokens_per_image)
+            out.update(keys)
+            log(line)
     for c in captions[:5]:
         log(f"  caption: {c!r}")
     if images:
@@ -245,18 +289,58 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
     return out
 
 
-def texts(src: str, *, limit: int | None = None, log=print) -> Iterator[str]:
-    """Every caption and text of a source (cleaned), for training a text tokenizer."""
+def _record_texts(record: dict) -> list[str]:
+    """A record's caption or texts, cleaned as training cleans them; BadExample when it has
+    none, so the record is counted like `inspect` and `prepare` count theirs."""
+    if record["kind"] == "pair":
+        return [transforms.clean_caption(record.get("caption") or "", max_bytes=2**31 - 1)]
+    if record["kind"] == "text":
+        return [transforms.clean_text(record.get("text") or "")]
+    # a document is skipped whole when one text part is bad, as in training
+    pieces = [transforms.clean_text(p["text"]) for p in record["parts"] if "text" in p]
+    if not pieces:  # images only: nothing to learn a text vocabulary from
+        raise BadExample("missing_text", "a document of images only")
+    return pieces
+
+
+def texts(src: str, *, limit: int | None = None, skipped: Counter | None = None,
+          log=print) -> Iterator[str]:
+    """Every caption and text of a source (cleaned), for training a text tokenizer;
+    records without usable text are counted by reason in `skipped` (from the source's
+    index-time skips on, like `prepare`'s summary)."""
+    skipped = Counter() if skipped is None else skipped
     kind, path = parse_src(src)
     source = open_source(kind, path, log=log)
+    skipped.update(source.skipped)
     n = len(source) if limit is None else min(limit, len(source))
     for i in range(n):
         try:
-            record = source[i]
-            pieces = ([record.get("caption")] if record["kind"] == "pair"
-                      else [record.get("text")] if record["kind"] == "text"
-                      else [p["text"] for p in record["parts"] if "text" in p])
-            for piece in pieces:
-                yield transforms.clean_text(piece or "")
-        except BadExample:
+            pieces = _record_texts(source[i])
+        except BadExample as e:
+            skipped[e.reason] += 1
             continue
+        yield from pieces
+
+
+def text_tokenizer(src: str, out: str | Path, *, vocab_size: int, limit: int | None = None,
+                   log=print) -> dict:
+    """Trains a byte-level BPE on a source's captions and texts (OUT/tokenizer.json), says
+    what was skipped, and returns the BPE summary; refuses a source without any text
+    before writing a tokenizer of the 256 bytes alone."""
+    from itertools import chain
+
+    from mmgen.tokenizers.bpe import train_bpe_from_captions
+
+    skipped: Counter = Counter()
+    stream = texts(src, limit=limit, skipped=skipped, log=log)
+    first = next(stream, None)  # None: no record read (up to --limit) held any text
+    if first is None:
+        raise ValueError(f"no text in {src}: " + (f"skipped {sum(skipped.values()):,} "
+                         f"records: {_said(skipped)}" if skipped else "it holds no records"))
+    path, summary = train_bpe_from_captions(chain([first], stream), out, vocab_size, log=log)
+    log(f"texts: {summary['num_captions']:,} from {src}, "
+        + (f"skipped {sum(skipped.values()):,} records: {_said(skipped)}" if skipped
+           else "none skipped"))
+    log(f"wrote {path} ({summary['vocab_size']} ids, {summary['num_captions']:,} "
+        f"texts); train with --config.data.text_tokenizer={path}")
+    return {**summary, "skipped": dict(sorted(skipped.items()))}

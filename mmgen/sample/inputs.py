@@ -81,30 +81,31 @@ def _jsonl_item(path: Path, n: int, line: str, default: Path | None) -> Item:
     return Item(row.get("prompt"), Path(img) if img else default)
 
 
-def check_out(out: str, mode: str) -> None:
+def check_out(out: str, mode: str, flag: str = "--out") -> None:
     """Refuses, before the checkpoint loads, an --out the mode could not write: image and
     edit save an image file whose format PIL takes from the suffix; caption writes OUT
-    with its suffix replaced by .json (so OUT may name a directory: DIR.json goes beside it)."""
+    with its suffix replaced by .json (so OUT may name a directory: DIR.json goes beside it).
+    `flag` names the option in the message (`mmgen data inspect --sheet` checks its PNG)."""
     from mmgen.sample.grid import file_in_the_way, unwritable
 
     path = Path(out)
     if path.name in ("", ".."):
-        raise SampleError(f"--out {out} names no file")
+        raise SampleError(f"{flag} {out} names no file")
     target = path.with_suffix(".json") if mode == "caption" else path
     blocking = file_in_the_way(target.parent)
     if blocking is not None:
-        raise SampleError(f"--out {out}: {blocking} is a file, not a directory")
+        raise SampleError(f"{flag} {out}: {blocking} is a file, not a directory")
     if target.is_dir():
-        raise SampleError(f"--out {out}: {target} is a directory; give a file name"
+        raise SampleError(f"{flag} {out}: {target} is a directory; give a file name"
                           + ("" if mode == "caption" else f" such as {target / 'grid.png'}"))
     if mode != "caption":
-        _check_image_suffix(out, path.suffix)
+        _check_image_suffix(out, path.suffix, flag)
     why = unwritable(target.parent)
     if why is not None:
-        raise SampleError(f"--out {out}: {why}")
+        raise SampleError(f"{flag} {out}: {why}")
 
 
-def _check_image_suffix(out: str, suffix: str) -> None:
+def _check_image_suffix(out: str, suffix: str, flag: str) -> None:
     """PIL picks the format from the suffix; a dry run into memory shows it can write RGB."""
     Image.init()
     fmt = Image.registered_extensions().get(suffix.lower())
@@ -114,7 +115,7 @@ def _check_image_suffix(out: str, suffix: str) -> None:
         Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
     except (ValueError, OSError, KeyError):
         what = f"PIL cannot write {suffix} images" if suffix else "no suffix to name the format"
-        raise SampleError(f"--out {out}: {what}; use e.g. .png or .jpg") from None
+        raise SampleError(f"{flag} {out}: {what}; use e.g. .png or .jpg") from None
 
 
 def resolve_mode(mode: str | None, items: list[Item]) -> str:
