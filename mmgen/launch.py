@@ -2,9 +2,11 @@
 
 Every target prints what it renders (a launcher script, a JobSet manifest or an sbatch
 script, from the templates in `mmgen/launch_templates/`) and the exact commands it runs.
-`--dry-run` stops there. Without it, `local` starts the processes itself and the cloud
-targets write the rendered file and run its command, refusing in one line when their tool
-(gcloud, kubectl, sbatch) is not on PATH. Every target hands the processes the
+Before any of that, every target loads the config with its overrides as `mmgen train`
+does, so a typo fails in one line (exit 2) before a job exists. `--dry-run` stops after
+printing. Without it, `local` starts the processes itself and the cloud targets write the
+rendered file and run its command, refusing in one line when their tool (gcloud, kubectl,
+sbatch) is not on PATH. Every target hands the processes the
 MMGEN_COORDINATOR / MMGEN_NUM_PROCESSES / MMGEN_PROCESS_ID variables that
 `mmgen/parallel/distributed.py` reads, and treats exit 75 (preempted after a complete
 checkpoint, docs/checkpoints.md) as "rerun to resume". See docs/launching.md.
@@ -112,6 +114,26 @@ def _train_args(args) -> list[str]:
     return out + list(args.overrides)
 
 
+def _check_config(args) -> None:
+    """Loads --config with its overrides as `mmgen train` will (mmgen.config.load_config,
+    --resume included), so a missing file, a refused `:ARG` or an unknown or mistyped key
+    fails here in one line, before anything is rendered, started or submitted. Remote
+    targets run from --repo-dir, so a relative config path is read from there."""
+    from mmgen.config import ConfigError, load_config  # lazily: the parser stays cheap
+
+    spec = args.config
+    repo_dir = getattr(args, "repo_dir", None)
+    if repo_dir and not Path(spec.split(":")[0]).is_absolute():
+        spec = str(Path(repo_dir) / spec)
+    overrides = list(args.overrides)
+    if args.resume:  # as _train_args hands it to the processes
+        overrides.append(f"--config.train.resume={args.resume}")
+    try:
+        load_config(spec, overrides)
+    except ConfigError as e:
+        raise LaunchError(f"--config {args.config}: {e}") from None
+
+
 def _check_shared_workdir(args, hosts: int) -> None:
     """Every process writes the same checkpoints, so on several hosts the workdir must be
     one shared path; a relative one is a different directory on each host."""
@@ -180,6 +202,11 @@ def render_slurm(args) -> str:
 
 
 def cmd_slurm(args, print_fn) -> int:
+    limit = slurm_seconds(args.time) if args.time else None
+    if limit is not None and args.signal_seconds >= limit:
+        raise LaunchError(f"--signal-seconds {args.signal_seconds} is not less than --time "
+                          f"{args.time} ({limit} s): the job would be told to save and "
+                          "requeue as soon as it starts")
     text = render_slurm(args)
     path = _out_path(args, f"{args.name}.sbatch")
     commands = [["mkdir", "-p", str(_slurm_log_dir(args))], ["sbatch", str(path)]]
@@ -346,8 +373,6 @@ def _stop_all(procs: list[subprocess.Popen], grace: float) -> None:
 
 
 def cmd_local(args, print_fn) -> int:
-    if args.processes < 1 or args.devices_per_process < 1:
-        raise LaunchError("--processes and --devices-per-process must be at least 1")
     port = args.port if args.port else _free_port()
     cmd = [sys.executable, "-m", "mmgen.cli", "train", *_train_args(args)]
     envs = local_envs(args.processes, args.devices_per_process, port, dict(os.environ))
@@ -376,7 +401,7 @@ def cmd_local(args, print_fn) -> int:
                                               stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL,
                                               start_new_session=True))
-        return _wait_local(procs, args, print_fn)
+        return _wait_local(procs, logs, args, print_fn)
     except KeyboardInterrupt:
         print_fn("mmgen launch: interrupted; asking every process to save and stop")
         _stop_all(procs, args.grace)
@@ -388,9 +413,22 @@ def cmd_local(args, print_fn) -> int:
         _stop_all(procs, args.grace)
 
 
-def _wait_local(procs: list[subprocess.Popen], args, print_fn) -> int:
-    """Waits for all; the first non-zero exit stops the others. Returns that status (0 if
-    all succeeded, 124 on --timeout)."""
+LOG_TAIL_LINES = 5  # of a failed process's log, printed so the reason is on screen
+
+
+def _log_tail(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))  # the end of a long log
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [x for x in text.splitlines() if x.strip()][-n:]
+
+
+def _wait_local(procs: list[subprocess.Popen], logs: list[Path], args, print_fn) -> int:
+    """Waits for all; the first non-zero exit stops the others, after printing the end of
+    its log. Returns that status (0 if all succeeded, 124 on --timeout)."""
     deadline = time.monotonic() + args.timeout if args.timeout else None
     while True:
         codes = [p.poll() for p in procs]
@@ -398,6 +436,11 @@ def _wait_local(procs: list[subprocess.Popen], args, print_fn) -> int:
         if failed:
             i, c = failed[0]
             print_fn(f"mmgen launch: process {i} exited {c}; stopping the others")
+            tail = _log_tail(logs[i])
+            if tail:
+                print_fn(f"mmgen launch: last {len(tail)} lines of {logs[i]}:")
+                for line in tail:
+                    print_fn(f"  {line}")
             _stop_all(procs, args.grace)
             return c
         if all(c == 0 for c in codes):
@@ -411,6 +454,72 @@ def _wait_local(procs: list[subprocess.Popen], args, print_fn) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+
+def _int_in(lo: int, hi: int | None = None, note: str = ""):
+    """An argparse type: an integer in [lo, hi]; anything else is argparse's one-line usage
+    error (exit 2)."""
+    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer {want}{note}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}{note}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(lo_open: bool):
+    """An argparse type: a finite number of seconds, > 0 (lo_open) or >= 0."""
+    want = "> 0" if lo_open else ">= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 if lo_open else value >= 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {want}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+def slurm_seconds(text: str) -> int | None:
+    """sbatch's --time in seconds (None: no limit); ValueError unless it is one of the
+    formats sbatch documents, MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (0 = no
+    limit), or UNLIMITED / INFINITE. Like sbatch, fields after the first are not
+    range-checked (90:00 is 90 minutes)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, dash, rest = text.partition("-")
+    fields = [days, *rest.split(":")] if dash else text.split(":")
+    if not all(f.isascii() and f.isdigit() for f in fields) or len(fields) > 4 - (not dash):
+        raise ValueError(text)
+    n = [int(f) for f in fields]
+    if dash:  # days-hours[:minutes[:seconds]]
+        d, h, m, sec = n + [0] * (4 - len(n))
+    elif len(n) == 3:  # hours:minutes:seconds
+        d, h, m, sec = 0, *n
+    else:  # minutes[:seconds]
+        d, h, m, sec = 0, 0, n[0], n[1] if len(n) == 2 else 0
+    return (((d * 24 + h) * 60 + m) * 60 + sec) or None
+
+
+def _slurm_time(text: str) -> str:
+    try:
+        slurm_seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an sbatch time: use MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+            "D-HH:MM:SS (e.g. 24:00:00 or 1-00 for a day)") from None
+    return text
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen launch", description=__doc__,
@@ -427,13 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--out", help="where to write the rendered file "
                         "(default runs/launch/NAME.<kind>)")
-    remote.add_argument("--port", type=int, default=COORDINATOR_PORT,
+    remote.add_argument("--port", type=_int_in(1, 65535), default=COORDINATOR_PORT,
                         help=f"coordinator port on process 0 (default {COORDINATOR_PORT})")
     remote.add_argument("--repo-dir", default=_default_repo_dir(),
                         help="the mmgen repository to run from (default: the one this mmgen "
                         "is installed from in editable mode, else .)")
     retry = argparse.ArgumentParser(add_help=False)
-    retry.add_argument("--max-restarts", type=int, default=20,
+    retry.add_argument("--max-restarts", type=_int_in(0), default=20,
                        help="reruns after exit 75 / a lost slice (default 20)")
 
     t = sub.add_parser("tpu-vm", parents=[common, remote, retry],
@@ -460,12 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("slurm", parents=[common, remote],
                        help="an sbatch script: one process per node")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--nodes", type=_int_in(1), required=True)
+    s.add_argument("--gpus-per-node", type=_int_in(1), default=8)
     s.add_argument("--partition")
-    s.add_argument("--time", help="HH:MM:SS time limit")
+    s.add_argument("--time", type=_slurm_time, help="time limit in a format sbatch takes: "
+                   "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     s.add_argument("--name", default="mmgen", help="job name (default mmgen)")
-    s.add_argument("--signal-seconds", type=int, default=300,
+    s.add_argument("--signal-seconds", type=_int_in(1, 65535, " (sbatch --signal)"),
+                   default=300,
                    help="SIGTERM this long before the time limit: save, exit 75, requeue")
     s.add_argument("--python", default="python3",
                    help="python with mmgen installed, on the nodes (default python3)")
@@ -473,11 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("local", parents=[common],
                          help="N processes on this machine (CPU devices)")
-    loc.add_argument("--processes", type=int, required=True)
-    loc.add_argument("--devices-per-process", type=int, default=1)
-    loc.add_argument("--port", type=int, default=0, help="coordinator port (default: free)")
-    loc.add_argument("--timeout", type=float, help="stop everything after this many seconds")
-    loc.add_argument("--grace", type=float, default=60.0,
+    loc.add_argument("--processes", type=_int_in(1), required=True)
+    loc.add_argument("--devices-per-process", type=_int_in(1), default=1)
+    loc.add_argument("--port", type=_int_in(0, 65535), default=0,
+                     help="coordinator port (default 0: a free one)")
+    loc.add_argument("--timeout", type=_seconds(lo_open=True),
+                     help="stop everything after this many seconds")
+    loc.add_argument("--grace", type=_seconds(lo_open=False), default=60.0,
                      help="seconds between SIGTERM and SIGKILL when stopping (default 60)")
     loc.set_defaults(fn=cmd_local)
     return p
@@ -497,6 +610,7 @@ def main(argv: list[str] | None = None, print_fn=None) -> int:
             raise LaunchError(f"--workdir {args.workdir}: mmgen train writes its workdir with "
                               "file I/O, so URLs are not supported; mount the bucket "
                               "(Cloud Storage FUSE) and pass the mount path")
+        _check_config(args)
         return args.fn(args, print_fn)
     except LaunchError as e:
         print(f"mmgen launch {args.target}: error: {e}", file=sys.stderr)

@@ -213,14 +213,123 @@ def test_local_two_processes_train(tmp_path, repo):
 
 
 def test_local_failure_stops_the_group(tmp_path, repo):
-    """One bad process (a config error: exit 2) stops the run with its status."""
+    """One bad process (a value `mmgen train` refuses when it validates: exit 2) stops the
+    run with its status, and the end of its log, with the reason, is printed."""
     r = subprocess.run(
         [sys.executable, "-m", "mmgen.launch", "local", "--processes", "2", "--config",
          str(repo / CONFIG), "--workdir", str(tmp_path / "bad"), "--timeout", "120",
-         "--grace", "5", "--config.no_such_key=1"],
+         "--grace", "5", "--config.train.steps=0"],
         cwd=tmp_path, capture_output=True, text=True, timeout=200)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "exited 2" in r.stdout
+    i = re.search(r"process (\d) exited 2; stopping the others", r.stdout).group(1)
+    log = tmp_path / "bad" / "launch" / f"process_{i}.log"
+    tail = r.stdout.split(f"lines of {log}:\n")[1].splitlines()
+    assert 1 <= len(tail) <= launch.LOG_TAIL_LINES
+    assert "train.steps must be >= 1, got 0" in tail[-1], r.stdout
+
+
+def test_log_tail(tmp_path):
+    log = tmp_path / "p.log"
+    log.write_text("".join(f"line {i}\n" for i in range(1000)) + "\n\n")
+    assert launch._log_tail(log) == [f"line {i}" for i in range(995, 1000)]
+    assert launch._log_tail(tmp_path / "missing.log") == []
+
+
+_TARGETS = {
+    "local": ["--processes", "2"],
+    "slurm": ["--nodes", "2"],
+    "tpu-vm": ["--name", "t", "--zone", "z", "--accelerator", "v5p-32", "--workdir", "/m/r"],
+    "gke": ["--name", "t", "--image", "i", "--accelerator", "v5p-32", "--topology", "2x2x4",
+            "--workdir", "/m/r"],
+}
+_BAD_CONFIGS = [
+    (["--config", "configs/nope.py"], "config file not found: "),
+    (["--config", "configs/tiny.py:nope"], "unknown arg 'nope'"),
+    (["--config", "configs/tiny.py", "--config.trian.steps=3"],
+     "unknown config key 'trian.steps' (did you mean train.steps?)"),
+    (["--config", "configs/tiny.py:smoke", "--config.train.steps=abc"],
+     "config key 'train.steps': cannot set 'abc'"),
+]
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+@pytest.mark.parametrize("config, message", _BAD_CONFIGS)
+def test_config_is_loaded_before_anything_is_rendered(capsys, target, config, message):
+    """The config and its overrides are loaded as `mmgen train` loads them, so a typo fails
+    in one line before a job is rendered, started or submitted."""
+    rc, out, err = _dry(capsys, target, *config, *_TARGETS[target])
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and f"mmgen launch {target}: error: --config " in err, err
+    assert message in err, err
+
+
+def test_bad_config_starts_no_process_and_submits_nothing(capsys, monkeypatch, tmp_path):
+    rc = launch.main(["local", "--config", "configs/nope.py", "--processes", "2",
+                      "--workdir", str(tmp_path / "x")])
+    assert rc == 2 and not (tmp_path / "x").exists()
+    monkeypatch.setattr(launch.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("submitted"))
+    rc = launch.main(["slurm", "--config", CONFIG, "--nodes", "2", "--out",
+                      str(tmp_path / "job.sbatch"), "--config.train.stepz=3"])
+    assert rc == 2 and not (tmp_path / "job.sbatch").exists()
+    assert "did you mean train.steps?" in capsys.readouterr().err
+
+
+def test_remote_targets_read_a_relative_config_from_repo_dir(capsys, monkeypatch, tmp_path,
+                                                             repo):
+    """Their scripts run from --repo-dir, so that is where the config must be."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = _dry(capsys, "slurm", "--config", CONFIG, "--nodes", "2", "--repo-dir",
+                      str(repo), "--resume", "latest_valid")
+    assert rc == 0 and "--resume=latest_valid" in out
+    rc, _, err = _dry(capsys, "slurm", "--config", CONFIG, "--nodes", "2", "--repo-dir",
+                      str(tmp_path))
+    assert rc == 2 and f"config file not found: {tmp_path / CONFIG}" in err
+
+
+@pytest.mark.parametrize("target, argv, message", [
+    ("slurm", ["--nodes", "0"], "argument --nodes: must be >= 1, got 0"),
+    ("slurm", ["--nodes", "two"], "argument --nodes: must be an integer >= 1, got 'two'"),
+    ("slurm", ["--nodes", "2", "--gpus-per-node", "0"], "argument --gpus-per-node: must be"),
+    ("slurm", ["--nodes", "2", "--time", "25h"], "argument --time: '25h' is not an sbatch "
+     "time"),
+    ("slurm", ["--nodes", "2", "--time", "1:00:00:00"], "is not an sbatch time"),
+    ("slurm", ["--nodes", "2", "--signal-seconds", "0"], "--signal-seconds: must be in [1, "
+     "65535]"),
+    ("slurm", ["--nodes", "2", "--signal-seconds", "70000"], "--signal-seconds: must be in"),
+    ("slurm", ["--nodes", "2", "--port", "0"], "argument --port: must be in [1, 65535]"),
+    ("gke", [*_TARGETS["gke"][:-2], "--max-restarts", "-1"], "--max-restarts: must be >= 0"),
+    ("tpu-vm", [*_TARGETS["tpu-vm"], "--port", "65536"], "--port: must be in [1, 65535]"),
+    ("local", ["--processes", "0"], "argument --processes: must be >= 1, got 0"),
+    ("local", ["--processes", "2", "--devices-per-process", "0"],
+     "--devices-per-process: must be >= 1"),
+    ("local", ["--processes", "2", "--port", "-1"], "--port: must be in [0, 65535]"),
+    ("local", ["--processes", "2", "--timeout", "0"], "--timeout: must be a finite number"),
+    ("local", ["--processes", "2", "--grace", "nan"], "--grace: must be a finite number"),
+])
+def test_out_of_range_flags_are_usage_errors(capsys, target, argv, message):
+    with pytest.raises(SystemExit) as e:
+        launch.main([target, "--config", CONFIG, *argv, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err.splitlines()[-1].startswith(f"mmgen launch {target}: error: ")
+    assert message in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("time_limit, seconds", [
+    ("30", 1800), ("30:30", 1830), ("4:30:30", 16230), ("4-12", 388800),
+    ("4-12:15", 389700), ("4-12:15:30", 389730), ("0", None), ("UNLIMITED", None)])
+def test_slurm_time_formats(capsys, time_limit, seconds):
+    assert launch.slurm_seconds(time_limit) == seconds
+    rc, out, _ = _dry(capsys, "slurm", "--config", CONFIG, "--nodes", "1", "--time",
+                      time_limit, "--signal-seconds", "60")
+    assert rc == 0 and f"#SBATCH --time={time_limit}" in out.splitlines()
+
+
+def test_slurm_signal_must_come_before_the_time_limit(capsys):
+    rc, out, err = _dry(capsys, "slurm", "--config", CONFIG, "--nodes", "1", "--time", "5")
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert "--signal-seconds 300 is not less than --time 5 (300 s)" in err
 
 
 def test_local_sigterm_saves_and_returns_75(tmp_path, repo):
