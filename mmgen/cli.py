@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from mmgen.argtypes import int_in
+
 
 def _setup_jax() -> None:
     """Multi-process start-up from the environment, then the persistent compilation
@@ -236,25 +238,6 @@ def cmd_launch(args) -> int:
     return launch_main(args.argv)
 
 
-def _int_at_least(minimum: int):
-    """An argparse `type=` for counts and sizes: argparse then names the flag in its
-    one-line usage error, before any data is read."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -346,29 +329,29 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("prepare", help="validate a source and write ArrayRecord shards")
     dp.add_argument("--src", required=True, help="KIND:PATH or PATH")
     dp.add_argument("--out", required=True, help="output directory (empty or new)")
-    dp.add_argument("--num-shards", type=_positive_int, default=8)
+    dp.add_argument("--num-shards", type=int_in(1), default=8)
     dp.add_argument("--tokenizer", help="image tokenizer run: also store image tokens")
-    dp.add_argument("--image-size", type=_positive_int, default=64,
+    dp.add_argument("--image-size", type=int_in(1), default=64,
                     help="decode check size (the tokenizer's own size when --tokenizer)")
-    dp.add_argument("--max-caption-bytes", type=_positive_int, default=256)
+    dp.add_argument("--max-caption-bytes", type=int_in(1), default=256)
     dp.add_argument("--drop-images", action="store_true",
                     help="with --tokenizer: store tokens only, not the image bytes")
-    dp.add_argument("--limit", type=_positive_int, help="only the first N records")
+    dp.add_argument("--limit", type=int_in(1), help="only the first N records")
     di = dsub.add_parser("inspect", help="counts, skip reasons, captions, contact sheet")
     di.add_argument("path", help="KIND:PATH or PATH")
-    di.add_argument("--limit", type=_positive_int, default=1000,
+    di.add_argument("--limit", type=int_in(1), default=1000,
                     help="records decoded (default 1000)")
     di.add_argument("--sheet", default="contact_sheet.png",
                     help="contact-sheet image to write (.png or .jpg)")
-    di.add_argument("--seq-len", type=_positive_int,
+    di.add_argument("--seq-len", type=int_in(1),
                     help="with --tokens-per-image: suggest data.examples_per_row")
-    di.add_argument("--tokens-per-image", type=_positive_int)
+    di.add_argument("--tokens-per-image", type=int_in(1))
     dt = dsub.add_parser("tokenizer", help="train a byte-level BPE on captions and texts")
     dt.add_argument("--src", required=True, help="KIND:PATH or PATH")
     dt.add_argument("--out", required=True, help="directory for tokenizer.json")
     # byte-level BPE starts from the 256 byte symbols (tokenizers/bpe.py BYTE_ALPHABET)
-    dt.add_argument("--vocab-size", type=_int_at_least(256), default=8192)
-    dt.add_argument("--limit", type=_positive_int, help="only the first N records")
+    dt.add_argument("--vocab-size", type=int_in(256), default=8192)
+    dt.add_argument("--limit", type=int_in(1), help="only the first N records")
     d.set_defaults(fn=cmd_data)
 
     x = sub.add_parser("export", help="export a checkpoint's weights as safetensors",

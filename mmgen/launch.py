@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from mmgen.argtypes import int_in
+
 EXIT_PREEMPTED = 75  # same as mmgen.train.loop.EXIT_PREEMPTED (not imported: no jax here)
 COORDINATOR_PORT = 8476  # the port JAX itself uses for TPU pod coordinators
 
@@ -455,24 +457,6 @@ def _wait_local(procs: list[subprocess.Popen], logs: list[Path], args, print_fn)
 
 # -- parser ------------------------------------------------------------------------------------
 
-def _int_in(lo: int, hi: int | None = None, note: str = ""):
-    """An argparse type: an integer in [lo, hi]; anything else is argparse's one-line usage
-    error (exit 2)."""
-    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be an integer {want}{note}, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {want}{note}, got {value}")
-        return value
-
-    return parse
-
-
 def _seconds(lo_open: bool):
     """An argparse type: a finite number of seconds, > 0 (lo_open) or >= 0."""
     want = "> 0" if lo_open else ">= 0"
@@ -536,13 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--out", help="where to write the rendered file "
                         "(default runs/launch/NAME.<kind>)")
-    remote.add_argument("--port", type=_int_in(1, 65535), default=COORDINATOR_PORT,
+    remote.add_argument("--port", type=int_in(1, 65535), default=COORDINATOR_PORT,
                         help=f"coordinator port on process 0 (default {COORDINATOR_PORT})")
     remote.add_argument("--repo-dir", default=_default_repo_dir(),
                         help="the mmgen repository to run from (default: the one this mmgen "
                         "is installed from in editable mode, else .)")
     retry = argparse.ArgumentParser(add_help=False)
-    retry.add_argument("--max-restarts", type=_int_in(0), default=20,
+    retry.add_argument("--max-restarts", type=int_in(0), default=20,
                        help="reruns after exit 75 / a lost slice (default 20)")
 
     t = sub.add_parser("tpu-vm", parents=[common, remote, retry],
@@ -569,13 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("slurm", parents=[common, remote],
                        help="an sbatch script: one process per node")
-    s.add_argument("--nodes", type=_int_in(1), required=True)
-    s.add_argument("--gpus-per-node", type=_int_in(1), default=8)
+    s.add_argument("--nodes", type=int_in(1), required=True)
+    s.add_argument("--gpus-per-node", type=int_in(1), default=8)
     s.add_argument("--partition")
     s.add_argument("--time", type=_slurm_time, help="time limit in a format sbatch takes: "
                    "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     s.add_argument("--name", default="mmgen", help="job name (default mmgen)")
-    s.add_argument("--signal-seconds", type=_int_in(1, 65535, " (sbatch --signal)"),
+    s.add_argument("--signal-seconds", type=int_in(1, 65535, " (sbatch --signal)"),
                    default=300,
                    help="SIGTERM this long before the time limit: save, exit 75, requeue")
     s.add_argument("--python", default="python3",
@@ -584,9 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("local", parents=[common],
                          help="N processes on this machine (CPU devices)")
-    loc.add_argument("--processes", type=_int_in(1), required=True)
-    loc.add_argument("--devices-per-process", type=_int_in(1), default=1)
-    loc.add_argument("--port", type=_int_in(0, 65535), default=0,
+    loc.add_argument("--processes", type=int_in(1), required=True)
+    loc.add_argument("--devices-per-process", type=int_in(1), default=1)
+    loc.add_argument("--port", type=int_in(0, 65535), default=0,
                      help="coordinator port (default 0: a free one)")
     loc.add_argument("--timeout", type=_seconds(lo_open=True),
                      help="stop everything after this many seconds")

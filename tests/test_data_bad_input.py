@@ -351,7 +351,7 @@ def test_impossible_counts_and_sizes_are_refused_naming_the_flag(tmp_path, monke
     """They used to print "checked -3", write 0 records, divide by zero, or name no flag."""
     monkeypatch.chdir(tmp_path)
     _tar(tmp_path / "a.tar", 4)
-    one_data_error(capsys, argv, f"argument {flag}: must be at least {minimum}, got {value}")
+    one_data_error(capsys, argv, f"argument {flag}: must be >= {minimum}, got {value}")
     assert not (tmp_path / "o").exists()
 
 
