@@ -28,9 +28,8 @@ def synthetic_tokens(codec: ImageCodec, data_cfg, *, split: str, num: int, seed:
     kwargs = pipeline.scene_kwargs(data_cfg)
     path = token_cache.cache_path(data_cfg.cache_dir, codec.layout.fingerprint, seed, split, num,
                                   kwargs)
-    token_cache.build(path, codec.encode, num=num, seed=seed, split=split,
-                      scene_kwargs=kwargs, log=log)
-    return token_cache.CachedScenes(path)
+    return token_cache.open_or_build(path, codec.encode, num=num, seed=seed, split=split,
+                                     scene_kwargs=kwargs, log=log)
 
 
 def per_host_batch(cfg) -> int:

@@ -1,5 +1,7 @@
 """grain pipeline: packed rows follow the schema, are deterministic and resume exactly."""
 
+import zipfile
+
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -160,3 +162,23 @@ def test_eos_is_a_target_only_after_a_caption():
     assert t2i["loss_weight"][-1] == 0.0 and t2i["tokens"][-2] == LAYOUT.eoi
     assert t2i["loss_weight"][-2] == 1.0  # <eoi> itself is still predicted
     assert cap["loss_weight"][-1] == 1.0  # a caption must learn to stop
+
+
+@pytest.mark.parametrize("victim", ["tokens.npz", "scenes.jsonl"])
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, victim):
+    """A cache marked done whose file was truncated used to fail every run reading it
+    (BadZipFile, JSONDecodeError); it is now said once and rebuilt to the same contents."""
+    path = tmp_path / "c"
+    first = token_cache.open_or_build(path, mean_colour_codes, num=24, seed=0, split="train",
+                                      log=None)
+    ids, scenes = first.image_ids.copy(), list(first.scenes)
+    data = (path / victim).read_bytes()
+    (path / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises((ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile)):
+        token_cache.CachedScenes(path)
+    said = []
+    again = token_cache.open_or_build(path, mean_colour_codes, num=24, seed=0, split="train",
+                                      log=said.append)
+    np.testing.assert_array_equal(again.image_ids, ids)
+    assert again.scenes == scenes
+    assert len([s for s in said if "is damaged" in s and "rebuilding" in s]) == 1, said

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import time
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,11 +98,32 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
     tmp = path / f"tokens.tmp{os.getpid()}.npz"  # per process: hosts may share the cache
     np.savez(tmp, image_ids=np.concatenate(ids_chunks))
     os.replace(tmp, path / "tokens.npz")
-    with open(path / "scenes.jsonl", "w") as f:
+    tmp = path / f"scenes.tmp{os.getpid()}.jsonl"
+    with open(tmp, "w") as f:
         for s in scenes:
             f.write(json.dumps(s) + "\n")
+    os.replace(tmp, path / "scenes.jsonl")
     (path / "done").write_text("ok\n")
     return path
+
+
+# what reading a truncated or overwritten cache raises: np.load, json, CachedScenes' check
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def open_or_build(path: Path, encode: EncodeFn, *, log=print, **build_kwargs) -> CachedScenes:
+    """`build` (if not done) and open the cache; a damaged one (a truncated copy, a full
+    disk) is said in one line and rebuilt rather than failing every run that reads it."""
+    build(path, encode, log=log, **build_kwargs)
+    try:
+        return CachedScenes(path)
+    except _DAMAGED as e:
+        if log:
+            log(f"token cache {path} is damaged ({type(e).__name__}: {e}); rebuilding it")
+    for name in ("done", "tokens.npz", "scenes.jsonl", "decoded.npy"):
+        (path / name).unlink(missing_ok=True)
+    build(path, encode, log=log, **build_kwargs)
+    return CachedScenes(path)
 
 
 DecodeFn = Callable[[np.ndarray], np.ndarray]  # int [B,h,w] -> uint8 [B,H,W,3]
