@@ -36,6 +36,10 @@ def cmd_train(args) -> int:
     from mmgen.config import ConfigError, load_config, validate
 
     overrides = list(args.overrides)
+    derived = [o for o in overrides if o.split("=")[0] in _DERIVED_KEYS]
+    if derived:  # they would be replaced by the tokenizer's layout without a word
+        raise ConfigError(f"{derived[0].split('=')[0]} is derived from the tokenizer's token "
+                          "layout; do not set it")
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
@@ -45,6 +49,7 @@ def cmd_train(args) -> int:
     if "://" in workdir:  # file I/O would quietly make a local directory named "gs:"
         raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported; mount the "
                           "bucket (e.g. Cloud Storage FUSE) and pass the mount path")
+    _check_workdir(Path(workdir))
     pin_source_steps(cfg, workdir, log)
     inherit_init_model(cfg, log, workdir)
     validate(cfg, jax.device_count())
@@ -65,6 +70,24 @@ def cmd_train(args) -> int:
     if final:
         log("final: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
     return 0
+
+
+_DERIVED_KEYS = ("--config.model.vocab_size", "--config.model.padded_vocab_size",
+                 "--config.posttrain.image_offset", "--config.posttrain.image_codes")
+
+
+def _check_workdir(workdir: Path) -> None:
+    """A run's own folder: not an export (its weights file would sit among checkpoints)
+    and not inside another run's checkpoints/ (that run's restores would see it)."""
+    from mmgen.config import ConfigError
+
+    if (workdir / "export.json").exists() or (workdir / "model.safetensors").exists():
+        raise ConfigError(f"--workdir {workdir} is an export; give the run its own folder "
+                          f"(--config.init.checkpoint={workdir} fine-tunes from it)")
+    for p in (workdir.resolve(), *workdir.resolve().parents):
+        if p.name == "checkpoints" and (p.parent / "metrics.jsonl").exists():
+            raise ConfigError(f"--workdir {workdir} is inside the run {p.parent}'s "
+                              "checkpoints; give the run its own folder")
 
 
 # Numeric flags of sample and eval, refused before any model loads: dest -> (test, what a
@@ -100,6 +123,8 @@ def _check_sample_args(args) -> tuple[list, str]:
     args.stop_ids = sample_cmd.parse_stop_ids(args.stop_ids)
     items = read_items(args.prompt, args.prompts_file, args.image)
     mode = resolve_mode(args.mode, items)
+    if mode != "caption" and (args.stop_ids or args.max_tokens is not None):
+        raise SampleError("--stop-ids and --max-tokens apply to --mode caption only")
     check_images(items)
     if args.aspect and mode != "image":
         raise SampleError("--aspect applies to --mode image only")
@@ -181,6 +206,9 @@ def cmd_data(args) -> int:
                          max_caption_bytes=args.max_caption_bytes, keep_images=not args.drop_images,
                          limit=args.limit, log=log)
         elif args.data_verb == "inspect":
+            if (args.seq_len is None) != (args.tokens_per_image is None):  # one is ignored
+                raise ValueError("--seq-len and --tokens-per-image go together: the "
+                                 "examples_per_row suggestion needs both")
             prep.inspect(args.path, limit=args.limit, sheet=args.sheet,
                          seq_len=args.seq_len, tokens_per_image=args.tokens_per_image, log=log)
         else:
@@ -194,8 +222,10 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmgen.export import ExportError, export_run
+    from mmgen.export import WEIGHTS, ExportError, export_run
 
+    if (Path(args.out) / WEIGHTS).is_file():
+        log(f"note: replacing the export in {args.out}")
     try:
         out = export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                          use_ema=not args.no_ema)

@@ -218,6 +218,33 @@ def test_truncated_latest_fails_in_one_line_or_falls_back(repo, six_steps, tmp_p
     assert (next(work.glob("checkpoints_incomplete_*")) / "6" / "state").is_dir()
 
 
+def test_a_run_past_its_steps_says_there_is_nothing_to_train(repo, six_steps, tmp_path,
+                                                             capsys):
+    """Resuming a step-6 run with train.steps=4 used to print only "done"."""
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
+                  *_small(tmp_path, "--config.train.steps=4")]) == 0
+    assert ("the run is at step 6, at or past train.steps=4: nothing to train"
+            in capsys.readouterr().out)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_a_workdir_inside_a_run_or_an_export_is_refused(repo, six_steps, tmp_path, capsys):
+    """`--workdir RUN/checkpoints` made a run inside another run's checkpoints (export
+    refuses the same); an export folder as a workdir mixed weights with checkpoints."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "export.json").write_text("{}")
+    for workdir, why in ((six_steps / "checkpoints", "is inside the run"),
+                         (six_steps / "checkpoints" / "new", "is inside the run"),
+                         (tmp_path / "exp", "is an export")):
+        assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(workdir),
+                      *_small(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert not (six_steps / "checkpoints" / "new").exists()
+
+
 def test_missing_item_is_named(repo, six_steps, tmp_path, capsys):
     work = tmp_path / "run"
     shutil.copytree(six_steps, work)

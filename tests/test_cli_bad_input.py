@@ -317,3 +317,28 @@ def test_a_config_override_with_a_space_names_the_fix(repo, capsys):
     assert e.value.code == 2
     assert "--config.train.steps needs its value after '=': --config.train.steps=VALUE" in (
         capsys.readouterr().err)
+
+
+def test_caption_only_flags_and_stop_ids_outside_the_vocabulary_are_refused(exports, tmp_path,
+                                                                           capsys):
+    """--stop-ids / --max-tokens were ignored in image mode; -5 and ids beyond the
+    vocabulary were accepted (never sampled, so the caption ran to --max-tokens)."""
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "x.png")
+    joint = str(exports["joint"])
+    one_error(capsys, ["sample", "--checkpoint", joint, "--prompt", "x", "--stop-ids", "3"],
+              "--stop-ids and --max-tokens apply to --mode caption only")
+    one_error(capsys, ["sample", "--checkpoint", joint, "--prompt", "x", "--max-tokens", "9"],
+              "--stop-ids and --max-tokens apply to --mode caption only")
+    caption = ["sample", "--checkpoint", joint, "--image", str(tmp_path / "x.png"),
+               "--out", str(tmp_path / "caps")]
+    one_error(capsys, [*caption, "--stop-ids", "-5"], "token ids (>= 0), got '-5'")
+    rc = mmgen([*caption, "--stop-ids", "3,999999"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--stop-ids [999999] are not ids of this model" in err, err
+
+
+def test_derived_model_keys_cannot_be_set(repo, capsys):
+    """--config.model.vocab_size=100 was replaced by the tokenizer's layout without a word."""
+    one_error(capsys, ["train", "--config", f"{repo}/configs/tiny.py:smoke",
+                       "--config.model.vocab_size=100"],
+              "--config.model.vocab_size is derived from the tokenizer's token layout")

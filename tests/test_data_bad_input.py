@@ -434,3 +434,12 @@ def test_text_tokenizer_counts_records_without_text_and_refuses_no_text(tmp_path
     one_data_error(capsys, ["tokenizer", "--src", f"text:{tmp_path / 'empty.jsonl'}", "--out",
                             str(tmp_path / "none")], "it holds no records")
     assert not (tmp_path / "none").exists()
+
+
+def test_inspect_refuses_half_of_the_row_suggestion(capsys, tmp_path):
+    """`--seq-len` without `--tokens-per-image` (or the reverse) was silently ignored."""
+    (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n')
+    for flags in (["--seq-len", "4096"], ["--tokens-per-image", "256"]):
+        one_data_error(capsys, ["inspect", str(tmp_path / "t.jsonl"), *flags,
+                                "--sheet", str(tmp_path / "s.png")],
+                       "--seq-len and --tokens-per-image go together")

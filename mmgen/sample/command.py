@@ -156,9 +156,12 @@ def parse_stop_ids(text: str | None) -> tuple[int, ...]:
     if not text:
         return ()
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise SampleError(f"--stop-ids takes comma-separated token ids, got {text!r}") from None
+        ids = (-1,)
+    if any(i < 0 for i in ids):
+        raise SampleError(f"--stop-ids takes comma-separated token ids (>= 0), got {text!r}")
+    return ids
 
 
 def check_runs(args) -> str:
@@ -181,6 +184,10 @@ def load_sampler(args, log: Callable) -> Sampler:
 
     tok_dir = check_runs(args)
     model, cfg, layout, step = load_run(args.checkpoint, args.step)
+    beyond = [i for i in args.stop_ids if i >= layout.vocab_size]
+    if beyond:  # such an id is never sampled: the caption would run to --max-tokens
+        raise SampleError(f"--stop-ids {beyond} are not ids of this model (its vocabulary "
+                          f"has {layout.vocab_size})")
     codec = ImageCodec(tok_dir)
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
     if args.decoder:

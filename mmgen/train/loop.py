@@ -195,6 +195,9 @@ def _run(cfg, workdir, task, mesh, spec, ckpt, writer, data_iter, state, start, 
     for hook in hooks:
         hook.begin(ctx)
     total = cfg.train.steps
+    if start >= total:
+        log(f"the run is at step {start}, at or past train.steps={total}: nothing to train "
+            "(a larger --config.train.steps trains on)")
     t_window, wait_window, steps_window = time.time(), 0.0, 0
     with _StopSignal() as stop, jax.set_mesh(mesh):
         for step in range(start + 1, total + 1):
