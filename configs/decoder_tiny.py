@@ -24,6 +24,7 @@ def get_config(arg=None) -> ConfigDict:
     c.seed = 0
     c.tokenizer = ConfigDict(dict(
         checkpoint="runs/tokenizer_tiny",   # the image tokenizer run whose ids are decoded
+        step=-1,    # its checkpoint; -1 = the latest at this run's first start, then kept
     ))
     c.model = ConfigDict(dict(
         widths=(16, 32, 64),    # width at 64, 32, 16 px; len = log2(tokenizer downsample) + 1

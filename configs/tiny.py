@@ -23,6 +23,7 @@ def get_config(arg=None) -> ConfigDict:
     c.tokenizer = ConfigDict(dict(
         checkpoint="runs/tokenizer_tiny",       # a tokenizer run dir
         config="configs/tokenizer_tiny.py",     # its config: `mmgen compile` before training it
+        step=-1,    # its checkpoint; -1 = the latest at this run's first start, then kept
     ))
     c.model = ConfigDict(dict(
         d_model=128,

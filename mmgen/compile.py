@@ -45,9 +45,9 @@ def joint_layout(cfg, text_vocab: int | None):
 
     ckpt = Path(cfg.tokenizer.checkpoint)
     if ckpt.exists():
-        from mmgen.load import ImageCodec
+        from mmgen.load import ImageCodec, tokenizer_step
 
-        layout = ImageCodec(ckpt).layout
+        layout = ImageCodec(ckpt, tokenizer_step(cfg)).layout
     else:
         spec = cfg.tokenizer.get("config", "")
         require(spec, f"tokenizer.checkpoint={ckpt} does not exist and tokenizer.config is "

@@ -93,6 +93,16 @@ def expect_kind(path: str | Path, kind: str, needs: str, step: int | None = None
     return cfg
 
 
+def tokenizer_step(cfg, tokenizer_dir: str | Path | None = None) -> int | None:
+    """The tokenizer checkpoint a run was trained with (`tokenizer.step`, pinned at its
+    first start: the tokenizer run may have trained on since), None for the latest: runs
+    from before the key, or another tokenizer than the run's own (`tokenizer_dir`)."""
+    tok = cfg.get("tokenizer") or {}
+    step = tok.get("step", -1)
+    same = tokenizer_dir is None or str(tokenizer_dir) == str(tok.get("checkpoint", ""))
+    return step if step >= 0 and same else None
+
+
 def check_run_kinds(run_dir, step, tokenizer_dir, decoder_dir, verb: str) -> str:
     """The image tokenizer's directory (`tokenizer_dir`, else the run config's), once the
     metadata of every run `mmgen VERB` was given shows the right kind: a wrong directory is
@@ -177,9 +187,9 @@ class ImageCodec:
 
     CHUNK = 64
 
-    def __init__(self, tokenizer_dir: str | Path):
-        expect_kind(tokenizer_dir, "tokenizer", TOKENIZER_NEEDED)
-        self.model, self.cfg, _, self.step = load_run(tokenizer_dir, use_ema=True)
+    def __init__(self, tokenizer_dir: str | Path, step: int | None = None):
+        expect_kind(tokenizer_dir, "tokenizer", TOKENIZER_NEEDED, step)
+        self.model, self.cfg, _, self.step = load_run(tokenizer_dir, step, use_ema=True)
         self.layout = tokenizer_layout(self.model, self.cfg)
         graphdef, params = nnx.split(self.model)
         self._encode = jax.jit(

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmgen.config import require
 from mmgen.data import pipeline, steps, synthetic, token_cache
-from mmgen.load import ImageCodec, build_model_fn
+from mmgen.load import ImageCodec, build_model_fn, tokenizer_step
 from mmgen.parallel.mesh import resolve_axis_sizes
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
@@ -100,6 +100,8 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
     stored = stored and stored[0]
     post = cfg.get("posttrain")
     pins = [("init", "step", lambda c: c.init.get("checkpoint", ""))]
+    if "step" in (cfg.get("tokenizer") or {}):  # a tokenizer run trained on is another one
+        pins.append(("tokenizer", "step", lambda c: c.tokenizer.get("checkpoint", "")))
     if post is not None:
         pins.append(("posttrain", "reference_step",
                      lambda c: c.posttrain.get("reference") or c.init.get("checkpoint", "")))
@@ -150,7 +152,7 @@ class JointTask:
 
     def __init__(self, cfg, log=print, workdir=None):
         self.cfg, self.log = cfg, log
-        self.codec = ImageCodec(cfg.tokenizer.checkpoint)
+        self.codec = ImageCodec(cfg.tokenizer.checkpoint, tokenizer_step(cfg))
         self.text_tokenizer = text_tok.load_text_tokenizer(cfg.data.text_tokenizer)
         self.layout = text_tok.with_text_tokenizer(self.codec.layout, self.text_tokenizer)
         source = init_source(cfg, workdir)
@@ -229,7 +231,7 @@ class DecoderTask:
 
     def __init__(self, cfg, log=print):
         self.cfg, self.log = cfg, log
-        self.codec = ImageCodec(cfg.tokenizer.checkpoint)
+        self.codec = ImageCodec(cfg.tokenizer.checkpoint, tokenizer_step(cfg))
         self.layout = self.codec.layout
         tok = self.codec.cfg
         require(cfg.data.image_size == tok.data.image_size,

@@ -563,3 +563,36 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(repo, tmp_path):
     assert stopped[0] == stopped[1] >= 5
     ckpt = Checkpointer(work / "checkpoints", read_only=True)
     assert ckpt.steps() == [stopped[0]] and ckpt.problem(stopped[0]) is None
+
+
+# -- the tokenizer a joint run was trained with --------------------------------------------
+
+def test_a_tokenizer_trained_on_does_not_break_its_joint_runs(repo, six_steps, tmp_path,
+                                                              capsys):
+    """tokenizer.step is pinned at a joint run's first start: training the tokenizer on
+    afterwards (new weights, new codes) used to make every later resume, sample and eval of
+    that run fail with a layout mismatch, with no way to pick the old checkpoint."""
+    tok, joint = tmp_path / "tok", tmp_path / "joint"
+    shutil.copytree(six_steps, tok)
+    later = tmp_path / "step6"
+    shutil.move(tok / "checkpoints" / "6", later)  # the tokenizer as it was at step 3
+    common = ["--config", f"{repo}/configs/tiny.py:smoke", "--workdir", str(joint),
+              f"--config.tokenizer.checkpoint={tok}", f"--config.data.cache_dir={tmp_path / 'c'}",
+              "--config.model.d_model=32", "--config.model.num_layers=1",
+              "--config.model.head_dim=8", "--config.model.mlp_dim=64"]
+    assert mmgen(["train", *common, "--config.train.steps=2"]) == 0
+    shutil.move(later, tok / "checkpoints" / "6")  # ... and trained on to step 6
+    capsys.readouterr()
+    assert mmgen(["train", *common, "--config.train.steps=3"]) == 0
+    assert f"tokenizer.step=3: {tok} as this run first found it" in capsys.readouterr().out
+    for tokenizer in ([], ["--tokenizer", str(tok)]):
+        assert mmgen(["sample", "--checkpoint", str(joint), *tokenizer, "--prompt", "x",
+                      "--num", "1", "--out", str(tmp_path / "x.png")]) == 0, (
+            capsys.readouterr().err)
+    # another tokenizer given explicitly is that run's latest: step 6's codes do not match
+    other = tmp_path / "other"
+    shutil.copytree(tok, other)
+    capsys.readouterr()
+    assert mmgen(["sample", "--checkpoint", str(joint), "--tokenizer", str(other), "--prompt",
+                  "x", "--num", "1", "--out", str(tmp_path / "y.png")]) == 2
+    assert "does not match" in capsys.readouterr().err

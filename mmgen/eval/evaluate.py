@@ -9,7 +9,7 @@ from pathlib import Path
 from mmgen.config import ConfigError
 from mmgen.data.synthetic import SPLITS
 from mmgen.eval.suites import SUITES, EvalContext
-from mmgen.load import ImageCodec, check_run_kinds, load_run
+from mmgen.load import ImageCodec, check_run_kinds, load_run, tokenizer_step
 from mmgen.tokenizers.layout import check_same_images
 from mmgen.tokenizers.text import tokenizer_for_run
 
@@ -56,7 +56,7 @@ def evaluate(run_dir: str | Path, *, suites: Sequence[str] = ("all",), num: int 
             raise ConfigError(f"unknown sampling override {key!r}; known: {SAMPLING_KEYS}")
         if value is not None:
             cfg.eval[key] = type(cfg.eval[key])(value)
-    codec = ImageCodec(tok_dir)
+    codec = ImageCodec(tok_dir, tokenizer_step(cfg, tokenizer_dir))
     text_tokenizer = tokenizer_for_run(cfg, layout)
     # the text part of the layout was just checked against the text tokenizer
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")

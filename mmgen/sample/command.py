@@ -177,7 +177,7 @@ def check_runs(args) -> str:
 def load_sampler(args, log: Callable) -> Sampler:
     """The run, its image tokenizer (checked against the run's layout) and text tokenizer;
     a --decoder is loaded and checked against the tokenizer here, before any sampling."""
-    from mmgen.load import ImageCodec, load_run
+    from mmgen.load import ImageCodec, load_run, tokenizer_step
     from mmgen.sample.render import load_decoder
     from mmgen.tokenizers.layout import check_same_images
     from mmgen.tokenizers.text import tokenizer_for_run
@@ -188,7 +188,7 @@ def load_sampler(args, log: Callable) -> Sampler:
     if beyond:  # such an id is never sampled: the caption would run to --max-tokens
         raise SampleError(f"--stop-ids {beyond} are not ids of this model (its vocabulary "
                           f"has {layout.vocab_size})")
-    codec = ImageCodec(tok_dir)
+    codec = ImageCodec(tok_dir, tokenizer_step(cfg, args.tokenizer))
     check_same_images(layout, codec.layout, f"tokenizer {tok_dir}")
     if args.decoder:
         load_decoder(args.decoder).check_codec(codec)
