@@ -32,8 +32,11 @@ def topology_devices(name: str):
         topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
     except Exception as e:  # libtpu missing, or a shape it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--topology {name}: {first} (needs libtpu: pip install "
-                          "'mmgen[tpu]')") from None
+        import importlib.util
+
+        hint = ("a shape libtpu does not know for this chip?" if importlib.util.find_spec(
+            "libtpu") else "needs libtpu: pip install 'mmgen[tpu]'")
+        raise ConfigError(f"--topology {name}: {first} ({hint})") from None
     return topo.devices
 
 

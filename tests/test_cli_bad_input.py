@@ -342,3 +342,15 @@ def test_derived_model_keys_cannot_be_set(repo, capsys):
     one_error(capsys, ["train", "--config", f"{repo}/configs/tiny.py:smoke",
                        "--config.model.vocab_size=100"],
               "--config.model.vocab_size is derived from the tokenizer's token layout")
+
+
+def test_a_missing_relative_image_says_where_it_was_looked_for(tmp_path, capsys, monkeypatch):
+    """Data jsonl paths are relative to their file, prompts-file paths to the working
+    directory: the error says which, so the mix-up is visible."""
+    (tmp_path / "sub").mkdir()
+    f = tmp_path / "sub" / "p.jsonl"
+    f.write_text('{"prompt": "make it red", "image": "in.png"}\n')
+    monkeypatch.chdir(tmp_path)
+    one_error(capsys, ["sample", "--checkpoint", "no_run", "--prompts-file", str(f)],
+              f"image file in.png does not exist (relative paths are read from the working "
+              f"directory, {tmp_path})")

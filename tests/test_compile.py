@@ -47,6 +47,8 @@ def test_a_step_that_does_not_fit_exits_4(repo, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--topology", "v9z:2x2"], "expected CHIP:SHAPE"),
+    # libtpu is installed here (the test extra): the hint names the shape, not an install
+    (["--topology", "v5e:2x3"], "(a shape libtpu does not know for this chip?)"),
     (["--topology", "v5e:2x2", "--config.mesh.tensor=3"], "mesh"),
     (["--topology", "v5e:2x2", "--config.model.num_heads=5"], "num_heads"),
 ])

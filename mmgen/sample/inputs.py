@@ -135,9 +135,11 @@ def resolve_mode(mode: str | None, items: list[Item]) -> str:
                           "prompt, or use --mode edit to edit the image by it")
     for it in items:
         if it.image is not None and not it.image.is_file():
+            where = "" if it.image.is_absolute() else (
+                f" (relative paths are read from the working directory, {Path.cwd()})")
             raise SampleError(f"image file {it.image} " + ("is a directory, not a file"
                                                            if it.image.is_dir()
-                                                           else "does not exist"))
+                                                           else f"does not exist{where}"))
     return mode
 
 
