@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
     spaced = [r for r in overrides if "=" not in r]
-    if spaced:  # `--config.train.steps 5` leaves a bare `5` among the unknowns
+    if spaced and args.verb in ("train", "compile"):  # `--config.train.steps 5`: a bare 5
         parser.error(f"{spaced[0]} needs its value after '=': {spaced[0]}=VALUE")
     if unknown or (overrides and args.verb not in ("train", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")

@@ -116,17 +116,23 @@ def _train_args(args) -> list[str]:
     return out + list(args.overrides)
 
 
-def _check_config(args) -> None:
+def _check_config(args, print_fn=print) -> None:
     """Loads --config with its overrides as `mmgen train` will (mmgen.config.load_config,
     --resume included), so a missing file, a refused `:ARG` or an unknown or mistyped key
     fails here in one line, before anything is rendered, started or submitted. Remote
-    targets run from --repo-dir, so a relative config path is read from there."""
+    targets run from --repo-dir, so a relative config path is read from there; a config
+    that exists only where the job runs (a container image, a mount of the workers) is
+    not checked here, with a note."""
     from mmgen.config import ConfigError, load_config  # lazily: the parser stays cheap
 
     spec = args.config
     repo_dir = getattr(args, "repo_dir", None)
     if repo_dir and not Path(spec.split(":")[0]).is_absolute():
         spec = str(Path(repo_dir) / spec)
+    if args.target != "local" and not Path(spec.split(":")[0]).is_file():
+        print_fn(f"mmgen launch: note: {spec.split(':')[0]} is not on this machine; the "
+                 "config is checked where the job runs")
+        return
     overrides = list(args.overrides)
     if args.resume:  # as _train_args hands it to the processes
         overrides.append(f"--config.train.resume={args.resume}")
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None, print_fn=None) -> int:
             raise LaunchError(f"--workdir {args.workdir}: mmgen train writes its workdir with "
                               "file I/O, so URLs are not supported; mount the bucket "
                               "(Cloud Storage FUSE) and pass the mount path")
-        _check_config(args)
+        _check_config(args, print_fn)
         return args.fn(args, print_fn)
     except LaunchError as e:
         print(f"mmgen launch {args.target}: error: {e}", file=sys.stderr)

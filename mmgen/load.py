@@ -99,8 +99,13 @@ def tokenizer_step(cfg, tokenizer_dir: str | Path | None = None) -> int | None:
     from before the key, or another tokenizer than the run's own (`tokenizer_dir`)."""
     tok = cfg.get("tokenizer") or {}
     step = tok.get("step", -1)
-    same = tokenizer_dir is None or str(tokenizer_dir) == str(tok.get("checkpoint", ""))
-    return step if step >= 0 and same else None
+    return step if step >= 0 and (tokenizer_dir is None or same_path(
+        tokenizer_dir, tok.get("checkpoint", ""))) else None
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """`runs/tok`, `./runs/tok/` and its absolute path name one run."""
+    return bool(str(a)) and bool(str(b)) and Path(a).resolve() == Path(b).resolve()
 
 
 def check_run_kinds(run_dir, step, tokenizer_dir, decoder_dir, verb: str) -> str:

@@ -113,8 +113,27 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         if old >= 0 and source(stored) == path:
             cfg[group][key] = old
             log(f"{group}.{key}={old}: {path} as this run first found it")
+        elif group == "tokenizer" and _init_tokenizer_step(cfg, path) is not None:
+            # a fine-tune reads its images with the codes its source model was trained on
+            cfg[group][key] = _init_tokenizer_step(cfg, path)
+            log(f"tokenizer.step={cfg[group][key]}: the step init.checkpoint was trained with")
         else:
             cfg[group][key] = read_run_metadata(path)[2]
+
+
+def _init_tokenizer_step(cfg, tokenizer_dir) -> int | None:
+    """The tokenizer step `init.checkpoint` (its pinned `init.step`) was trained with, when
+    it used the same tokenizer run; None otherwise."""
+    from mmgen.load import read_run_metadata, same_path, tokenizer_step
+
+    source = cfg.get("init", {}).get("checkpoint", "")
+    if not source:
+        return None
+    step = cfg.init.get("step", -1)
+    src_cfg = read_run_metadata(source, None if step < 0 else step)[0]
+    if not same_path(src_cfg.get("tokenizer", {}).get("checkpoint", ""), tokenizer_dir):
+        return None
+    return tokenizer_step(src_cfg)
 
 
 def _stored_metadata(workdir):

@@ -585,10 +585,17 @@ def test_a_tokenizer_trained_on_does_not_break_its_joint_runs(repo, six_steps, t
     capsys.readouterr()
     assert mmgen(["train", *common, "--config.train.steps=3"]) == 0
     assert f"tokenizer.step=3: {tok} as this run first found it" in capsys.readouterr().out
-    for tokenizer in ([], ["--tokenizer", str(tok)]):
+    for tokenizer in ([], ["--tokenizer", str(tok)], ["--tokenizer", f"{tok}/"]):
         assert mmgen(["sample", "--checkpoint", str(joint), *tokenizer, "--prompt", "x",
                       "--num", "1", "--out", str(tmp_path / "x.png")]) == 0, (
             capsys.readouterr().err)
+    # a fine-tune of the run reads images with the codes its source was trained on
+    tuned = tmp_path / "tuned"
+    assert mmgen(["train", *common[:2], "--workdir", str(tuned), *common[4:6],
+                  f"--config.init.checkpoint={joint}", "--config.train.steps=1"]) == 0, (
+        capsys.readouterr().err)
+    assert "tokenizer.step=3: the step init.checkpoint was trained with" in (
+        capsys.readouterr().out)
     # another tokenizer given explicitly is that run's latest: step 6's codes do not match
     other = tmp_path / "other"
     shutil.copytree(tok, other)

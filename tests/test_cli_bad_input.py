@@ -205,9 +205,10 @@ def test_eval_and_export_out_that_is_a_file_is_refused(exports, tmp_path, capsys
 
 # -- 6. prompts files --------------------------------------------------------------------
 
-def test_prompts_file_that_is_not_utf8_names_the_line(tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_prompts_file_that_is_not_utf8_names_the_line(tmp_path, bom):
     f = tmp_path / "p.txt"
-    f.write_bytes(b"a red circle\n\xff\xfe blue\n")
+    f.write_bytes(bom + b"a red circle\n\xff\xfe blue\n")
     with pytest.raises(SampleError, match=r"p.txt:2: not UTF-8 text \(byte 0xff\)"):
         read_items(None, str(f), None)
 
@@ -295,9 +296,14 @@ def test_unwritable_outputs_fail_before_the_work_in_one_line(repo, exports, tmp_
     workdir or export folder that cannot be made was a traceback too."""
     joint = str(exports["joint"])
     one_error(capsys, ["sample", "--checkpoint", str(tmp_path / "no_run"), "--prompt", "x",
-                       "--out", f"{READ_ONLY}/grid.png"], f"cannot write in {READ_ONLY}")
+                       "--out", f"{READ_ONLY}/grid.png"], "cannot write in /sys: ")
     one_error(capsys, ["eval", "--checkpoint", joint, "--suite", "loss", "--out", READ_ONLY],
-              f"cannot write in {READ_ONLY}")
+              "cannot write in /sys: ")
+    # the probe creates nothing: a mistyped checkpoint leaves no empty --out behind
+    assert mmgen(["eval", "--checkpoint", str(tmp_path / "typo"), "--out",
+                  str(tmp_path / "ev")]) == 2
+    assert not (tmp_path / "ev").exists()
+    capsys.readouterr()
     one_error(capsys, ["export", "--checkpoint", joint, "--out", READ_ONLY], READ_ONLY)
     one_error(capsys, ["train", "--config", f"{repo}/configs/tokenizer_tiny.py:smoke",
                        "--workdir", f"{READ_ONLY}/run"], READ_ONLY)

@@ -443,3 +443,10 @@ def test_inspect_refuses_half_of_the_row_suggestion(capsys, tmp_path):
         one_data_error(capsys, ["inspect", str(tmp_path / "t.jsonl"), *flags,
                                 "--sheet", str(tmp_path / "s.png")],
                        "--seq-len and --tokens-per-image go together")
+
+
+def test_a_url_of_unknown_kind_asks_for_kind_path(capsys):
+    """A URL is not expanded like a local path (no scheme handler, network calls): it asks
+    for KIND:PATH in one line, as before local paths were checked for existence."""
+    one_data_error(capsys, ["inspect", "https://example.invalid/shards/"],
+                   "cannot tell the kind of 'https://example.invalid/shards/'")

@@ -30,14 +30,22 @@ def test_grad_accumulation_matches_full_batch(repo):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
-def test_freeze_regex_matching_no_parameter_is_refused(repo):
-    """`optim.freeze=embeds` (the parameter is embed_VD) used to train everything silently."""
+def test_freeze_regex_matching_no_parameter_is_refused_before_training(repo):
+    """`optim.freeze=embeds` (the parameter is embed_VD) used to train everything silently.
+    train() checks it; loading a run whose stored rule matches nothing (an export that
+    merged its LoRA adapters away) still works."""
     from mmgen.config import ConfigError
+    from mmgen.train.optimizer import check_freeze_matches
 
+    cfg = small_cfg(repo, "optim.freeze=embeds")
+    spec = small_spec(cfg)
     with pytest.raises(ConfigError, match=r"optim.freeze='embeds' matches no parameter; "
                        r"parameters are e.g. ") as e:
-        small_spec(small_cfg(repo, "optim.freeze=embeds")).init(0)
+        check_freeze_matches(cfg, spec.abstract_with_shardings()["params"])
     assert "\n" not in str(e.value)
+    check_freeze_matches(small_cfg(repo, "optim.freeze=^embed_VD$"),
+                         spec.abstract_with_shardings()["params"])
+    assert spec.init(0)["params"]  # a state builds with the rule all the same
 
 
 def test_freeze_regex_keeps_params_fixed_and_ema_tracks(repo):

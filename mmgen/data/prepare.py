@@ -51,7 +51,7 @@ def parse_src(spec: str) -> tuple[str, str]:
             return ("interleaved" if "content" in json.loads(line) else "text"), spec
         except (ValueError, TypeError):
             return "text", spec
-    if "://" in spec or ":" not in spec:  # a path, not KIND:PATH with an unknown KIND
+    if ":" not in spec:  # a local path, not KIND:PATH with an unknown KIND or a URL
         paths.expand(spec)  # FileNotFoundError when it does not exist, not "cannot tell"
     raise ValueError(f"cannot tell the kind of {spec!r}; write KIND:PATH with KIND in "
                      f"{', '.join(SOURCES)}")
@@ -242,7 +242,8 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
     from mmgen.sample.grid import make_grid, save_png
     from mmgen.sample.inputs import check_out
 
-    check_out(str(sheet), "image", flag="--sheet")  # now, not after every record is read
+    # now, not after every record is read; not probed: a text-only source writes no sheet
+    check_out(str(sheet), "image", flag="--sheet", probe=False)
     kind, path = parse_src(src)
     source = open_source(kind, path, log=log)
     skipped: Counter = Counter()

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 import zipfile
 from collections import deque
@@ -107,22 +108,31 @@ def build(path: Path, encode: EncodeFn, *, num: int, seed: int, split: str,
     return path
 
 
-# what reading a truncated or overwritten cache raises: np.load, json, CachedScenes' check
-_DAMAGED = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+# what reading a truncated, overwritten or half-deleted cache raises (np.load, json,
+# CachedScenes' own check); other OS errors (permissions, a stale NFS handle) are not
+# damage and propagate
+_DAMAGED = (ValueError, EOFError, KeyError, zipfile.BadZipFile, FileNotFoundError)
 
 
 def open_or_build(path: Path, encode: EncodeFn, *, log=print, **build_kwargs) -> CachedScenes:
     """`build` (if not done) and open the cache; a damaged one (a truncated copy, a full
-    disk) is said in one line and rebuilt rather than failing every run that reads it."""
+    disk) is said in one line and rebuilt rather than failing every run that reads it.
+    Hosts may share the cache: the damaged directory is renamed aside (one process wins the
+    rename), so no process deletes files another has just rebuilt."""
     build(path, encode, log=log, **build_kwargs)
     try:
         return CachedScenes(path)
     except _DAMAGED as e:
         if log:
             log(f"token cache {path} is damaged ({type(e).__name__}: {e}); rebuilding it")
-    for name in ("done", "tokens.npz", "scenes.jsonl", "decoded.npy"):
-        (path / name).unlink(missing_ok=True)
-    build(path, encode, log=log, **build_kwargs)
+    aside = path.with_name(f"{path.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process moved it first and is rebuilding too
+        pass
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+    build(path, encode, log=log, **build_kwargs)  # per-process temporary names: no clash
     return CachedScenes(path)
 
 

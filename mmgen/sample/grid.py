@@ -31,15 +31,18 @@ def file_in_the_way(path: str | Path) -> Path | None:
 
 
 def unwritable(directory: str | Path) -> str | None:
-    """Why files cannot be written in `directory` (created if missing), or None. Commands
-    ask before their work, so a read-only or full --out fails in a second, not at the end
-    of a long eval or sampling run."""
+    """Why files cannot be written in `directory`, or None. Commands ask before their work,
+    so a read-only --out fails in a second, not at the end of a long eval or sampling run.
+    Creates nothing: the nearest existing folder of `directory` is probed with a temporary
+    file (the command makes the folders when it writes)."""
     directory = Path(directory)
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        return f"cannot write in {directory}: {e.strerror or e}"
+        return f"cannot write in {existing}: {e.strerror or e}"
     return None
 
 

@@ -7,6 +7,7 @@ checkpoint is loaded, so a typo fails in a second, not after a restore.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import io
 import json
@@ -53,9 +54,10 @@ def read_items(prompt: str | None, prompts_file: str | None, image: str | None) 
 
 
 def _utf8_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    try:  # -sig: a byte-order mark (Windows editors) is not part of the first prompt
-        return data.decode("utf-8-sig").splitlines()
+    # a byte-order mark (Windows editors) is not part of the first prompt
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise SampleError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
@@ -81,11 +83,12 @@ def _jsonl_item(path: Path, n: int, line: str, default: Path | None) -> Item:
     return Item(row.get("prompt"), Path(img) if img else default)
 
 
-def check_out(out: str, mode: str, flag: str = "--out") -> None:
+def check_out(out: str, mode: str, flag: str = "--out", probe: bool = True) -> None:
     """Refuses, before the checkpoint loads, an --out the mode could not write: image and
     edit save an image file whose format PIL takes from the suffix; caption writes OUT
     with its suffix replaced by .json (so OUT may name a directory: DIR.json goes beside it).
-    `flag` names the option in the message (`mmgen data inspect --sheet` checks its PNG)."""
+    `flag` names the option in the message (`mmgen data inspect --sheet` checks its PNG);
+    `probe`: also try writing in its folder (not for a file that may never be written)."""
     from mmgen.sample.grid import file_in_the_way, unwritable
 
     path = Path(out)
@@ -100,7 +103,7 @@ def check_out(out: str, mode: str, flag: str = "--out") -> None:
                           + ("" if mode == "caption" else f" such as {target / 'grid.png'}"))
     if mode != "caption":
         _check_image_suffix(out, path.suffix, flag)
-    why = unwritable(target.parent)
+    why = unwritable(target.parent) if probe else None
     if why is not None:
         raise SampleError(f"{flag} {out}: {why}")
 

@@ -24,6 +24,7 @@ from mmgen.train.checkpoint import (
 )
 from mmgen.train.hooks import CheckpointHook, Context, ProfilerHook
 from mmgen.train.metrics import MetricWriter, progress_line, summarise
+from mmgen.train.optimizer import check_freeze_matches
 from mmgen.train.state import StateSpec
 from mmgen.train.step import batch_sharding, check_health, make_train_step
 
@@ -98,6 +99,7 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
     workdir = Path(workdir)
     mesh = make_mesh(dict(cfg.mesh))
     spec = StateSpec(cfg, task.build_model, mesh)
+    check_freeze_matches(cfg, spec.abstract_with_shardings()["params"])
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         keep_every=cfg.train.keep_every)
     writer = None

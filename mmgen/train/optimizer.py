@@ -87,6 +87,18 @@ def adamw(cfg, params) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(schedule(cfg)))
 
 
+def check_freeze_matches(cfg, params) -> None:
+    """Before training: an `optim.freeze` that matches no parameter is a typo that would
+    train everything. (Not when a run is only loaded: a stored config may keep a rule for
+    parameters an export has since merged away, e.g. LoRA adapters.)"""
+    pattern = cfg.optim.get("freeze", "")
+    if pattern and not any(jax.tree.leaves(regex_mask(params, pattern))):
+        paths = jax.tree.leaves(
+            jax.tree_util.tree_map_with_path(lambda p, _: param_path(p), params))
+        raise ConfigError(f"optim.freeze={pattern!r} matches no parameter; parameters are "
+                          f"e.g. {', '.join(paths[:4])}")
+
+
 def make_optimizer(cfg, params) -> optax.GradientTransformation:
     """AdamW (`adamw`: decay per `optim.decay_rules` / `optim.no_decay`); parameters
     matching `optim.freeze` get zero updates (and no optimizer moments). A LoRA model
@@ -98,9 +110,6 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
     )
     frozen = regex_mask(params, o.freeze)
     paths = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p), params)
-    if o.freeze and not any(jax.tree.leaves(frozen)):  # a typo would train everything
-        raise ConfigError(f"optim.freeze={o.freeze!r} matches no parameter; parameters are "
-                          f"e.g. {', '.join(jax.tree.leaves(paths)[:4])}")
     lora = any(is_adapter(p) for p in jax.tree.leaves(paths))
     if lora:
         frozen = jax.tree.map(lambda f, p: f or not is_adapter(p), frozen, paths)
