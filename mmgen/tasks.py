@@ -113,10 +113,12 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         if old >= 0 and source(stored) == path:
             cfg[group][key] = old
             log(f"{group}.{key}={old}: {path} as this run first found it")
-        elif group == "tokenizer" and _init_tokenizer_step(cfg, path) is not None:
-            # a fine-tune reads its images with the codes its source model was trained on
-            cfg[group][key] = _init_tokenizer_step(cfg, path)
-            log(f"tokenizer.step={cfg[group][key]}: the step init.checkpoint was trained with")
+            continue
+        # a fine-tune reads its images with the codes its source model was trained on
+        from_init = _init_tokenizer_step(cfg, path) if group == "tokenizer" else None
+        if from_init is not None:
+            cfg[group][key] = from_init
+            log(f"tokenizer.step={from_init}: the step init.checkpoint was trained with")
         else:
             cfg[group][key] = read_run_metadata(path)[2]
 

@@ -79,8 +79,8 @@ def _jsonl_item(path: Path, n: int, line: str, default: Path | None) -> Item:
     for key in ("prompt", "image"):
         if not isinstance(row.get(key, ""), str | None):
             raise SampleError(f'{path}:{n}: "{key}" must be a string, got {row[key]!r}')
-    img = row.get("image")
-    return Item(row.get("prompt"), Path(img) if img else default)
+    img, prompt = row.get("image"), row.get("prompt")
+    return Item(prompt.strip() if prompt else prompt, Path(img) if img else default)
 
 
 def check_out(out: str, mode: str, flag: str = "--out", probe: bool = True) -> None:
