@@ -7,6 +7,7 @@ one loop in train/loop.py runs any of them.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import grain
 import jax
@@ -109,6 +110,8 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         path = source(cfg)
         if not path or cfg[group].get(key, -1) >= 0:
             continue
+        if group == "tokenizer" and not Path(path).exists():
+            continue  # loading the tokenizer fails on it later, in one line naming it
         old = stored[group].get(key, -1) if stored is not None and group in stored else -1
         if old >= 0 and source(stored) == path:
             cfg[group][key] = old
