@@ -129,9 +129,10 @@ def _check_config(args, print_fn=print) -> None:
     repo_dir = getattr(args, "repo_dir", None)
     if repo_dir and not Path(spec.split(":")[0]).is_absolute():
         spec = str(Path(repo_dir) / spec)
-    if args.target != "local" and not Path(spec.split(":")[0]).is_file():
-        print_fn(f"mmgen launch: note: {spec.split(':')[0]} is not on this machine; the "
-                 "config is checked where the job runs")
+    file = Path(spec.split(":")[0])
+    if args.target != "local" and not file.is_file():
+        print_fn(f"mmgen launch: note: {file} is not on this machine; the config is checked "
+                 "where the job runs")
         return
     overrides = list(args.overrides)
     if args.resume:  # as _train_args hands it to the processes

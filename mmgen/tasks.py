@@ -16,7 +16,7 @@ import numpy as np
 
 from mmgen.config import require
 from mmgen.data import pipeline, steps, synthetic, token_cache
-from mmgen.load import ImageCodec, build_model_fn, tokenizer_step
+from mmgen.load import ImageCodec, build_model_fn, same_path, tokenizer_step
 from mmgen.parallel.mesh import resolve_axis_sizes
 from mmgen.tokenizers import layout as layout_lib
 from mmgen.tokenizers import text as text_tok
@@ -129,7 +129,7 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
 def _init_tokenizer_step(cfg, tokenizer_dir) -> int | None:
     """The tokenizer step `init.checkpoint` (its pinned `init.step`) was trained with, when
     it used the same tokenizer run; None otherwise."""
-    from mmgen.load import read_run_metadata, same_path, tokenizer_step
+    from mmgen.load import read_run_metadata
 
     source = cfg.get("init", {}).get("checkpoint", "")
     if not source:

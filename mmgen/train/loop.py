@@ -99,7 +99,7 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
     workdir = Path(workdir)
     mesh = make_mesh(dict(cfg.mesh))
     spec = StateSpec(cfg, task.build_model, mesh)
-    check_freeze_matches(cfg, spec.abstract_with_shardings()["params"])
+    check_freeze_matches(cfg, spec.abstract["params"])  # the shapes StateSpec made
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         keep_every=cfg.train.keep_every)
     writer = None
