@@ -1,6 +1,6 @@
-"""argparse `type=` functions shared by `mmgen` and `mmgen launch`: a value out of range is
-argparse's one-line usage error naming the flag (exit 2), before anything runs. Standard
-library only, so building a parser stays cheap."""
+"""argparse helpers shared by `mmgen` and `mmgen launch`: `type=` functions (a value out of
+range is argparse's one-line usage error naming the flag, exit 2, before anything runs) and
+`exact_options`. Standard library only, so building a parser stays cheap."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def int_in(lo: int, hi: int | None = None, note: str = ""):
         return value
 
     return parse
+
+
+def exact_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Turn off prefix matching on `parser` and every subcommand parser under it.
+
+    argparse takes `--work` for `--workdir` by default, so a flag renamed or misspelt in a
+    script keeps "working" until a new flag makes the prefix ambiguous; exact names fail
+    at once, naming the flag."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                exact_options(sub)
+    return parser

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmgen.argtypes import int_in
+from mmgen.argtypes import exact_options, int_in
 
 
 def _setup_jax() -> None:
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "[--dry-run]; see `mmgen launch TARGET --help` and docs/launching.md.")
     la.add_argument("argv", nargs=argparse.REMAINDER, help="TARGET and its arguments")
     la.set_defaults(fn=cmd_launch)
-    return p
+    return exact_options(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mmgen.argtypes import int_in
+from mmgen.argtypes import exact_options, int_in
 
 EXIT_PREEMPTED = 75  # same as mmgen.train.loop.EXIT_PREEMPTED (not imported: no jax here)
 COORDINATOR_PORT = 8476  # the port JAX itself uses for TPU pod coordinators
@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--grace", type=_seconds(lo_open=False), default=60.0,
                      help="seconds between SIGTERM and SIGKILL when stopping (default 60)")
     loc.set_defaults(fn=cmd_local)
-    return p
+    return exact_options(p)
 
 
 def main(argv: list[str] | None = None, print_fn=None) -> int:

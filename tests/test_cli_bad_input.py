@@ -325,6 +325,23 @@ def test_a_config_override_with_a_space_names_the_fix(repo, capsys):
         capsys.readouterr().err)
 
 
+def test_flag_prefixes_are_refused(repo, capsys):
+    """argparse's default takes `--work` for `--workdir`: a misspelt or renamed flag in a
+    script would keep working by accident. Here it is an unrecognized argument."""
+    from mmgen.launch import main as launch
+
+    for run, argv, bad in (
+            (mmgen, ["train", "--config", f"{repo}/configs/tiny.py:smoke", "--work", "w"],
+             "--work"),
+            (mmgen, ["eval", "--checkpoint", "x", "--sui", "loss"], "--sui"),
+            (launch, ["local", "--config", "configs/tiny.py", "--dry", "--processes", "2"],
+             "--dry")):
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {bad}" in capsys.readouterr().err, argv
+
+
 def test_caption_only_flags_and_stop_ids_outside_the_vocabulary_are_refused(exports, tmp_path,
                                                                            capsys):
     """--stop-ids / --max-tokens were ignored in image mode; -5 and ids beyond the
