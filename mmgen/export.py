@@ -109,6 +109,8 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
                source: dict | None = None) -> Path:
     """Writes an exported directory from host arrays (see the module docstring)."""
     out = check_out_dir(out_dir)
+    if layout is None and cfg.kind != "tokenizer":  # read_config refuses such an export
+        raise ExportError(f"a {cfg.kind!r} export needs its token layout; none was given")
     tensors = _cast(flat, dtype)
     out.mkdir(parents=True, exist_ok=True)
     # Old weights go first and new ones come last, renamed into place: a directory
@@ -158,10 +160,21 @@ def is_exported(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
 
 
+def _read_json_object(file: Path) -> dict:
+    """A JSON object from one of an export's files; a damaged file is named in one line."""
+    try:
+        d = json.loads(file.read_text())
+    except (ValueError, OSError) as e:  # ValueError covers bad JSON and bad UTF-8
+        raise ExportError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ExportError(f"{file}: expected a JSON object")
+    return d
+
+
 def read_info(path: str | Path) -> dict:
     """export.json ({} when absent, e.g. a directory assembled by hand)."""
     f = Path(path) / INFO
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return _read_json_object(f) if f.is_file() else {}
 
 
 def read_config(path: str | Path):
@@ -169,20 +182,41 @@ def read_config(path: str | Path):
     if not is_exported(path):
         raise FileNotFoundError(f"{path} is not an export (needs {WEIGHTS} and {CONFIG})")
     info = read_info(path)
-    if info.get("version", VERSION) > VERSION:
-        raise ExportError(f"{path} has export format version {info['version']}; this mmgen "
+    version = info.get("version", VERSION)
+    if not isinstance(version, int) or version > VERSION:
+        raise ExportError(f"{path} has export format version {version!r}; this mmgen "
                           f"reads up to {VERSION}")
-    cfg = from_json((Path(path) / CONFIG).read_text())
+    d = _read_json_object(Path(path) / CONFIG)
+    if "kind" not in d:
+        # a Hugging Face model directory has a config.json and model.safetensors too
+        hint = (": a Hugging Face model? `mmgen import-llama` converts one"
+                if "model_type" in d or "architectures" in d else "")
+        raise ExportError(f"{Path(path) / CONFIG} is not an mmgen config (no kind){hint}")
+    cfg = from_json(json.dumps(d))
     layout_file = Path(path) / LAYOUT
-    layout = (TokenLayout.from_json(json.loads(layout_file.read_text()))
-              if layout_file.is_file() else None)
+    if not layout_file.is_file():
+        # only tokenizer runs have no token layout; without it a joint model's ids mean
+        # nothing, and sampling would fail deep inside
+        if cfg.kind != "tokenizer":
+            raise ExportError(f"{path} has no {LAYOUT}; a {cfg.kind!r} export needs its "
+                              "token layout (export it again)")
+        return cfg, None
+    try:
+        layout = TokenLayout.from_json(_read_json_object(layout_file))
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{layout_file}: not a token layout (no valid {e})") from None
     return cfg, layout
 
 
 def read_exported(path: str | Path):
     """(config, layout or None, {name: numpy array}) of an exported directory."""
     cfg, layout = read_config(path)
-    flat = safetensors.numpy.load_file(str(Path(path) / WEIGHTS))
+    file = Path(path) / WEIGHTS
+    try:
+        flat = safetensors.numpy.load_file(str(file))
+    except Exception as e:  # SafetensorError has no importable base across versions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{file}: unreadable ({first}); is the copy complete?") from None
     return cfg, layout, flat
 
 
@@ -191,19 +225,30 @@ def _few(items: list[str], n: int = 3) -> str:
 
 
 def check_flat(flat: dict[str, np.ndarray], abstract_params: nnx.State, *, source: str) -> None:
-    """Raises ParamMismatchError (one line) unless names and shapes match exactly."""
-    want = {tensor_name(p): tuple(a.shape)
-            for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    """Raises ParamMismatchError (one line) unless names and shapes match exactly and
+    floating parameters come from floating tensors."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    want = {tensor_name(p): tuple(a.shape) for p, a in leaves}
+    dtype_of = {tensor_name(p): a.dtype for p, a in leaves}
     missing = sorted(set(want) - set(flat))
     unexpected = sorted(set(flat) - set(want))
     shapes = [f"{n}: file {tuple(flat[n].shape)} vs model {want[n]}"
               for n in sorted(set(want) & set(flat)) if tuple(flat[n].shape) != want[n]]
-    if missing or unexpected or shapes:
+    # casting integers (e.g. int8 quantized values without their scales) to float
+    # weights would load without a word and compute garbage
+    dtypes = [f"{n}: file {flat[n].dtype} vs model {dtype_of[n]}"
+              for n in sorted(set(want) & set(flat))
+              if jnp.issubdtype(flat[n].dtype, jnp.floating)
+              != jnp.issubdtype(dtype_of[n], jnp.floating)]
+    if missing or unexpected or shapes or dtypes:
         parts = [f"{len(missing)} missing" + (f" ({_few(missing)})" if missing else ""),
                  f"{len(unexpected)} unexpected" + (f" ({_few(unexpected)})" if unexpected
                                                     else ""),
                  f"{len(shapes)} shape mismatch" + ("es" if len(shapes) > 1 else "")
                  + (f" ({_few(shapes)})" if shapes else "")]
+        if dtypes:
+            parts.append(f"{len(dtypes)} dtype mismatch" + ("es" if len(dtypes) > 1 else "")
+                         + f" ({_few(dtypes)})")
         raise ParamMismatchError(f"{source}: " + ", ".join(parts))
 
 

@@ -72,10 +72,11 @@ def test_a_fine_tune_compiles_the_model_of_its_init_checkpoint(repo, tmp_path):
 
     cfg = load_config(str(repo / "configs/tiny.py"), ["--config.model.d_model=64",
                                                       "--config.model.num_layers=2"])
-    resolve_joint(cfg, TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t",
-                                   text_vocab=300, tokenizer_id="llm-300"))
+    layout = TokenLayout(image_codes=32, image_grid=(4, 4), image_tokenizer_id="t",
+                         text_vocab=300, tokenizer_id="llm-300")
+    resolve_joint(cfg, layout)
     spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
-    export_params(spec.init(0)["params"], cfg, None, tmp_path / "init")
+    export_params(spec.init(0)["params"], cfg, layout, tmp_path / "init")
     rc, out, err = compile_cmd(repo, "--config", "configs/tiny.py", "--topology", "v5e:2x2",
                                f"--config.tokenizer.checkpoint={tmp_path / 'none'}",
                                f"--config.init.checkpoint={tmp_path / 'init'}")

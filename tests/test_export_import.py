@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import struct
 
 import jax
@@ -140,6 +141,57 @@ def test_cli_export_of_a_checkpoint_and_its_errors(joint, tmp_path, capsys):
         assert mmgen(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"mmgen {argv[0]}: error:") and "\n" not in err, err
+
+
+@pytest.fixture(scope="module")
+def exported(joint, tmp_path_factory):
+    """An untrained export of the tiny joint model (copied by tests that damage it)."""
+    cfg, _, state = joint
+    return export_params(state["params"], cfg, LAYOUT, tmp_path_factory.mktemp("exp") / "x")
+
+
+def _damage_export(d, damage: str) -> None:
+    weights = d / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "config":
+        (d / "config.json").write_text('{"kind": "jo')
+    elif damage == "info":
+        (d / "export.json").write_text("[]")
+    elif damage == "layout":
+        (d / "layout.json").write_text('{"image_grid": [4, 4]}')
+    elif damage == "no_layout":
+        (d / "layout.json").unlink()
+    elif damage == "int8":
+        flat = safetensors.numpy.load_file(str(weights))
+        flat["embed_VD"] = flat["embed_VD"].astype(np.int8)
+        safetensors.numpy.save_file(flat, str(weights))
+    elif damage == "hf":  # a Hugging Face model directory has both files too
+        (d / "config.json").write_text(json.dumps(HF))
+        for f in ("export.json", "layout.json"):
+            (d / f).unlink()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncated", "model.safetensors: unreadable (Error while deserializing header"),
+    ("config", "config.json: not readable JSON"),
+    ("info", "export.json: expected a JSON object"),
+    ("layout", "layout.json: not a token layout (no valid 'image_codes')"),
+    ("no_layout", "has no layout.json; a 'joint' export needs its token layout"),
+    ("int8", "1 dtype mismatch (embed_VD: file int8 vs model float32)"),
+    ("hf", "config.json is not an mmgen config (no kind): a Hugging Face model?"),
+])
+def test_a_damaged_export_is_one_line(exported, tmp_path, capsys, damage, match):
+    """Each used to end in a traceback (SafetensorError, JSONDecodeError, KeyError,
+    AttributeError), or for int8 weights in a model that loaded garbage without a word."""
+    d = tmp_path / "x"
+    shutil.copytree(exported, d)
+    _damage_export(d, damage)
+    assert mmgen(["export", "--checkpoint", str(d), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmgen export: error:") and "\n" not in err, err
+    assert match in err, err
+    assert not (tmp_path / "o").exists()
 
 
 # -- Llama import ----------------------------------------------------------------------
