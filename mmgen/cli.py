@@ -222,9 +222,9 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmgen.export import WEIGHTS, ExportError, export_run
+    from mmgen.export import ExportError, export_run, holds_export
 
-    if (Path(args.out) / WEIGHTS).is_file():
+    if holds_export(args.out):
         log(f"note: replacing the export in {args.out}")
     try:
         out = export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype,

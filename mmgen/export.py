@@ -85,8 +85,8 @@ def _mmgen_version() -> str:
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """`out_dir` as a Path once it can become an export: not a run directory, and neither
-    it nor a parent an existing file."""
+    """`out_dir` as a Path once it can become an export: not a run directory, not a
+    directory holding anything but an export, and neither it nor a parent a file."""
     from mmgen.sample.grid import file_in_the_way
 
     out = Path(out_dir)
@@ -101,7 +101,21 @@ def check_out_dir(out_dir: str | Path) -> Path:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")
+    # the export writes config.json and model.safetensors, the very names a Hugging Face
+    # model directory (e.g. import-llama's own --hf) keeps its model under
+    if out.is_dir() and any(out.iterdir()) and not holds_export(out):
+        raise ExportError(f"{out} is a directory that holds files but no mmgen export (no "
+                          f"{INFO}); export to a new or empty directory")
     return out
+
+
+def holds_export(path: str | Path) -> bool:
+    """Whether `path` holds an export written by mmgen, complete or not (its export.json,
+    written first, says so): a directory an export may replace."""
+    try:
+        return json.loads((Path(path) / INFO).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
@@ -116,18 +130,20 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
     # Old weights go first and new ones come last, renamed into place: a directory
     # counts as exported (is_exported) only once its weights match its config.
     (out / WEIGHTS).unlink(missing_ok=True)
-    (out / CONFIG).write_text(to_json(cfg))
-    if layout is not None:
-        (out / LAYOUT).write_text(json.dumps(layout.to_json(), indent=2))
-    elif (out / LAYOUT).exists():
-        (out / LAYOUT).unlink()
     info = {
         "format": FORMAT, "version": VERSION, "dtype": dtype,
         "tensors": len(tensors), "parameters": int(sum(x.size for x in tensors.values())),
         "bytes": int(sum(x.nbytes for x in tensors.values())),
         "source": source or {}, "jax": jax.__version__, "mmgen": _mmgen_version(),
     }
+    # export.json first: an export stopped midway can be replaced by running it again
+    # (check_out_dir refuses other non-empty directories)
     (out / INFO).write_text(json.dumps(info, indent=2))
+    (out / CONFIG).write_text(to_json(cfg))
+    if layout is not None:
+        (out / LAYOUT).write_text(json.dumps(layout.to_json(), indent=2))
+    elif (out / LAYOUT).exists():
+        (out / LAYOUT).unlink()
     tmp = out / (WEIGHTS + ".tmp")
     safetensors.numpy.save_file(tensors, str(tmp),
                                 metadata={"format": FORMAT, "version": str(VERSION)})

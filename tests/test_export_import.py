@@ -194,6 +194,31 @@ def test_a_damaged_export_is_one_line(exported, tmp_path, capsys, damage, match)
     assert not (tmp_path / "o").exists()
 
 
+def test_export_out_holding_other_files_is_refused_untouched(exported, tmp_path, capsys):
+    """`--out` onto a Hugging Face model directory (import-llama's own --hf, say) used to
+    overwrite its config.json and model.safetensors; an export that was stopped midway
+    (its export.json is written first) is still replaced by running it again."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    files = {"config.json": json.dumps(HF), "model.safetensors": "weights", "notes.txt": "x"}
+    for name, text in files.items():
+        (hf / name).write_text(text)
+    for argv in (["export", "--checkpoint", str(exported), "--out", str(hf)],
+                 # refused before the conversion: --tokenizer is not even looked at
+                 ["import-llama", "--hf", str(hf), "--tokenizer", "x", "--out", str(hf)]):
+        assert mmgen(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds files but no mmgen export" in err and "\n" not in err, err
+    assert {f.name: f.read_text() for f in hf.iterdir()} == files
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "export.json").write_text(json.dumps({"format": "mmgen-export"}))
+    (stopped / "model.safetensors.tmp").write_bytes(b"partial")
+    assert mmgen(["export", "--checkpoint", str(exported), "--out", str(stopped)]) == 0
+    assert "replacing the export" in capsys.readouterr().out
+    assert load_run(stopped)[3] == 0
+
+
 # -- Llama import ----------------------------------------------------------------------
 
 HF = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from safetensors import safe_open
 
 from mmgen.config import ConfigError, load_config, validate
-from mmgen.export import ExportError, check_flat, write_flat
+from mmgen.export import ExportError, check_flat, check_out_dir, write_flat
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.state import split_params
@@ -334,6 +334,7 @@ def import_llama(hf_dir: str | Path, out_dir: str | Path, *,
     if max_image_grid < 0:
         raise ConvertError(f"--max-image-grid must be >= 0 (0 = off), got {max_image_grid}")
     hf_dir = Path(hf_dir)
+    check_out_dir(out_dir)  # before the conversion, which may take minutes
     llama = read_llama_config(hf_dir)
     hf = HFTensors(hf_dir)  # fail on missing shards before loading a tokenizer
     text_id = text_tokenizer_id(hf_dir, llama)  # and on a missing tokenizer.json
