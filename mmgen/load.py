@@ -73,6 +73,14 @@ def read_run_metadata(path: str | Path, step: int | None = None):
                                     f"not step {step}")
         return cfg, layout, exported_step
     if not (Path(path) / "checkpoints").is_dir():
+        # slips worth naming: a run's checkpoints/ folder, or one checkpoint in it
+        p = Path(path)
+        if p.name == "checkpoints" and p.is_dir() and any(c.name.isdigit() for c in p.iterdir()):
+            raise FileNotFoundError(f"{path} holds the checkpoints of the run {p.parent}: "
+                                    "pass the run directory")
+        if p.name.isdigit() and p.parent.name == "checkpoints" and (p / "state").is_dir():
+            raise FileNotFoundError(f"{path} is a checkpoint of the run {p.parent.parent}: "
+                                    f"pass the run directory (--step {p.name} picks this one)")
         raise FileNotFoundError(f"{path} is neither a run directory (no checkpoints/) nor an "
                                 f"export (no {export.WEIGHTS} + {export.CONFIG})")
     return read_metadata(path, step)

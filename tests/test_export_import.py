@@ -219,6 +219,64 @@ def test_export_out_holding_other_files_is_refused_untouched(exported, tmp_path,
     assert load_run(stopped)[3] == 0
 
 
+@pytest.fixture(scope="module")
+def saved_run(joint, tmp_path_factory):
+    """A run directory with checkpoints 3 and 5 of the tiny joint model (copied by tests
+    that damage it)."""
+    from mmgen.train.checkpoint import Checkpointer
+
+    cfg, _, state = joint
+    run = tmp_path_factory.mktemp("saved") / "run"
+    ckpt = Checkpointer(run / "checkpoints")
+    for step in (3, 5):
+        ckpt.save(step, state, data_state={}, cfg=cfg, layout=LAYOUT)
+    ckpt.close()
+    return run
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("config_truncated", "checkpoint 5 in {ckpts} is incomplete: file config/metadata is "
+                         "truncated (10 of "),
+    ("config_unlisted", "checkpoint 5 in {ckpts} is unreadable: "),
+    ("manifest", "checkpoint 5 in {ckpts} is incomplete: its file list mmgen_manifest.json "
+                 "is unreadable"),
+    ("checkpoints_dir", "{ckpts} holds the checkpoints of the run {run}: pass the run "
+                        "directory"),
+    ("step_dir", "{ckpts}/5 is a checkpoint of the run {run}: pass the run directory "
+                 "(--step 5 picks this one)"),
+])
+def test_a_damaged_or_misnamed_checkpoint_is_one_line(saved_run, tmp_path, capsys, damage,
+                                                      match):
+    """The metadata every loader reads first (sample, eval, export, init.checkpoint) used
+    to end in JSONDecodeError or orbax's KeyError when a checkpoint's config item was
+    damaged, and a damaged manifest broke every reader, training's resume included; the
+    run's checkpoints/ folder or a step in it was called 'neither a run directory (no
+    checkpoints/) nor an export'."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    ckpts, step5 = run / "checkpoints", run / "checkpoints" / "5"
+    config = step5 / "config" / "metadata"
+    source = run
+    if damage == "config_truncated":
+        config.write_text(config.read_text()[:10])
+    elif damage == "config_unlisted":  # damaged after a stop that left no manifest
+        (step5 / "mmgen_manifest.json").unlink()
+        config.write_text(config.read_text()[:10])
+    elif damage == "manifest":
+        (step5 / "mmgen_manifest.json").write_text('{"state/_METADATA": 4')
+    elif damage == "checkpoints_dir":
+        source = ckpts
+    elif damage == "step_dir":
+        source = step5
+    assert mmgen(["export", "--checkpoint", str(source), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmgen export: error:") and "\n" not in err, err
+    assert match.format(ckpts=ckpts, run=run) in err, err
+    if damage.startswith("config"):  # the older checkpoint is still there to use
+        assert mmgen(["export", "--checkpoint", str(run), "--step", "3",
+                      "--out", str(tmp_path / "o")]) == 0
+
+
 # -- Llama import ----------------------------------------------------------------------
 
 HF = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

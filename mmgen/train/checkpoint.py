@@ -100,7 +100,12 @@ class Checkpointer:
             # finished but not yet listed (the process stopped right after the save):
             # the structural check above plus the restore itself must do.
             return None
-        expected = json.loads(manifest.read_text())
+        try:
+            expected = json.loads(manifest.read_text())
+        except (ValueError, OSError) as e:  # ValueError covers bad JSON and bad UTF-8
+            return f"its file list {MANIFEST} is unreadable ({e})"
+        if not isinstance(expected, dict):
+            return f"its file list {MANIFEST} is not a JSON object"
         for name, size in expected.items():
             f = step_dir / name
             if not f.is_file():
@@ -297,7 +302,18 @@ def read_metadata(directory: str | Path, step: int | None = None):
             raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir} (have {steps})")
-        config, layout = ckpt._json_items(step, "config", "layout")
+        # sample, eval, export and init.checkpoint start here: a damaged config or layout
+        # item must be named like a damaged array, not end in orbax's JSON or KeyError
+        why = ckpt.problem(step)
+        if why:
+            raise CheckpointError(f"checkpoint {step} in {ckpt_dir} is incomplete: {why}; "
+                                  f"the run has checkpoints {steps}")
+        try:
+            config, layout = ckpt._json_items(step, "config", "layout")
+        except Exception as e:  # orbax/JSON errors: keep their first line
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {step} in {ckpt_dir} is unreadable: {first}") from e
         return (from_json(json.dumps(config)), TokenLayout.from_json(layout) if layout else None,
                 step)
     finally:
