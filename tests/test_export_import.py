@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import struct
 
@@ -454,6 +455,12 @@ def test_llama_import_reads_rope_theta_from_rope_parameters(repo, tmp_path):
     ("index", "no weight_map object"),
     ("no_tokenizer", "no tokenizer.json in"),
     ("grid", "--max-image-grid must be >= 0"),
+    # these four used to end in a ValueError or TypeError traceback, or (4.5) import as 4
+    ("heads_text", 'num_attention_heads="four" is not a positive whole number'),
+    ("heads_fraction", "num_attention_heads=4.5 is not a positive whole number"),
+    ("index_value", "weight_map values must be shard file names, not 5"),
+    ("pickle", "has PyTorch pickle weights only (pytorch_model.bin), which mmgen does not "
+               "load; convert them to safetensors first"),
 ])
 def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, match):
     """Each of these used to end in a raw traceback (JSONDecodeError, SafetensorError,
@@ -472,6 +479,15 @@ def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, matc
         (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
     elif damage == "no_tokenizer":
         (d / "tokenizer.json").unlink()
+    elif damage.startswith("heads"):
+        heads = "four" if damage == "heads_text" else 4.5
+        (d / "config.json").write_text(json.dumps(dict(hf, num_attention_heads=heads)))
+    elif damage == "index_value":
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.norm.weight": 5}}))
+    elif damage == "pickle":  # never unpickled: a pickle can run any code on load
+        weights.unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04not to be unpickled")
     grid = ["--max-image-grid", "-3"] if damage == "grid" else []
     assert mmgen(["import-llama", "--hf", str(d), "--tokenizer", "x", "--out",
                   str(tmp_path / "o"), *grid]) == 2
@@ -479,6 +495,37 @@ def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, matc
     assert err.startswith("mmgen import-llama: error:") and "\n" not in err, err
     assert match in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("int8", "model.norm.weight is int8; only floating-point weights import"),
+    ("nan", "model.norm.weight holds NaN or inf values"),
+    ("wrong_shard", "other.safetensors: no tensor model.norm.weight, which "
+                    "model.safetensors.index.json places there"),
+])
+def test_llama_import_refuses_weights_it_would_import_wrongly(repo, tmp_path, damage, match):
+    """Integer (quantized) weights used to be cast to float and NaNs imported, both
+    without a word; an index placing a tensor in the wrong shard ended in a
+    SafetensorError traceback."""
+    hf = dict(HF, tie_word_embeddings=True)
+    w = _llama_weights(hf, True)
+    if damage == "nan":
+        w["model.norm.weight"][3] = np.nan
+    _write_hf(tmp_path / "hf", hf, w, shards=1)
+    if damage == "int8":
+        safetensors.numpy.save_file(w | {"model.norm.weight": np.ones(64, np.int8)},
+                                    str(tmp_path / "hf" / "model.safetensors"))
+    elif damage == "wrong_shard":
+        safetensors.numpy.save_file({"x": np.zeros(2, np.float32)},
+                                    str(tmp_path / "hf" / "other.safetensors"))
+        weight_map = dict.fromkeys(w, "model.safetensors") | {"model.norm.weight":
+                                                              "other.safetensors"}
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConvertError, match=re.escape(match)) as e:
+        import_llama(tmp_path / "hf", tmp_path / "mm", image_layout=IMAGE_LAYOUT,
+                     base_config=str(repo / "configs/tiny.py"))
+    assert "\n" not in str(e.value) and not (tmp_path / "mm").exists()
 
 
 def test_llama_import_names_unknown_tensors_and_cli_errors(repo, tmp_path, capsys):

@@ -42,6 +42,8 @@ INDEX = "model.safetensors.index.json"
 NEW_ROW_NOISE = 0.1
 # Buffers some older checkpoints store next to the weights; recomputed by mmgen.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Weights saved with torch.save (pickle); refused, never unpickled.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 class ConvertError(ExportError):
@@ -124,18 +126,34 @@ def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
     if d.get("sliding_window") and d.get("use_sliding_window", True):
         raise ConvertError(f"{file}: sliding_window={d['sliding_window']} is not supported "
                            "(full causal attention only)")
-    heads = int(d["num_attention_heads"])
+    heads = _positive(file, d, "num_attention_heads", int)
+    hidden = _positive(file, d, "hidden_size", int)
     return LlamaConfig(
-        vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+        vocab_size=_positive(file, d, "vocab_size", int), hidden_size=hidden,
+        intermediate_size=_positive(file, d, "intermediate_size", int),
+        num_layers=_positive(file, d, "num_hidden_layers", int),
+        num_heads=heads, num_kv_heads=_positive(file, d, "num_key_value_heads", int, heads),
+        head_dim=_positive(file, d, "head_dim", int, hidden // heads),
         # defaults: transformers' LlamaConfig
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10_000.0))),
+        rms_norm_eps=_positive(file, d, "rms_norm_eps", float, 1e-6),
+        rope_theta=_positive(file, rope if "rope_theta" in rope else d, "rope_theta", float,
+                             10_000.0),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=str(d.get("model_type", "llama")),
     )
+
+
+def _positive(file: Path, d: dict, key: str, kind: type, default=None):
+    """config.json's `key` (`default` when null or absent) as a positive int or float:
+    int() would truncate 4.5 heads without a word, or fail on "4k" with a traceback."""
+    value = d.get(key)
+    if value is None:
+        return default
+    number = isinstance(value, int) or (kind is float and isinstance(value, float))
+    if isinstance(value, bool) or not number or not value > 0:
+        what = "whole number" if kind is int else "number"
+        raise ConvertError(f"{file}: {key}={json.dumps(value)} is not a positive {what}")
+    return kind(value)
 
 
 class HFTensors:
@@ -149,6 +167,10 @@ class HFTensors:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConvertError(f"{index}: no weight_map object")
+            odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
+            if odd is not None:
+                raise ConvertError(f"{index}: weight_map values must be shard file names, "
+                                   f"not {json.dumps(odd)}")
             absent = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if absent:
                 raise FileNotFoundError(f"{index} lists shards missing from {self.dir}: "
@@ -156,6 +178,12 @@ class HFTensors:
             self.where = {name: self.dir / f for name, f in weight_map.items()}
             return
         files = sorted(self.dir.glob("*.safetensors"))
+        pickles = sorted(f.name for f in self.dir.glob("*") if f.suffix in PICKLE_SUFFIXES)
+        if not files and pickles:
+            # unpickling runs whatever code the file holds: never done here
+            raise ConvertError(f"{self.dir} has PyTorch pickle weights only ({pickles[0]}), "
+                               "which mmgen does not load; convert them to safetensors first "
+                               "(transformers: save_pretrained(..., safe_serialization=True))")
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {self.dir}")
         for f in files:
@@ -174,11 +202,22 @@ class HFTensors:
         if name not in self.where:
             raise ConvertError(f"{self.dir}: tensor {name} is missing")
         with _safe_open(self.where[name]) as h:
+            if name not in h.keys():
+                raise ConvertError(f"{self.where[name]}: no tensor {name}, which {INDEX} "
+                                   "places there")
             x = h.get_tensor(name)
         if tuple(x.shape) != shape:
             raise ConvertError(f"{self.dir}: {name} has shape {tuple(x.shape)}, config.json "
                                f"implies {shape}")
-        return x.astype(np.float32)
+        # integers are quantized weights (bitsandbytes, GPTQ, ...): cast to float without
+        # their scales they would import as garbage
+        if x.dtype.kind in "biu":
+            raise ConvertError(f"{self.dir}: {name} is {x.dtype}; only floating-point "
+                               "weights import (quantized checkpoints are not supported)")
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():  # else training would stop at step 1, non-finite
+            raise ConvertError(f"{self.dir}: {name} holds NaN or inf values")
+        return x
 
 
 def extend_rows(table_VD: np.ndarray, rows_used: int, rows_total: int,
