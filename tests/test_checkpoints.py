@@ -254,6 +254,19 @@ def test_missing_item_is_named(repo, six_steps, tmp_path, capsys):
     assert "checkpoint 6" in err and "data" in err and "missing" in err and "\n" not in err
 
 
+def test_a_damaged_config_item_is_named_on_resume(repo, six_steps, tmp_path, capsys):
+    """A process stopped right after a save leaves no manifest, so only the read itself
+    can find a damaged item: resume used to end in a JSONDecodeError traceback."""
+    work = tmp_path / "run"
+    shutil.copytree(six_steps, work)
+    (work / "checkpoints" / "6" / "mmgen_manifest.json").unlink()
+    config = work / "checkpoints" / "6" / "config" / "metadata"
+    config.write_text(config.read_text()[:10])
+    assert _train_main(repo, work, tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint 6 in" in err and "is unreadable:" in err and "\n" not in err, err
+
+
 def test_resume_step_moves_newer_checkpoints_aside(repo, six_steps, tmp_path, capsys):
     work = tmp_path / "run"
     shutil.copytree(six_steps, work)

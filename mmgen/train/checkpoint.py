@@ -50,6 +50,10 @@ def _file_sizes(step_dir: Path) -> dict[str, int]:
             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
 class Checkpointer:
     """One run's checkpoint directory.
 
@@ -162,14 +166,17 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             ))
         except Exception as e:  # tensorstore/orbax errors are long; keep their first line
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"checkpoint {step} in {self.directory} is unreadable: {first}") from e
+                f"checkpoint {step} in {self.directory} is unreadable: {_first_line(e)}") from e
         return out["state"], out["data"]
 
     def _json_items(self, step: int, *names: str) -> list[dict]:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.JsonRestore() for name in names}))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.JsonRestore() for name in names}))
+        except Exception as e:  # a damaged item: orbax's KeyError or a JSONDecodeError
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
+                                  f"{_first_line(e)}") from e
         return [out[name] or {} for name in names]
 
     def layout(self, step: int) -> TokenLayout | None:
@@ -308,12 +315,7 @@ def read_metadata(directory: str | Path, step: int | None = None):
         if why:
             raise CheckpointError(f"checkpoint {step} in {ckpt_dir} is incomplete: {why}; "
                                   f"the run has checkpoints {steps}")
-        try:
-            config, layout = ckpt._json_items(step, "config", "layout")
-        except Exception as e:  # orbax/JSON errors: keep their first line
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"checkpoint {step} in {ckpt_dir} is unreadable: {first}") from e
+        config, layout = ckpt._json_items(step, "config", "layout")
         return (from_json(json.dumps(config)), TokenLayout.from_json(layout) if layout else None,
                 step)
     finally:
