@@ -215,6 +215,10 @@ def test_export_out_holding_other_files_is_refused_untouched(exported, tmp_path,
     stopped.mkdir()
     (stopped / "export.json").write_text(json.dumps({"format": "mmgen-export"}))
     (stopped / "model.safetensors.tmp").write_bytes(b"partial")
+    # reading it says what it is, not "neither a run directory nor an export"
+    assert mmgen(["export", "--checkpoint", str(stopped), "--out", str(tmp_path / "o")]) == 2
+    assert "holds an unfinished export (no model.safetensors; was the export stopped?)" in (
+        capsys.readouterr().err)
     assert mmgen(["export", "--checkpoint", str(exported), "--out", str(stopped)]) == 0
     assert "replacing the export" in capsys.readouterr().out
     assert load_run(stopped)[3] == 0
