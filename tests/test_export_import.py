@@ -465,6 +465,8 @@ def test_llama_import_reads_rope_theta_from_rope_parameters(repo, tmp_path):
     ("index_value", "weight_map values must be shard file names, not 5"),
     ("pickle", "has PyTorch pickle weights only (pytorch_model.bin), which mmgen does not "
                "load; convert them to safetensors first"),
+    # used to list every Llama field as missing
+    ("mmgen", "config.json is an mmgen config: "),
 ])
 def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, match):
     """Each of these used to end in a raw traceback (JSONDecodeError, SafetensorError,
@@ -489,6 +491,8 @@ def test_a_damaged_hf_directory_is_one_line(repo, tmp_path, capsys, damage, matc
     elif damage == "index_value":
         (d / "model.safetensors.index.json").write_text(
             json.dumps({"weight_map": {"model.norm.weight": 5}}))
+    elif damage == "mmgen":  # an mmgen export given as --hf
+        (d / "config.json").write_text(json.dumps({"kind": "joint", "model": {}}))
     elif damage == "pickle":  # never unpickled: a pickle can run any code on load
         weights.unlink()
         (d / "pytorch_model.bin").write_bytes(b"\x80\x04not to be unpickled")

@@ -98,6 +98,9 @@ def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
         raise FileNotFoundError(f"no config.json in {hf_dir} (expected a Hugging Face "
                                 "model directory)")
     d = _read_json(file)
+    if "kind" in d and "model_type" not in d:  # the same file names, the other way round
+        raise ConvertError(f"{file} is an mmgen config: {hf_dir} is already an mmgen "
+                           "export (sample, eval and init.checkpoint read it as it is)")
     # Families with Llama's tensor names but other maths (Granite's multipliers, Gemma's
     # norms and soft-caps) would import without an error and compute something else.
     if str(d.get("model_type", "llama")) not in MODEL_TYPES:
