@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -87,7 +88,7 @@ def _mmgen_version() -> str:
 def check_out_dir(out_dir: str | Path) -> Path:
     """`out_dir` as a Path once it can become an export: not a run directory, not a
     directory holding anything but an export, and neither it nor a parent a file."""
-    from mmgen.sample.grid import file_in_the_way
+    from mmgen.sample.grid import file_in_the_way, unwritable
 
     out = Path(out_dir)
     if (out / "checkpoints").exists():
@@ -101,6 +102,11 @@ def check_out_dir(out_dir: str | Path) -> Path:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")
+    # the export is written beside `out` and renamed into place (write_flat), so it is
+    # the parent folder that must take new entries; asked before any weights load
+    why = unwritable(out.resolve().parent)
+    if why is not None:
+        raise ExportError(f"cannot export to {out}: {why}")
     # the export writes config.json and model.safetensors, the very names a Hugging Face
     # model directory (e.g. import-llama's own --hf) keeps its model under
     if out.is_dir() and any(out.iterdir()) and not holds_export(out):
@@ -110,8 +116,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 
 def holds_export(path: str | Path) -> bool:
-    """Whether `path` holds an export written by mmgen, complete or not (its export.json,
-    written first, says so): a directory an export may replace."""
+    """Whether `path` holds an export written by mmgen, complete or not (an export stopped
+    midway by a version that wrote in place): a directory an export may replace."""
     try:
         return json.loads((Path(path) / INFO).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -126,29 +132,48 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
     if layout is None and cfg.kind != "tokenizer":  # read_config refuses such an export
         raise ExportError(f"a {cfg.kind!r} export needs its token layout; none was given")
     tensors = _cast(flat, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    # Old weights go first and new ones come last, renamed into place: a directory
-    # counts as exported (is_exported) only once its weights match its config.
-    (out / WEIGHTS).unlink(missing_ok=True)
     info = {
         "format": FORMAT, "version": VERSION, "dtype": dtype,
         "tensors": len(tensors), "parameters": int(sum(x.size for x in tensors.values())),
         "bytes": int(sum(x.nbytes for x in tensors.values())),
         "source": source or {}, "jax": jax.__version__, "mmgen": _mmgen_version(),
     }
-    # export.json first: an export stopped midway can be replaced by running it again
-    # (check_out_dir refuses other non-empty directories)
-    (out / INFO).write_text(json.dumps(info, indent=2))
-    (out / CONFIG).write_text(to_json(cfg))
+    # Written whole into a sibling folder, then swapped in by two renames: a crash or
+    # SIGTERM at any point leaves the previous export (or none) under `out`, never a mix
+    # of old and new files, and never deletes the previous export before its replacement
+    # is complete.
+    target = out.resolve()
+    partial, old = _partial_dir(target), _old_dir(target)
+    _recover_interrupted_swap(target)
+    shutil.rmtree(partial, ignore_errors=True)  # a stopped earlier export of this name
+    partial.mkdir(parents=True)
+    (partial / INFO).write_text(json.dumps(info, indent=2))
+    (partial / CONFIG).write_text(to_json(cfg))
     if layout is not None:
-        (out / LAYOUT).write_text(json.dumps(layout.to_json(), indent=2))
-    elif (out / LAYOUT).exists():
-        (out / LAYOUT).unlink()
-    tmp = out / (WEIGHTS + ".tmp")
-    safetensors.numpy.save_file(tensors, str(tmp),
+        (partial / LAYOUT).write_text(json.dumps(layout.to_json(), indent=2))
+    safetensors.numpy.save_file(tensors, str(partial / WEIGHTS),
                                 metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, out / WEIGHTS)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _old_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _recover_interrupted_swap(target: Path) -> None:
+    """A stop between write_flat's two renames leaves the previous export at .NAME.old and
+    nothing at NAME: put it back before it is replaced again."""
+    old = _old_dir(target)
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
 
 
 def export_params(params: nnx.State, cfg, layout: TokenLayout | None, out_dir: str | Path, *,

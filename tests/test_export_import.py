@@ -224,6 +224,43 @@ def test_export_out_holding_other_files_is_refused_untouched(exported, tmp_path,
     assert load_run(stopped)[3] == 0
 
 
+def test_a_replacement_stopped_at_any_point_keeps_the_previous_export(joint, exported,
+                                                                     tmp_path, monkeypatch):
+    """Replacing an export used to delete its weights before writing the new ones, so a
+    stop in between left no export at all. Now the new one is written beside it and
+    swapped in: a stop leaves the previous export, or puts it back on the next export."""
+    import os
+
+    cfg, _, state = joint
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def export_stopped_at(target, attr, nth=1):
+        real, calls = getattr(target, attr), []
+
+        def stop(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == nth:
+                raise KeyboardInterrupt  # what SIGINT raises; a SIGTERM kill stops as hard
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(target, attr, stop)
+        with pytest.raises(KeyboardInterrupt):
+            export_params(state["params"], cfg, LAYOUT, out, dtype="bfloat16")
+        monkeypatch.undo()
+
+    export_stopped_at(safetensors.numpy, "save_file")  # while the new weights are written
+    assert (out / "model.safetensors").read_bytes() == before
+    export_stopped_at(os, "replace", nth=2)  # between moving the old out and the new in
+    assert not out.exists()
+    export_stopped_at(safetensors.numpy, "save_file")  # the next export puts it back first
+    assert (out / "model.safetensors").read_bytes() == before
+    export_params(state["params"], cfg, LAYOUT, out, dtype="bfloat16")
+    assert read_info(out)["dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old copy left
+
+
 @pytest.fixture(scope="module")
 def saved_run(joint, tmp_path_factory):
     """A run directory with checkpoints 3 and 5 of the tiny joint model (copied by tests
