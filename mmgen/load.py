@@ -72,7 +72,7 @@ def read_run_metadata(path: str | Path, step: int | None = None):
             raise FileNotFoundError(f"{path} is an export of step {exported_step}, "
                                     f"not step {step}")
         return cfg, layout, exported_step
-    if export.holds_export(path):  # its export.json is written first, its weights last
+    if export.holds_export(path):  # stopped midway by an mmgen that wrote exports in place
         raise FileNotFoundError(f"{path} holds an unfinished export (no {export.WEIGHTS}; "
                                 "was the export stopped?): run the export again")
     if not (Path(path) / "checkpoints").is_dir():
