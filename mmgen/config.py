@@ -21,12 +21,21 @@ class ConfigError(ValueError):
     pass
 
 
+# The repository mmgen is installed from (editable installs, as the README's commands do):
+# its configs/ serve a relative config path that the working directory does not have.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`configs/tiny.py` or `configs/tiny.py:arg` -> get_config(arg)."""
     path, _, arg = spec.partition(":")
     file = Path(path)
+    shipped = REPO_ROOT / path if (REPO_ROOT / "pyproject.toml").is_file() else None
+    if not file.is_file() and not file.is_absolute() and shipped and shipped.is_file():
+        file = shipped  # `configs/tiny.py` from outside the repository
     if not file.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (nor in {REPO_ROOT})" if shipped and not file.is_absolute() else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     if file.suffix != ".py":
         raise ConfigError(f"{path} is not a config: configs are Python files defining "
                           "get_config(arg) (configs/*.py)")

@@ -182,3 +182,19 @@ def test_kind_cannot_be_overridden(repo):
     """--config.kind=tokenizer on a joint config used to fail deep in the tokenizer code."""
     with pytest.raises(ConfigError, match="config key 'kind' cannot be overridden"):
         load_config(str(repo / "configs/tiny.py"), ["--config.kind=tokenizer"])
+
+
+def test_a_relative_config_path_falls_back_to_the_repository(repo, tmp_path, monkeypatch):
+    """`mmgen train --config configs/tiny.py` (or import-llama's default base config) from
+    outside the repository used to fail with 'config file not found'. The working
+    directory's own configs/ still comes first."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.py:smoke").kind == "joint"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text(
+        "from ml_collections import ConfigDict\n"
+        "def get_config(arg=None):\n    return ConfigDict(dict(kind='mine'))\n")
+    with pytest.raises(ConfigError, match="got 'mine'"):
+        load_config("configs/tiny.py")
+    with pytest.raises(ConfigError, match=f"not found: configs/nope.py \\(nor in {repo}\\)"):
+        load_config("configs/nope.py")
