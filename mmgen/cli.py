@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and example grids. Suites: loss, tokenizer, colour, scenes, text, "
                        "caption, edit, edit_loss (see docs/eval.md).")
     e.add_argument("--checkpoint", required=True, help="joint-model run directory")
-    e.add_argument("--out", default="eval_report", help="output directory")
+    e.add_argument("--out", default="eval_report",
+                   help="output directory (default eval_report)")
     e.add_argument("--suite", default="all",
                    help="all, or a comma-separated list of suites (default all)")
     e.add_argument("--num", type=int,
