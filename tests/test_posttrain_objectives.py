@@ -289,3 +289,75 @@ def test_a_reference_that_is_not_a_joint_run_is_refused_in_one_line(repo, tokeni
         ReferenceScorer(cfg, None)
     assert str(e.value) == (f"{tok} is a 'tokenizer' run; the DPO/GRPO reference must be a "
                             "joint model run")
+
+
+def test_a_jsonl_error_names_the_key_of_its_file(tmp_path):
+    import types
+
+    from mmgen.data.steps import DataError
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_bytes(b"\xff\xfe not utf-8\n")
+    cfg = ConfigDict(dict(data=dict(image_size=32, seq_len=64, max_bad_fraction=0.5,
+                                    max_pixels=10**6)))
+    with pytest.raises(DataError, match=r"^dpo.heldout_path .*: cannot read it"):
+        pref.jsonl_pair_rows(str(path), cfg, LAYOUT, types.SimpleNamespace(encode=None), BYTES,
+                             key="dpo.heldout_path")
+
+
+def _recipe(repo, name: str, *overrides: str):
+    from mmgen.config import load_config
+
+    return load_config(str(repo / f"configs/{name}:smoke"), list(overrides))
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    # an objective switched on a recipe without its group used to be an AttributeError
+    ("sft_edit.py", ["posttrain.objective=dpo"], "needs a `dpo` config group"),
+    ("dpo.py", ["posttrain.objective=grpo"], "needs an `rl` config group"),
+    ("dpo.py", ["dpo.beta=0"], "dpo.beta must be positive"),
+    ("dpo.py", ["dpo.source=web"], "dpo.source must be one of"),
+    ("dpo.py", ["dpo.source=jsonl"], "needs dpo.path"),
+    # found before the training pairs are encoded, named by their own key
+    ("dpo.py", ["dpo.source=jsonl", "dpo.path=MISSING"], "dpo.path MISSING is not a file"),
+    ("dpo.py", ["dpo.source=jsonl", "dpo.path=README.md", "dpo.heldout_path=MISSING"],
+     "dpo.heldout_path MISSING is not a file"),
+    # files the synthetic source would ignore without a word
+    ("dpo.py", ["dpo.path=README.md"], "dpo.path is set but dpo.source='synthetic'"),
+    ("dpo.py", ["dpo.heldout_path=README.md"], "set dpo.source=jsonl"),
+    ("dpo.py", ["dpo.num_heldout_pairs=-1"], "dpo.num_heldout_pairs must be >= 0"),
+    ("rl_scenes.py", ["rl.group_size=1", "rl.prompts_per_step=4"], "rl.group_size must be"),
+    ("rl_scenes.py", ["rl.group_size=3"], "must equal train.global_batch=4"),
+    ("rl_scenes.py", ["rl.reward=clip"], "rl.reward must be one of"),
+    ("rl_scenes.py", ["rl.categories=faces"], "rl.categories='faces'"),
+    # gradient ascent away from the reference; inverted clip bounds
+    ("rl_scenes.py", ["rl.kl_coef=-0.05"], "rl.kl_coef must be >= 0"),
+    ("rl_scenes.py", ["rl.clip_eps=0"], "rl.clip_eps must be positive"),
+    ("rl_scenes.py", ["rl.num_heldout=-1"], "rl.num_heldout must be >= 0"),
+])
+def test_dpo_and_grpo_config_errors_are_one_line(repo, monkeypatch, config, overrides,
+                                                 message):
+    """Checked when the task is made, before the tokenizer, reference or data load."""
+    from mmgen.config import ConfigError
+    from mmgen.posttrain.dpo import DPOTask
+    from mmgen.posttrain.grpo import GRPOTask
+
+    monkeypatch.chdir(repo)
+    cfg = _recipe(repo, config, *overrides)
+    task = {"dpo": DPOTask, "grpo": GRPOTask}[cfg.posttrain.objective]
+    with pytest.raises(ConfigError, match=message):
+        task(cfg)
+
+
+def test_zero_heldout_prompts_or_pairs_turn_the_heldout_metrics_off(repo):
+    """They used to fail after the model loaded (np.stack / np.concatenate of nothing)."""
+    from mmgen.posttrain.dpo import heldout_rows
+    from mmgen.posttrain.grpo import GRPOTask, HeldoutScoreHook
+
+    cfg = _recipe(repo, "dpo.py", "dpo.num_heldout_pairs=0")
+    assert heldout_rows(None, cfg, LAYOUT) is None
+    task = object.__new__(GRPOTask)  # hooks() needs no tokenizer or model
+    task.cfg, task.codec, task.rollouts = _recipe(repo, "rl_scenes.py"), None, None
+    assert any(isinstance(h, HeldoutScoreHook) for h in task.hooks())
+    task.cfg.rl.num_heldout = 0
+    assert not any(isinstance(h, HeldoutScoreHook) for h in task.hooks())

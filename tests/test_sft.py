@@ -124,7 +124,9 @@ def test_parse_tasks_and_config_errors_are_one_line():
                               ("seed", 1234, "held-out"),
                               ("edit_null_fraction", 1.0, "edit_null_fraction"),
                               ("source", "jsonl", "sft.path"),
-                              ("source", "web", "sft.source")):
+                              ("source", "web", "sft.source"),
+                              # a file the synthetic source would ignore without a word
+                              ("path", "data/sft.jsonl", "set sft.source=jsonl")):
         bad = load_config_file(str(REPO / "configs/sft_edit.py"))
         bad.sft[key] = value
         with pytest.raises(ConfigError, match=match):

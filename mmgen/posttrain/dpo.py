@@ -8,13 +8,15 @@ the reference's log-probabilities arrive in the batch (posttrain/reference.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.config import require
+from mmgen.config import ConfigError, require
 from mmgen.posttrain import preference_data as pref
 from mmgen.posttrain.logprobs import resolve_code_range, target_logps
 from mmgen.posttrain.reference import ReferenceScorer
@@ -23,6 +25,33 @@ from mmgen.train.hooks import Context, Hook
 from mmgen.train.losses import register_loss
 
 HELDOUT_PAIR_SEED = 4321  # held-out pairs: held-out compositions and a seed of their own
+SOURCES = ("synthetic", "jsonl")
+KEYS = ("beta", "source", "path", "heldout_path", "num_pairs", "num_heldout_pairs")
+
+
+def check_dpo_config(cfg) -> None:
+    """One-line ConfigErrors for the `dpo` group, before the tokenizer or any data loads."""
+    d = cfg.get("dpo")
+    require(d is not None, "posttrain.objective='dpo' needs a `dpo` config group "
+            "(see configs/dpo.py)")
+    missing = [k for k in KEYS if k not in d]
+    require(not missing, f"the dpo config group lacks {missing} (see configs/dpo.py)")
+    require(d.beta > 0, f"dpo.beta must be positive, got {d.beta}")
+    require(d.source in SOURCES, f"dpo.source must be one of {SOURCES}, got {d.source!r}")
+    files = [k for k in ("path", "heldout_path") if d[k]]
+    if d.source == "jsonl":
+        require(bool(d.path), "dpo.source='jsonl' needs dpo.path (lines of prompt, chosen, "
+                "rejected)")
+        for key in files:  # the held-out file is read only after the training data
+            require(Path(d[key]).is_file(), f"dpo.{key} {d[key]} is not a file")
+    else:
+        if files:  # the synthetic source reads no file: it would be ignored without a word
+            raise ConfigError(f"dpo.{files[0]} is set but dpo.source={d.source!r} makes its "
+                              "own pairs: set dpo.source=jsonl to read the file")
+        require(d.num_pairs >= per_host_batch(cfg),
+                f"dpo.num_pairs={d.num_pairs} is smaller than the per-host batch")
+    require(d.num_heldout_pairs >= 0,
+            f"dpo.num_heldout_pairs must be >= 0 (0 = none), got {d.num_heldout_pairs}")
 
 
 def pair_sums(logp_BT: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -77,12 +106,15 @@ def logp_margins(model, rows: grain.MapDataset, cfg, batch_rows: int = 16) -> np
 def heldout_rows(codec, cfg, layout, text_tokenizer=None, log=print
                  ) -> grain.MapDataset | None:
     """Held-out pairs: of held-out compositions (one fixed caption each) for the synthetic
-    source, of dpo.heldout_path for jsonl (None without one)."""
+    source, of dpo.heldout_path for jsonl (None without one, or with 0 synthetic pairs)."""
     if cfg.dpo.get("source", "synthetic") == "jsonl":
         if not cfg.dpo.heldout_path:
             return None
         return grain.MapDataset.source(pref.jsonl_pair_rows(
-            cfg.dpo.heldout_path, cfg, layout, codec, text_tokenizer, log=log))
+            cfg.dpo.heldout_path, cfg, layout, codec, text_tokenizer, log=log,
+            key="dpo.heldout_path"))
+    if cfg.dpo.num_heldout_pairs == 0:
+        return None
     source = pref.build_pairs(codec, cfg.data, num=cfg.dpo.num_heldout_pairs,
                               seed=HELDOUT_PAIR_SEED, split="heldout", log=log)
     return pref.pair_rows(source, cfg.data, layout, seed=HELDOUT_PAIR_SEED, shuffle=False,
@@ -134,15 +166,8 @@ class DPOTask(JointTask):
     loss = "dpo"
 
     def __init__(self, cfg, log=print, workdir=None):
+        check_dpo_config(cfg)
         super().__init__(cfg, log=log, workdir=workdir)
-        d = cfg.dpo
-        require(d.beta > 0, f"dpo.beta must be positive, got {d.beta}")
-        require(d.source in ("synthetic", "jsonl"),
-                f"dpo.source must be synthetic or jsonl, got {d.source!r}")
-        require(d.source == "synthetic" or bool(d.path),
-                "dpo.source=jsonl needs dpo.path (lines of prompt, chosen, rejected)")
-        require(d.source == "jsonl" or d.num_pairs >= per_host_batch(cfg),
-                f"dpo.num_pairs={d.num_pairs} is smaller than the per-host batch")
         resolve_code_range(cfg, self.layout)
         self.tokens_per_batch = cfg.train.global_batch * cfg.data.seq_len
 

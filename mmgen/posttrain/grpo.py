@@ -74,25 +74,45 @@ class HeldoutScoreHook(Hook):
               flush=True)
 
 
+KEYS = ("categories", "prompts_per_step", "group_size", "reward", "temperature", "kl_coef",
+        "clip_eps", "seed", "num_heldout")
+
+
+def check_rl_config(cfg) -> list[str]:
+    """One-line ConfigErrors for the `rl` group, before the tokenizer or any model loads;
+    the prompt categories."""
+    r = cfg.get("rl")
+    require(r is not None, "posttrain.objective='grpo' needs an `rl` config group "
+            "(see configs/rl_scenes.py)")
+    missing = [k for k in KEYS if k not in r]
+    require(not missing, f"the rl config group lacks {missing} (see configs/rl_scenes.py)")
+    categories = [c.strip() for c in r.categories.split(",") if c.strip()]
+    require(categories and set(categories) <= set(CATEGORIES),
+            f"rl.categories={r.categories!r}: choose from {list(CATEGORIES)}")
+    require(r.group_size >= 2, f"rl.group_size must be >= 2, got {r.group_size}")
+    require(r.prompts_per_step * r.group_size == cfg.train.global_batch,
+            f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * r.group_size} "
+            f"must equal train.global_batch={cfg.train.global_batch} (one row per sample)")
+    from mmgen.posttrain.rewards import KINDS
+
+    require(r.reward in KINDS, f"rl.reward must be one of {KINDS}, got {r.reward!r}")
+    require(r.temperature > 0, f"rl.temperature must be positive, got {r.temperature}")
+    # a negative coefficient rewards moving away from the reference; a clip range <= 0
+    # inverts PPO's clip bounds
+    require(r.kl_coef >= 0, f"rl.kl_coef must be >= 0, got {r.kl_coef}")
+    require(r.clip_eps > 0, f"rl.clip_eps must be positive, got {r.clip_eps}")
+    require(r.num_heldout >= 0, f"rl.num_heldout must be >= 0 (0 = none), got {r.num_heldout}")
+    require(jax.process_count() == 1, "GRPO rollouts run in a single process")
+    return categories
+
+
 class GRPOTask(JointTask):
     name = "grpo"
     loss = "grpo"
 
     def __init__(self, cfg, log=print, workdir=None):
+        self.categories = check_rl_config(cfg)
         super().__init__(cfg, log=log, workdir=workdir)
-        r = cfg.rl
-        self.categories = [c.strip() for c in r.categories.split(",") if c.strip()]
-        require(self.categories and set(self.categories) <= set(CATEGORIES),
-                f"rl.categories={r.categories!r}: choose from {list(CATEGORIES)}")
-        require(r.group_size >= 2, f"rl.group_size must be >= 2, got {r.group_size}")
-        require(r.prompts_per_step * r.group_size == cfg.train.global_batch,
-                f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * r.group_size} "
-                f"must equal train.global_batch={cfg.train.global_batch} (one row per sample)")
-        from mmgen.posttrain.rewards import KINDS
-
-        require(r.reward in KINDS, f"rl.reward must be one of {KINDS}, got {r.reward!r}")
-        require(r.temperature > 0, f"rl.temperature must be positive, got {r.temperature}")
-        require(jax.process_count() == 1, "GRPO rollouts run in a single process")
         resolve_code_range(cfg, self.layout)
 
     def row_length_problem(self) -> str | None:
@@ -112,5 +132,6 @@ class GRPOTask(JointTask):
         return self.rollouts
 
     def hooks(self) -> list[Hook]:
-        return [RolloutHook(self.rollouts), *super().hooks(),
-                HeldoutScoreHook(self.cfg.train.eval_every, self)]
+        heldout = [HeldoutScoreHook(self.cfg.train.eval_every, self)
+                   ] if self.cfg.rl.num_heldout > 0 else []
+        return [RolloutHook(self.rollouts), *super().hooks(), *heldout]

@@ -138,17 +138,18 @@ def pack_pair(chosen: dict, rejected: dict, layout: TokenLayout, seq_len: int) -
 
 
 def jsonl_pair_rows(path: str, cfg, layout: TokenLayout, codec, text_tokenizer,
-                    log=print) -> list[dict]:
+                    log=print, key: str = "dpo.path") -> list[dict]:
     """Rows of a jsonl file of {"prompt", "chosen", "rejected"} (each a string or a list of
     text/image parts, as SFT's jsonl; posttrain/sft_jsonl.py): bad lines are skipped and
-    counted, a pair longer than data.seq_len is too_long."""
+    counted, a pair longer than data.seq_len is too_long. `key`: the config key naming
+    the file, for errors."""
     from mmgen.posttrain.sft_jsonl import load_jsonl
 
     d = cfg.data
     pairs, _ = load_jsonl(path, layout=layout, text_tokenizer=text_tokenizer,
                           encode=codec.encode, image_size=d.image_size, max_len=d.seq_len,
                           max_bad_fraction=d.max_bad_fraction, max_pixels=d.max_pixels,
-                          responses=("chosen", "rejected"), what="dpo", log=log)
+                          responses=("chosen", "rejected"), what="dpo", key=key, log=log)
     return [pack_pair(c, r, layout, d.seq_len) for c, r in pairs]
 
 

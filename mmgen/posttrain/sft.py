@@ -33,6 +33,9 @@ def check_sft_config(cfg) -> dict[str, float]:
         require(bool(s.path), "sft.source='jsonl' needs sft.path (a .jsonl file)")
         require(Path(s.path).is_file(), f"sft.path {s.path} is not a file")
         return {}
+    # the synthetic tasks read no file: a path would be ignored without a word
+    require(not s.path, f"sft.path is set but sft.source={s.source!r} makes its own "
+            "examples: set sft.source=jsonl to train on the file")
     try:
         weights = sft_data.parse_tasks(s.tasks)
     except ValueError as e:

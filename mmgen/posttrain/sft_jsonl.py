@@ -93,18 +93,19 @@ def build_example(prompt, response, image_ids: dict[str, np.ndarray], layout: To
 def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
                image_size: int, max_len: int, max_bad_fraction: float,
                max_pixels: int = 50_000_000, responses: tuple[str, ...] = ("response",),
-               what: str = "sft", log=print) -> tuple[list[tuple[Example, ...]], Counter]:
+               what: str = "sft", key: str = "", log=print
+               ) -> tuple[list[tuple[Example, ...]], Counter]:
     """Every usable line as one example per key of `responses` (the same prompt before
     each: ("response",) for SFT, ("chosen", "rejected") for DPO), whose lengths sum to at
     most max_len tokens, and the skip counts by reason.
 
     Raises DataError (one line) if nothing is usable or the bad share exceeds
-    max_bad_fraction."""
+    max_bad_fraction. `key`: the file's config key in errors (default `{what}.path`)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{what}.path {path}: cannot read it ({e})") from None
+        raise DataError(f"{key or what + '.path'} {path}: cannot read it ({e})") from None
     skipped: Counter = Counter()
     parsed, pixels, slot = [], [], {}
     for line in lines:
