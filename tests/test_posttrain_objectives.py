@@ -237,15 +237,20 @@ def test_dpo_jsonl_pairs_share_the_prompt_and_weigh_responses(tmp_path):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "img" / "red.png")
     Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "img" / "blue.png")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "img" / "red_copy.png")
     lines = [{"prompt": "a red square", "chosen": [{"image": "img/red.png"}],
               "rejected": [{"image": "img/blue.png"}]},
              {"prompt": [{"image": "img/red.png"}, {"text": "colour?"}], "chosen": "red",
               "rejected": "blue"},
              {"prompt": "x", "chosen": "y"},                       # missing_rejected
-             {"prompt": "x", "chosen": [{"image": "img/gone.png"}], "rejected": "z"}]
+             {"prompt": "x", "chosen": [{"image": "img/gone.png"}], "rejected": "z"},
+             # identical_responses: the same text, and two files with the same codes
+             {"prompt": "x", "chosen": "same", "rejected": " same"},
+             {"prompt": "x", "chosen": [{"image": "img/red.png"}],
+              "rejected": [{"image": "img/red_copy.png"}]}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    cfg = ConfigDict(dict(data=dict(image_size=32, seq_len=64, max_bad_fraction=0.5,
+    cfg = ConfigDict(dict(data=dict(image_size=32, seq_len=64, max_bad_fraction=0.7,
                                     max_pixels=10**6)))
 
     def encode(images):  # stands in for the codec: every id is the mean red / 16
@@ -255,8 +260,9 @@ def test_dpo_jsonl_pairs_share_the_prompt_and_weigh_responses(tmp_path):
     logs = []
     rows = pref.jsonl_pair_rows(str(path), cfg, LAYOUT, types.SimpleNamespace(encode=encode),
                                 BYTES, log=logs.append)
-    assert len(rows) == 2 and "2 of 4 lines skipped" in logs[0]
+    assert len(rows) == 2 and "4 of 6 lines skipped" in logs[0], logs
     assert "missing_rejected 1" in logs[0] and "missing_image 1" in logs[0]
+    assert "identical_responses 2" in logs[0]
     image_row, text_row = rows
     for row in rows:
         w = row["loss_weight"] > 0

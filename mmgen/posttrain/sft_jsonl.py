@@ -138,6 +138,11 @@ def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
         exs = tuple(build_example(prompt, a, by_path, layout, text_tokenizer) for a in answers)
         if sum(len(ex["tokens"]) for ex in exs) > max_len:
             skipped["too_long"] += 1
+        elif len(exs) > 1 and all(np.array_equal(ex["tokens"], exs[0]["tokens"])
+                                  for ex in exs[1:]):
+            # chosen == rejected (after cleaning and encoding): no preference to learn,
+            # a DPO gradient of exactly zero, and a pair that counts against dpo/accuracy
+            skipped["identical_responses"] += 1
         else:
             examples.append(exs)
     bad = sum(skipped.values())
