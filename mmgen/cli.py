@@ -43,13 +43,19 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from mmgen.tasks import inherit_init_model, make_task, pin_source_steps
+    from mmgen.tasks import (
+        check_resumed_sources,
+        inherit_init_model,
+        make_task,
+        pin_source_steps,
+    )
 
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     if "://" in workdir:  # file I/O would quietly make a local directory named "gs:"
         raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported; mount the "
                           "bucket (e.g. Cloud Storage FUSE) and pass the mount path")
     _check_workdir(Path(workdir))
+    check_resumed_sources(cfg, workdir)
     pin_source_steps(cfg, workdir, log)
     inherit_init_model(cfg, log, workdir)
     validate(cfg, jax.device_count())

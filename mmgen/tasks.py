@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmgen.config import require
+from mmgen.config import ConfigError, require
 from mmgen.data import pipeline, steps, synthetic, token_cache
 from mmgen.load import ImageCodec, build_model_fn, same_path, tokenizer_step
 from mmgen.parallel.mesh import resolve_axis_sizes
@@ -88,6 +88,36 @@ def init_source(cfg, workdir=None):
     require(src_cfg.kind == cfg.kind, f"init.checkpoint {init.checkpoint} is a "
             f"{src_cfg.kind!r} run, this config trains {cfg.kind!r}")
     return src_cfg, src_layout
+
+
+def check_resumed_sources(cfg, workdir) -> None:
+    """A resume continues from the workdir's own checkpoints: a changed `init.checkpoint`
+    would be ignored without a word, and a changed DPO or GRPO reference
+    (`posttrain.reference`, by default `init.checkpoint`) would change the loss mid-run.
+    Both are refused in one line while the source the run started from still exists; one
+    that has since moved or gone may be named anew (a resume needs only the reference)."""
+    if str(cfg.train.get("resume", "latest")) == "none":
+        return
+    stored = _stored_metadata(workdir)
+    if (stored is None or stored[0].get("kind") != cfg.kind
+            or objective(stored[0]) != objective(cfg)):
+        return  # a fresh start, or another run, which the resume refuses by name
+    stored = stored[0]
+    sources = [("init.checkpoint", "started from",
+                lambda c: (c.get("init") or {}).get("checkpoint", ""))]
+    if objective(cfg) in ("dpo", "grpo"):
+        from mmgen.posttrain.reference import reference_source
+
+        sources.append(("posttrain.reference", "scores against",
+                        lambda c: reference_source(c)[0]))
+    for key, does, source in sources:
+        old, new = source(stored), source(cfg)
+        if not new or old == new or same_path(old, new) or (old and not Path(old).exists()):
+            continue
+        raise ConfigError(f"{key}={new}, but the run in {workdir} {does} "
+                          f"{old or 'a random init'} and a resume continues it: "
+                          f"{f'set {key}={old}' if old else f'leave {key} unset'} to resume, "
+                          "or give a new --workdir to start over")
 
 
 def pin_source_steps(cfg, workdir, log=print) -> None:

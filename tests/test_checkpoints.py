@@ -341,6 +341,22 @@ def test_a_workdir_of_another_run_is_refused_before_anything_is_written(
                                          ["--config.model.num_layers=6"]), "w")
 
 
+def test_a_lora_run_resumes_only_with_its_own_targets_and_alpha(repo):
+    """Other targets used to fail as an 'unreadable' checkpoint (orbax: tree structures do
+    not match); another alpha silently rescaled every adapter's update."""
+    from mmgen.train.checkpoint import CheckpointError
+    from mmgen.train.loop import check_same_run
+
+    def lora(*overrides):
+        return load_config(str(repo / "configs/tiny.py"), ["lora.rank=8", *overrides])
+
+    check_same_run(lora(), lora("optim.lr=1e-4"), "w")  # may change
+    with pytest.raises(CheckpointError, match="lora.targets='attn/' there, 'mlp/' here"):
+        check_same_run(lora("lora.targets=attn/"), lora("lora.targets=mlp/"), "w")
+    with pytest.raises(CheckpointError, match="lora.alpha=16.0 there, 32.0 here"):
+        check_same_run(lora(), lora("lora.alpha=32"), "w")
+
+
 def test_retention_keeps_latest_n_and_every_k(repo, tmp_path):
     work = tmp_path / "keep"
     assert mmgen(["train", "--config", str(repo / CONFIG), "--workdir", str(work),
@@ -535,6 +551,36 @@ def test_a_resumed_fine_tune_keeps_the_source_step_of_its_first_start(
     fresh = load_config(str(repo / "configs/dpo.py:smoke"), [f"--config.init.checkpoint={src}"])
     pin_source_steps(fresh, tmp_path / "new", log=lambda _: None)
     assert fresh.init.step == 8 and fresh.posttrain.reference_step == 8
+
+
+def test_a_resume_refuses_another_source_while_its_own_exists(repo, tmp_path, capsys):
+    """A resume continues the workdir's checkpoints: a changed init.checkpoint used to be
+    ignored without a word, and a DPO run resumed with another one (its default
+    reference) silently scored against another model from then on."""
+    from mmgen.tasks import check_resumed_sources
+
+    old, new, work = tmp_path / "old", tmp_path / "new", tmp_path / "dpo"
+    old.mkdir(), new.mkdir()
+    spec = str(repo / "configs/dpo.py:smoke")
+    ckpt = Checkpointer(work / "checkpoints", async_save=False)
+    ckpt.save(1, {"x": np.zeros(1)}, data_state={}, layout=None,
+              cfg=load_config(spec, [f"init.checkpoint={old}"]))
+    ckpt.close()
+    for overrides, message in (
+            ([f"init.checkpoint={new}"], f"init.checkpoint={new}, but the run in {work} "
+             f"started from {old} and a resume continues it: set init.checkpoint={old}"),
+            ([f"init.checkpoint={old}", f"posttrain.reference={new}"],
+             f"posttrain.reference={new}, but the run in {work} scores against {old}")):
+        argv = ["train", "--config", spec, "--workdir", str(work),
+                *(f"--config.{o}" for o in overrides)]
+        assert mmgen(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    check_resumed_sources(load_config(spec, [f"init.checkpoint={old}/"]), work)  # the same
+    check_resumed_sources(load_config(spec, [f"init.checkpoint={new}", "train.resume=none"]),
+                          work)
+    old.rmdir()  # a source that moved may be named anew
+    check_resumed_sources(load_config(spec, [f"init.checkpoint={new}"]), work)
 
 
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):

@@ -138,6 +138,8 @@ def _what_it_trains(cfg) -> dict:
     post, lora = cfg.get("posttrain"), cfg.get("lora")
     what = {"kind": cfg.get("kind"), "posttrain.objective": post.objective if post else None,
             "lora.rank": int(lora.rank) if lora else 0}
+    if what["lora.rank"]:  # which weights are adapted, and the scale of A @ B in them
+        what.update({"lora.targets": lora.targets, "lora.alpha": float(lora.alpha)})
     if cfg.get("kind") == "joint":
         what.update({f"model.{k}": cfg.model.get(k) for k in JOINT_SHAPE_KEYS})
     return what
