@@ -201,6 +201,21 @@ def test_targets_matching_nothing_is_a_clear_error(repo):
     assert "\n" not in str(e.value) and "w_q_DHK" in str(e.value)
 
 
+def test_a_rank_above_a_targeted_weights_rank_is_a_clear_error(repo):
+    """An adapter of rank > min(inputs, outputs) of its weight adds parameters (more than
+    the weight's own) and no expressiveness; it used to train without a word."""
+    def build(*overrides):  # shapes only: the check needs no weights
+        return nnx.eval_shape(lambda: build_model_fn(small_cfg(repo, *overrides))(nnx.Rngs(0)))
+
+    build("lora.rank=16")  # w_k, w_v: [32, 2, 8]
+    with pytest.raises(ConfigError, match=r"^lora.rank=17 exceeds the rank of "
+                       r"blocks/0/attn/w_k_DGK \[32, 2, 8\] \(at most 16: 32 inputs, 16 "
+                       r"outputs\)") as e:
+        build("lora.rank=17")
+    assert "\n" not in str(e.value)
+    build("lora.rank=17", "lora.targets=mlp/")
+
+
 def test_init_checkpoint_fills_the_base_of_a_lora_model(repo, tmp_path):
     src_cfg = small_cfg(repo)
     source = small_spec(src_cfg).init(7)["params"]

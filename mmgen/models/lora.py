@@ -80,7 +80,13 @@ def attach_adapters(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> nnx.Module:
         n_in = _input_dims(name)
         shape, names = var.shape, tuple(var.get_metadata().get("out_sharding")
                                         or (None,) * var.ndim)
-        std = 1.0 / math.sqrt(math.prod(shape[:n_in]))
+        fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        if r > min(fan_in, fan_out):  # A @ B cannot have a higher rank than the weight
+            raise ConfigError(
+                f"lora.rank={r} exceeds the rank of {name} {list(shape)} (at most "
+                f"{min(fan_in, fan_out)}: {fan_in} inputs, {fan_out} outputs), so its adapter "
+                "adds parameters and nothing else; lower lora.rank or narrow lora.targets")
+        std = 1.0 / math.sqrt(fan_in)
         a = nnx.Param(std * jax.random.normal(rngs.params(), (*shape[:n_in], r), var.dtype),
                       out_sharding=(*names[:n_in], None))
         b = nnx.Param(jnp.zeros((r, *shape[n_in:]), var.dtype),
