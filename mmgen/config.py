@@ -166,6 +166,8 @@ _BOUNDS = (
     ("data.p_word", 0, 1, True), ("data.p_texture", 0, 1, True),
     ("data.max_objects", 1, 4, True), ("data.image_size", 8, None, True),
     ("data.num_train_scenes", 1, None, True),
+    # read by real data sources and by SFT/DPO jsonl files next to the synthetic source
+    ("data.max_bad_fraction", 0, 1, True), ("data.max_pixels", 1, None, True),
     # negative loss terms are gradient ascent
     ("loss.z_loss", 0, None, True), ("loss.code_snap", 0, None, True),
 )
@@ -245,8 +247,6 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
         buckets.parse(d.aspect_buckets, d.image_size, 1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    require(0 <= d.max_bad_fraction <= 1,
-            f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     require(d.max_caption_bytes >= 1, "data.max_caption_bytes must be >= 1")
     if cfg.kind == "joint":
         require(d.examples_per_row > 0, "data.examples_per_row must be positive")

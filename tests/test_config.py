@@ -66,6 +66,10 @@ def test_impossible_shapes_fail_before_compiling(repo, override, devices, messag
     ("tiny.py", "data.p_word=2.0", "data.p_word must be in [0, 1], got 2.0"),
     ("tiny.py", "data.max_objects=0", "data.max_objects must be in [1, 4], got 0"),
     ("tokenizer_tiny.py", "data.image_size=0", "data.image_size must be >= 8, got 0"),
+    # the jsonl files of SFT and DPO read them beside the synthetic data source
+    ("sft_edit.py", "data.max_bad_fraction=-0.1",
+     "data.max_bad_fraction must be in [0, 1], got -0.1"),
+    ("dpo.py", "data.max_pixels=0", "data.max_pixels must be >= 1, got 0"),
     ("tiny.py", "loss.z_loss=-1.0", "loss.z_loss must be >= 0, got -1.0"),
     ("tokenizer_tiny.py", "loss.code_snap=-0.1", "loss.code_snap must be >= 0, got -0.1"),
     ("tiny.py", "loss.modality_weights.text=-1.0",
