@@ -127,7 +127,9 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
     against whatever its reference run has written since, changing its loss mid-run."""
     from mmgen.load import read_run_metadata
 
-    stored = _stored_metadata(workdir)
+    # train.resume=none starts the run over: it pins afresh
+    stored = None if str(cfg.train.get("resume", "latest")) == "none" else (
+        _stored_metadata(workdir))
     stored = stored and stored[0]
     post = cfg.get("posttrain")
     pins = [("init", "step", lambda c: c.init.get("checkpoint", ""))]
@@ -143,7 +145,9 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         if group == "tokenizer" and not Path(path).exists():
             continue  # loading the tokenizer fails on it later, in one line naming it
         old = stored[group].get(key, -1) if stored is not None and group in stored else -1
-        if old >= 0 and source(stored) == path:
+        # the run's own source, however spelled, or one that has moved since (the resume
+        # check refuses any other while the first still exists): the step it first found
+        if old >= 0 and (same_path(source(stored), path) or not Path(source(stored)).exists()):
             cfg[group][key] = old
             log(f"{group}.{key}={old}: {path} as this run first found it")
             continue

@@ -551,6 +551,20 @@ def test_a_resumed_fine_tune_keeps_the_source_step_of_its_first_start(
     fresh = load_config(str(repo / "configs/dpo.py:smoke"), [f"--config.init.checkpoint={src}"])
     pin_source_steps(fresh, tmp_path / "new", log=lambda _: None)
     assert fresh.init.step == 8 and fresh.posttrain.reference_step == 8
+    # the same source spelled otherwise, or moved since, kept the first step too: both
+    # used to be pinned afresh to its latest (8)
+    moved = tmp_path / "moved"
+    for path in (f"{src}/", f"{tmp_path}/./src"):
+        resumed = load_config(str(repo / CONFIG), [f"init.checkpoint={path}"])
+        pin_source_steps(resumed, work, log=lambda _: None)
+        assert resumed.init.step == 6, path
+    shutil.move(src, moved)
+    resumed = load_config(str(repo / CONFIG), [f"init.checkpoint={moved}"])
+    pin_source_steps(resumed, work, log=lambda _: None)
+    assert resumed.init.step == 6
+    over = load_config(str(repo / CONFIG), [f"init.checkpoint={moved}", "train.resume=none"])
+    pin_source_steps(over, work, log=lambda _: None)
+    assert over.init.step == 8  # starting over pins afresh
 
 
 def test_a_resume_refuses_another_source_while_its_own_exists(repo, tmp_path, capsys):
