@@ -181,7 +181,9 @@ def _stored_metadata(workdir):
     from mmgen.train.checkpoint import read_metadata
 
     try:
-        return read_metadata(workdir)[:2]
+        # unchecked: a damaged newest checkpoint (which train.resume=latest_valid passes
+        # over) still holds the run's config, and with it the pinned steps and sources
+        return read_metadata(workdir, check=False)[:2]
     except Exception:
         return None
 

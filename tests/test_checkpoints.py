@@ -597,6 +597,38 @@ def test_a_resume_refuses_another_source_while_its_own_exists(repo, tmp_path, ca
     check_resumed_sources(load_config(spec, [f"init.checkpoint={new}"]), work)
 
 
+def _fake_run(run: Path, steps, cfg) -> None:
+    """Checkpoints of `cfg` holding one small array: metadata for the resume checks."""
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    for step in steps:
+        ckpt.save(step, {"x": np.zeros(1000)}, data_state={}, layout=None, cfg=cfg)
+    ckpt.close()
+
+
+def test_a_damaged_newest_checkpoint_still_holds_the_runs_sources(repo, tmp_path):
+    """train.resume=latest_valid passes over a damaged newest checkpoint, but its config
+    is the run's own: reading it through the array check made the run look new, so a DPO
+    resume pinned its reference afresh (to the source's latest, changing the loss mid-run)
+    and took another init.checkpoint without a word."""
+    from mmgen.config import ConfigError
+    from mmgen.tasks import check_resumed_sources, pin_source_steps
+
+    spec = str(repo / "configs/dpo.py:smoke")
+    src, other, work = tmp_path / "src", tmp_path / "other", tmp_path / "dpo"
+    _fake_run(src, [6, 8], load_config(spec))
+    _fake_run(other, [2], load_config(spec))
+    _fake_run(work, [1, 2], load_config(spec, [f"init.checkpoint={src}", "init.step=6",
+                                               "posttrain.reference_step=6"]))
+    victim = _largest_state_file(work / "checkpoints" / "2")
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+
+    resumed = load_config(spec, [f"init.checkpoint={src}", "train.resume=latest_valid"])
+    pin_source_steps(resumed, work, log=lambda _: None)
+    assert (resumed.init.step, resumed.posttrain.reference_step) == (6, 6)
+    with pytest.raises(ConfigError, match=f"but the run in {work} started from {src}"):
+        check_resumed_sources(load_config(spec, [f"init.checkpoint={other}"]), work)
+
+
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
     process resumes it. Each global step draws the same examples whatever the process

@@ -296,8 +296,10 @@ def _move_aside(ckpt: Checkpointer, steps: list[int], name: str, log) -> None:
     log(f"moved checkpoints {steps} to {aside}")
 
 
-def read_metadata(directory: str | Path, step: int | None = None):
-    """(config, layout or None, step) of a run directory's latest (or given) checkpoint."""
+def read_metadata(directory: str | Path, step: int | None = None, *, check: bool = True):
+    """(config, layout or None, step) of a run directory's latest (or given) checkpoint.
+    `check=False` reads its config and layout even when its arrays are damaged (a resume
+    with latest_valid still needs the run's own config, saved with each checkpoint)."""
     ckpt_dir = Path(directory) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints under {directory} (expected {ckpt_dir})")
@@ -311,7 +313,7 @@ def read_metadata(directory: str | Path, step: int | None = None):
             raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir} (have {steps})")
         # sample, eval, export and init.checkpoint start here: a damaged config or layout
         # item must be named like a damaged array, not end in orbax's JSON or KeyError
-        why = ckpt.problem(step)
+        why = ckpt.problem(step) if check else None
         if why:
             raise CheckpointError(f"checkpoint {step} in {ckpt_dir} is incomplete: {why}; "
                                   f"the run has checkpoints {steps}")
