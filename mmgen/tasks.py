@@ -79,7 +79,8 @@ def init_source(cfg, workdir=None):
     if workdir is not None and str(cfg.train.get("resume", "latest")) != "none":
         stored = _stored_metadata(workdir)
         if (stored is not None and stored[0].kind == cfg.kind
-                and (stored[0].get("init") or {}).get("checkpoint") == init.checkpoint):
+                and _same_source((stored[0].get("init") or {}).get("checkpoint", ""),
+                                 init.checkpoint)):
             return stored
     from mmgen.load import read_run_metadata
 
@@ -88,6 +89,14 @@ def init_source(cfg, workdir=None):
     require(src_cfg.kind == cfg.kind, f"init.checkpoint {init.checkpoint} is a "
             f"{src_cfg.kind!r} run, this config trains {cfg.kind!r}")
     return src_cfg, src_layout
+
+
+def _same_source(old: str, new: str) -> bool:
+    """Whether a resume naming `new` continues from `old`, the source its run started
+    from: the same directory however spelled, or any path once `old` has moved or gone
+    (check_resumed_sources refuses another while `old` exists). init_source,
+    check_resumed_sources and pin_source_steps must agree on it."""
+    return bool(old) and (old == new or same_path(old, new) or not Path(old).exists())
 
 
 def check_resumed_sources(cfg, workdir) -> None:
@@ -112,7 +121,7 @@ def check_resumed_sources(cfg, workdir) -> None:
                         lambda c: reference_source(c)[0]))
     for key, does, source in sources:
         old, new = source(stored), source(cfg)
-        if not new or old == new or same_path(old, new) or (old and not Path(old).exists()):
+        if not new or _same_source(old, new):
             continue
         raise ConfigError(f"{key}={new}, but the run in {workdir} {does} "
                           f"{old or 'a random init'} and a resume continues it: "
@@ -147,7 +156,7 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         old = stored[group].get(key, -1) if stored is not None and group in stored else -1
         # the run's own source, however spelled, or one that has moved since (the resume
         # check refuses any other while the first still exists): the step it first found
-        if old >= 0 and (same_path(source(stored), path) or not Path(source(stored)).exists()):
+        if old >= 0 and _same_source(source(stored), path):
             cfg[group][key] = old
             log(f"{group}.{key}={old}: {path} as this run first found it")
             continue

@@ -629,6 +629,31 @@ def test_a_damaged_newest_checkpoint_still_holds_the_runs_sources(repo, tmp_path
         check_resumed_sources(load_config(spec, [f"init.checkpoint={other}"]), work)
 
 
+def test_a_resume_naming_its_source_otherwise_reads_its_own_config(repo, tmp_path):
+    """The resume checks and the pins take a source spelled otherwise, or moved, for the
+    run's own and keep the step pinned at its first start; init_source compared the
+    strings, so it read the source at that step instead of the workdir's own config and
+    failed once the source's retention had dropped it (a plain fine-tune needs no source
+    to resume: docs/post-training.md)."""
+    from mmgen.tasks import check_resumed_sources, inherit_init_model, pin_source_steps
+
+    spec = str(repo / "configs/sft_edit.py:smoke")
+    src, moved, work = tmp_path / "src", tmp_path / "moved", tmp_path / "sft"
+    _fake_run(src, [8], load_config(spec))  # its step 6 has been dropped since
+    _fake_run(work, [1], load_config(spec, [f"init.checkpoint={src}", "init.step=6"]))
+
+    def resume(path) -> int:
+        cfg = load_config(spec, [f"init.checkpoint={path}"])
+        check_resumed_sources(cfg, work)
+        pin_source_steps(cfg, work, log=lambda _: None)
+        inherit_init_model(cfg, lambda _: None, work)
+        return cfg.init.step
+
+    assert resume(f"{src}/") == 6
+    shutil.move(src, moved)
+    assert resume(moved) == 6
+
+
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
     process resumes it. Each global step draws the same examples whatever the process
