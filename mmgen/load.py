@@ -22,8 +22,9 @@ from mmgen.train.checkpoint import Checkpointer, read_metadata
 from mmgen.train.state import StateSpec
 
 
-def build_model_fn(cfg):
-    """rngs -> model, from a resolved config."""
+def build_model_fn(cfg, *, saved: bool = False):
+    """rngs -> model, from a resolved config. `saved`: the config of a run or export that
+    exists, which loads as it was trained (no lora.rank bound: older runs may exceed it)."""
     if cfg.kind == "tokenizer":
         m = cfg.model
         return lambda rngs: ImageAutoencoder(
@@ -33,7 +34,8 @@ def build_model_fn(cfg):
     if cfg.kind == "joint":
         if lora.rank(cfg) > 0:  # base first: adding adapters leaves its init unchanged
             return lambda rngs: lora.attach_adapters(
-                Transformer(transformer_config(cfg), rngs=rngs), cfg.lora, rngs)
+                Transformer(transformer_config(cfg), rngs=rngs), cfg.lora, rngs,
+                check_rank=not saved)
         return lambda rngs: Transformer(transformer_config(cfg), rngs=rngs)
     if cfg.kind == "decoder":  # num_codes and downsample are filled from the tokenizer
         from mmgen.models.decoder import FlowDecoder
@@ -137,7 +139,7 @@ def restore_params(path: str | Path, step: int | None = None, *, use_ema: bool =
     came from (exports record it). An export holds one set of weights, so `use_ema`
     applies to run directories only."""
     cfg, layout, step = read_run_metadata(path, step)
-    spec = StateSpec(cfg, build_model_fn(cfg), make_mesh({"data": -1}))
+    spec = StateSpec(cfg, build_model_fn(cfg, saved=True), make_mesh({"data": -1}))
     abstract = spec.abstract_with_shardings()
     if export.is_exported(path):
         _, _, flat = export.read_exported(path)

@@ -216,6 +216,26 @@ def test_a_rank_above_a_targeted_weights_rank_is_a_clear_error(repo):
     build("lora.rank=17", "lora.targets=mlp/")
 
 
+def test_a_saved_run_above_the_rank_bound_still_loads(repo, tmp_path):
+    """The bound is for new runs: a LoRA run trained before it (rank 17 on the [32, 2, 8]
+    w_k here) used to fail to load in one line, so it could no longer be sampled,
+    evaluated, exported or fine-tuned from."""
+    from mmgen.parallel.mesh import make_mesh
+    from mmgen.train.checkpoint import Checkpointer
+    from mmgen.train.state import StateSpec
+
+    cfg = small_cfg(repo, "lora.rank=17")
+    with pytest.raises(ConfigError, match="exceeds the rank"):
+        small_spec(cfg)  # a new run is refused
+    abstract = StateSpec(cfg, build_model_fn(cfg, saved=True), make_mesh({"data": -1})).abstract
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)  # no init to compile
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    ckpt.save(1, state, data_state={}, cfg=cfg, layout=LAYOUT)
+    ckpt.close()
+    model, saved_cfg, _, step = load_run(tmp_path / "run")
+    assert step == 1 and saved_cfg.lora.rank == 17
+
+
 def test_init_checkpoint_fills_the_base_of_a_lora_model(repo, tmp_path):
     src_cfg = small_cfg(repo)
     source = small_spec(src_cfg).init(7)["params"]

@@ -62,9 +62,11 @@ def _input_dims(path: str) -> int:
     return INPUT_DIMS.get(path.rsplit("/", 1)[-1], 1)
 
 
-def attach_adapters(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> nnx.Module:
+def attach_adapters(model: nnx.Module, lora_cfg, rngs: nnx.Rngs, *,
+                    check_rank: bool = True) -> nnx.Module:
     """Adds `model.lora` with an (a, b) pair for every 2-D or 3-D parameter whose path
-    matches `lora_cfg.targets` (1-D parameters such as norm scales never match)."""
+    matches `lora_cfg.targets` (1-D parameters such as norm scales never match).
+    `check_rank=False` skips the rank bound: a run saved before it was checked must load."""
     rx = re.compile(lora_cfg.targets)
     r = int(lora_cfg.rank)
     tree: dict = {}
@@ -81,7 +83,7 @@ def attach_adapters(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> nnx.Module:
         shape, names = var.shape, tuple(var.get_metadata().get("out_sharding")
                                         or (None,) * var.ndim)
         fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-        if r > min(fan_in, fan_out):  # A @ B cannot have a higher rank than the weight
+        if check_rank and r > min(fan_in, fan_out):  # A @ B has no higher rank than W
             raise ConfigError(
                 f"lora.rank={r} exceeds the rank of {name} {list(shape)} (at most "
                 f"{min(fan_in, fan_out)}: {fan_in} inputs, {fan_out} outputs), so its adapter "
