@@ -35,6 +35,9 @@ from mmgen.tokenizers.layout import TokenLayout
 FORMAT = "mmgen-export"
 VERSION = 1
 WEIGHTS, CONFIG, LAYOUT, INFO = "model.safetensors", "config.json", "layout.json", "export.json"
+# what an export folder holds (the .tmp: weights of an export stopped by an mmgen that
+# wrote in place)
+EXPORT_FILES = (WEIGHTS, CONFIG, LAYOUT, INFO, WEIGHTS + ".tmp")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -112,6 +115,14 @@ def check_out_dir(out_dir: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()) and not holds_export(out):
         raise ExportError(f"{out} is a directory that holds files but no mmgen export (no "
                           f"{INFO}); export to a new or empty directory")
+    # an export replaces the whole folder (write_flat): anything else kept in it (an eval
+    # report, a model card) would be deleted with the previous export
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if (
+        out.is_dir()) else []
+    if others:
+        raise ExportError(f"{out} holds an export and {len(others)} other file(s) or "
+                          f"folder(s) ({_few(others)}), which replacing the export would "
+                          "delete; move them out, or export elsewhere")
     return out
 
 

@@ -224,6 +224,19 @@ def test_export_out_holding_other_files_is_refused_untouched(exported, tmp_path,
     assert load_run(stopped)[3] == 0
 
 
+def test_an_export_holding_other_files_is_not_replaced(exported, tmp_path, capsys):
+    """Replacing an export swaps in a whole new folder: files kept beside the export (a
+    model card, an eval report) used to be deleted with the previous export."""
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    (out / "README.md").write_text("model card")
+    (out / "eval").mkdir()
+    assert mmgen(["export", "--checkpoint", str(exported), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an export and 2 other file(s) or folder(s) (README.md, eval)" in err, err
+    assert "\n" not in err and (out / "README.md").read_text() == "model card"
+
+
 def test_a_replacement_stopped_at_any_point_keeps_the_previous_export(joint, exported,
                                                                      tmp_path, monkeypatch):
     """Replacing an export used to delete its weights before writing the new ones, so a
