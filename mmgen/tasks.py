@@ -76,7 +76,7 @@ def init_source(cfg, workdir=None):
     init = cfg.get("init") or {}
     if not init.get("checkpoint"):
         return None
-    if workdir is not None and str(cfg.train.get("resume", "latest")) != "none":
+    if workdir is not None and not _starts_over(cfg):
         stored = _stored_metadata(workdir)
         if (stored is not None and stored[0].kind == cfg.kind
                 and _same_source((stored[0].get("init") or {}).get("checkpoint", ""),
@@ -89,6 +89,15 @@ def init_source(cfg, workdir=None):
     require(src_cfg.kind == cfg.kind, f"init.checkpoint {init.checkpoint} is a "
             f"{src_cfg.kind!r} run, this config trains {cfg.kind!r}")
     return src_cfg, src_layout
+
+
+def _starts_over(cfg) -> bool:
+    """train.resume=none as the train loop applies it: a launcher's restart (after a
+    preemption) reruns the first attempt's command line, and resumes such a run from its
+    latest checkpoint (checkpoint.resume_mode), so its sources and pins are the run's."""
+    from mmgen.train.checkpoint import resume_mode
+
+    return resume_mode(cfg.train.get("resume", "latest"), log=lambda _: None) == "none"
 
 
 def _same_source(old: str, new: str) -> bool:
@@ -105,7 +114,7 @@ def check_resumed_sources(cfg, workdir) -> None:
     (`posttrain.reference`, by default `init.checkpoint`) would change the loss mid-run.
     Both are refused in one line while the source the run started from still exists; one
     that has since moved or gone may be named anew (a resume needs only the reference)."""
-    if str(cfg.train.get("resume", "latest")) == "none":
+    if _starts_over(cfg):
         return
     stored = _stored_metadata(workdir)
     if (stored is None or stored[0].get("kind") != cfg.kind
@@ -137,8 +146,7 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
     from mmgen.load import read_run_metadata
 
     # train.resume=none starts the run over: it pins afresh
-    stored = None if str(cfg.train.get("resume", "latest")) == "none" else (
-        _stored_metadata(workdir))
+    stored = None if _starts_over(cfg) else _stored_metadata(workdir)
     stored = stored and stored[0]
     post = cfg.get("posttrain")
     pins = [("init", "step", lambda c: c.init.get("checkpoint", ""))]

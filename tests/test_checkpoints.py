@@ -654,6 +654,29 @@ def test_a_resume_naming_its_source_otherwise_reads_its_own_config(repo, tmp_pat
     assert resume(moved) == 6
 
 
+def test_a_launcher_restart_of_a_resume_none_run_keeps_its_pins(repo, tmp_path, monkeypatch):
+    """A launcher's restart reruns the first attempt's command line, and the train loop
+    resumes a --resume=none run from its latest checkpoint (resume_mode); the source
+    checks and pins took the raw `none` for a new start, so a preempted DPO run
+    re-pinned its reference to the source's latest and changed its loss mid-run."""
+    from mmgen.config import ConfigError
+    from mmgen.tasks import check_resumed_sources, pin_source_steps
+
+    spec = str(repo / "configs/dpo.py:smoke")
+    src, other, work = tmp_path / "src", tmp_path / "other", tmp_path / "dpo"
+    _fake_run(src, [6, 8], load_config(spec))
+    _fake_run(other, [2], load_config(spec))
+    _fake_run(work, [1], load_config(spec, [f"init.checkpoint={src}", "init.step=6",
+                                            "posttrain.reference_step=6"]))
+    monkeypatch.setenv("MMGEN_RESTART", "1")
+    restarted = load_config(spec, [f"init.checkpoint={src}", "train.resume=none"])
+    pin_source_steps(restarted, work, log=lambda _: None)
+    assert (restarted.init.step, restarted.posttrain.reference_step) == (6, 6)
+    with pytest.raises(ConfigError, match=f"but the run in {work} started from {src}"):
+        check_resumed_sources(load_config(spec, [f"init.checkpoint={other}",
+                                                 "train.resume=none"]), work)
+
+
 def test_two_process_run_resumes_on_one_process(repo, tmp_path):
     """A real 2-process run (jax.distributed over gloo on localhost) saves at step 4; one
     process resumes it. Each global step draws the same examples whatever the process
