@@ -105,6 +105,12 @@ def check_out_dir(out_dir: str | Path) -> Path:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")
+    # a mount point (a container's output volume, say) cannot be renamed, and a folder
+    # written beside it is on another filesystem: the swap below would fail at the end
+    if out.is_dir() and os.path.ismount(out.resolve()):
+        raise ExportError(f"cannot export to {out}: it is a mount point, which an export "
+                          "(written beside it and renamed into place) cannot replace; "
+                          "export to a folder inside it")
     # the export is written beside `out` and renamed into place (write_flat), so it is
     # the parent folder that must take new entries; asked before any weights load
     why = unwritable(out.resolve().parent)

@@ -237,6 +237,22 @@ def test_an_export_holding_other_files_is_not_replaced(exported, tmp_path, capsy
     assert "\n" not in err and (out / "README.md").read_text() == "model card"
 
 
+def test_a_mount_point_out_is_refused_before_the_weights_load(exported, tmp_path,
+                                                              monkeypatch, capsys):
+    """A mount point cannot be renamed (EBUSY) and its sibling is on another filesystem:
+    the export used to fail only after writing every weight, leaving the whole copy in
+    a hidden .NAME.partial beside it."""
+    import os
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(out.resolve()))
+    assert mmgen(["export", "--checkpoint", str(exported), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot export to {out}: it is a mount point" in err and "\n" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["volume"]
+
+
 def test_a_replacement_stopped_at_any_point_keeps_the_previous_export(joint, exported,
                                                                      tmp_path, monkeypatch):
     """Replacing an export used to delete its weights before writing the new ones, so a
