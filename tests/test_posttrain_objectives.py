@@ -297,6 +297,25 @@ def test_a_reference_that_is_not_a_joint_run_is_refused_in_one_line(repo, tokeni
                             "joint model run")
 
 
+def test_dpo_jsonl_ties_do_not_count_as_bad_lines(tmp_path):
+    """Pairs whose responses coincide (frequent when both are samples of one model) are
+    skipped, but a file with more of them than data.max_bad_fraction used to be refused
+    as broken data; it trained before they were skipped."""
+    import json
+    import types
+
+    lines = [{"prompt": f"q{i}", "chosen": "a good answer", "rejected": "bad"} for i in range(8)]
+    lines += [{"prompt": f"t{i}", "chosen": "same", "rejected": "same"} for i in range(2)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = ConfigDict(dict(data=dict(image_size=32, seq_len=64, max_bad_fraction=0.1,
+                                    max_pixels=10**6)))
+    logs = []
+    rows = pref.jsonl_pair_rows(str(path), cfg, LAYOUT, types.SimpleNamespace(encode=None),
+                                BYTES, log=logs.append)
+    assert len(rows) == 8 and "identical_responses 2" in logs[0], logs
+
+
 def test_a_jsonl_error_names_the_key_of_its_file(tmp_path):
     import types
 

@@ -153,7 +153,10 @@ def load_jsonl(path: str | Path, *, layout: TokenLayout, text_tokenizer, encode,
     log(summary)
     if not examples:
         raise DataError(f"{summary}: nothing usable")
-    if bad > max_bad_fraction * total:
-        raise DataError(f"{summary}: {bad / total:.1%} bad > data.max_bad_fraction="
+    # a tie is a well-formed pair with nothing to learn (two samples of a model often
+    # coincide), not a sign of a wrong path or a broken conversion
+    broken = bad - skipped["identical_responses"]
+    if broken > max_bad_fraction * total:
+        raise DataError(f"{summary}: {broken / total:.1%} bad > data.max_bad_fraction="
                         f"{max_bad_fraction}")
     return examples, skipped
