@@ -228,11 +228,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmgen.export import ExportError, export_run, holds_export
+    from mmgen.export import ExportError, check_out_dir, export_run, holds_export
 
-    if holds_export(args.out):
-        log(f"note: replacing the export in {args.out}")
     try:
+        check_out_dir(args.out)  # a refusal comes without the note below
+        if holds_export(args.out):
+            log(f"note: replacing the export in {args.out}")
         out = export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                          use_ema=not args.no_ema)
     except ExportError as e:

@@ -121,6 +121,11 @@ def check_out_dir(out_dir: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()) and not holds_export(out):
         raise ExportError(f"{out} is a directory that holds files but no mmgen export (no "
                           f"{INFO}); export to a new or empty directory")
+    # the swap would move the shell's working directory away and delete it
+    cwd = Path.cwd()
+    if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
+        raise ExportError(f"cannot export to {out}: it holds the working directory, which "
+                          "replacing the export would delete; run the export from outside it")
     # an export replaces the whole folder (write_flat): anything else kept in it (an eval
     # report, a model card) would be deleted with the previous export
     others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if (

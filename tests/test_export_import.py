@@ -290,6 +290,23 @@ def test_a_replacement_stopped_at_any_point_keeps_the_previous_export(joint, exp
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old copy left
 
 
+def test_an_export_holding_the_working_directory_is_not_replaced(exported, tmp_path, capsys,
+                                                                 monkeypatch):
+    """`mmgen export --out .` from inside an export would rename the shell's working
+    directory away and delete it; refused before the weights load, without the
+    'replacing' note."""
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    # from the export itself, then from a folder inside it
+    for cwd, arg in ((out, "."), (out / "sub", "..")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        assert mmgen(["export", "--checkpoint", str(exported), "--out", arg]) == 2
+        captured = capsys.readouterr()
+        assert "holds the working directory" in captured.err, captured.err
+        assert "replacing" not in captured.out
+
+
 @pytest.fixture(scope="module")
 def saved_run(joint, tmp_path_factory):
     """A run directory with checkpoints 3 and 5 of the tiny joint model (copied by tests
