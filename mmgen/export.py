@@ -223,21 +223,22 @@ def is_exported(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
 
 
-def _read_json_object(file: Path) -> dict:
-    """A JSON object from one of an export's files; a damaged file is named in one line."""
+def read_json_object(file: Path, error: type[ExportError] = ExportError) -> dict:
+    """A JSON object from an export's (or an imported model's) file; a damaged file is an
+    `error` in one line naming it."""
     try:
         d = json.loads(file.read_text())
     except (ValueError, OSError) as e:  # ValueError covers bad JSON and bad UTF-8
-        raise ExportError(f"{file}: not readable JSON ({e})") from None
+        raise error(f"{file}: not readable JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ExportError(f"{file}: expected a JSON object")
+        raise error(f"{file}: expected a JSON object")
     return d
 
 
 def read_info(path: str | Path) -> dict:
     """export.json ({} when absent, e.g. a directory assembled by hand)."""
     f = Path(path) / INFO
-    return _read_json_object(f) if f.is_file() else {}
+    return read_json_object(f) if f.is_file() else {}
 
 
 def read_config(path: str | Path):
@@ -249,7 +250,7 @@ def read_config(path: str | Path):
     if not isinstance(version, int) or version > VERSION:
         raise ExportError(f"{path} has export format version {version!r}; this mmgen "
                           f"reads up to {VERSION}")
-    d = _read_json_object(Path(path) / CONFIG)
+    d = read_json_object(Path(path) / CONFIG)
     if "kind" not in d:
         # a Hugging Face model directory has a config.json and model.safetensors too
         hint = (": a Hugging Face model? `mmgen import-llama` converts one"
@@ -265,7 +266,7 @@ def read_config(path: str | Path):
                               "token layout (export it again)")
         return cfg, None
     try:
-        layout = TokenLayout.from_json(_read_json_object(layout_file))
+        layout = TokenLayout.from_json(read_json_object(layout_file))
     except (KeyError, TypeError) as e:
         raise ExportError(f"{layout_file}: not a token layout (no valid {e})") from None
     return cfg, layout

@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from safetensors import safe_open
 
 from mmgen.config import ConfigError, load_config, validate
-from mmgen.export import ExportError, check_flat, check_out_dir, write_flat
+from mmgen.export import ExportError, check_flat, check_out_dir, read_json_object, write_flat
 from mmgen.load import ImageCodec, build_model_fn
 from mmgen.tokenizers.layout import TokenLayout
 from mmgen.train.state import split_params
@@ -68,16 +68,6 @@ class LlamaConfig:
 MODEL_TYPES = ("llama", "mistral")  # config.json model_type values imported exactly
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        d = json.loads(file.read_text())
-    except (ValueError, OSError) as e:  # ValueError covers bad JSON and bad UTF-8
-        raise ConvertError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConvertError(f"{file}: expected a JSON object")
-    return d
-
-
 def _safe_open(file: Path):
     """safetensors' reader, with a damaged file named in one line (a git-lfs pointer, what
     a clone without git-lfs leaves, is named as such)."""
@@ -97,7 +87,7 @@ def read_llama_config(hf_dir: str | Path) -> LlamaConfig:
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in {hf_dir} (expected a Hugging Face "
                                 "model directory)")
-    d = _read_json(file)
+    d = read_json_object(file, ConvertError)
     if "kind" in d and "model_type" not in d:  # the same file names, the other way round
         raise ConvertError(f"{file} is an mmgen config: {hf_dir} is already an mmgen "
                            "export (sample, eval and init.checkpoint read it as it is)")
@@ -167,7 +157,7 @@ class HFTensors:
         self.where: dict[str, Path] = {}
         index = self.dir / INDEX
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json_object(index, ConvertError).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConvertError(f"{index}: no weight_map object")
             odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
