@@ -167,7 +167,10 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
     target = out.resolve()
     partial, old = _partial_dir(target), _old_dir(target)
     _recover_interrupted_swap(target)
-    shutil.rmtree(partial, ignore_errors=True)  # a stopped earlier export of this name
+    # leftovers of a stopped earlier export of this name: its unfinished folder, and a
+    # previous export it had swapped out but not yet deleted
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / INFO).write_text(json.dumps(info, indent=2))
     (partial / CONFIG).write_text(to_json(cfg))

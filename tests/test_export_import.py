@@ -288,6 +288,11 @@ def test_a_replacement_stopped_at_any_point_keeps_the_previous_export(joint, exp
     export_params(state["params"], cfg, LAYOUT, out, dtype="bfloat16")
     assert read_info(out)["dtype"] == "bfloat16"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old copy left
+    # a stop after the swap but before the old copy was deleted: the next export clears it
+    shutil.copytree(out, tmp_path / ".out.old")
+    export_params(state["params"], cfg, LAYOUT, out)
+    assert read_info(out)["dtype"] == "float32"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_an_export_holding_the_working_directory_is_not_replaced(exported, tmp_path, capsys,
