@@ -105,31 +105,33 @@ def check_out_dir(out_dir: str | Path) -> Path:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise ExportError(f"cannot export to {out}: {blocking} is a file, not a directory")
+    resolved = out.resolve()
     # a mount point (a container's output volume, say) cannot be renamed, and a folder
     # written beside it is on another filesystem: the swap below would fail at the end
-    if out.is_dir() and os.path.ismount(out.resolve()):
+    if out.is_dir() and os.path.ismount(resolved):
         raise ExportError(f"cannot export to {out}: it is a mount point, which an export "
                           "(written beside it and renamed into place) cannot replace; "
                           "export to a folder inside it")
     # the export is written beside `out` and renamed into place (write_flat), so it is
     # the parent folder that must take new entries; asked before any weights load
-    why = unwritable(out.resolve().parent)
+    why = unwritable(resolved.parent)
     if why is not None:
         raise ExportError(f"cannot export to {out}: {why}")
+    if not out.is_dir():
+        return out
     # the export writes config.json and model.safetensors, the very names a Hugging Face
     # model directory (e.g. import-llama's own --hf) keeps its model under
-    if out.is_dir() and any(out.iterdir()) and not holds_export(out):
+    if any(out.iterdir()) and not holds_export(out):
         raise ExportError(f"{out} is a directory that holds files but no mmgen export (no "
                           f"{INFO}); export to a new or empty directory")
     # the swap would move the shell's working directory away and delete it
     cwd = Path.cwd()
-    if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
+    if cwd == resolved or resolved in cwd.parents:
         raise ExportError(f"cannot export to {out}: it holds the working directory, which "
                           "replacing the export would delete; run the export from outside it")
     # an export replaces the whole folder (write_flat): anything else kept in it (an eval
     # report, a model card) would be deleted with the previous export
-    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if (
-        out.is_dir()) else []
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
     if others:
         raise ExportError(f"{out} holds an export and {len(others)} other file(s) or "
                           f"folder(s) ({_few(others)}), which replacing the export would "
@@ -165,8 +167,9 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
     # of old and new files, and never deletes the previous export before its replacement
     # is complete.
     target = out.resolve()
-    partial, old = _partial_dir(target), _old_dir(target)
-    _recover_interrupted_swap(target)
+    partial, old = (target.with_name(f".{target.name}.{tag}") for tag in ("partial", "old"))
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)  # a stop between the two renames below: put it back
     # leftovers of a stopped earlier export of this name: its unfinished folder, and a
     # previous export it had swapped out but not yet deleted
     for leftover in (partial, old):
@@ -183,22 +186,6 @@ def write_flat(flat: dict[str, np.ndarray], cfg, layout: TokenLayout | None,
     os.replace(partial, target)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _partial_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial")
-
-
-def _old_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.old")
-
-
-def _recover_interrupted_swap(target: Path) -> None:
-    """A stop between write_flat's two renames leaves the previous export at .NAME.old and
-    nothing at NAME: put it back before it is replaced again."""
-    old = _old_dir(target)
-    if old.is_dir() and not target.exists():
-        os.replace(old, target)
 
 
 def export_params(params: nnx.State, cfg, layout: TokenLayout | None, out_dir: str | Path, *,

@@ -105,7 +105,7 @@ def _same_source(old: str, new: str) -> bool:
     from: the same directory however spelled, or any path once `old` has moved or gone
     (check_resumed_sources refuses another while `old` exists). init_source,
     check_resumed_sources and pin_source_steps must agree on it."""
-    return bool(old) and (old == new or same_path(old, new) or not Path(old).exists())
+    return bool(old) and (same_path(old, new) or not Path(old).exists())
 
 
 def check_resumed_sources(cfg, workdir) -> None:
