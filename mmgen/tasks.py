@@ -144,6 +144,7 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
     workdir's checkpoints: left at "latest", a resumed DPO or GRPO run would score
     against whatever its reference run has written since, changing its loss mid-run."""
     from mmgen.load import read_run_metadata
+    from mmgen.parallel.distributed import agree_with_process_zero
 
     # train.resume=none starts the run over: it pins afresh
     stored = None if _starts_over(cfg) else _stored_metadata(workdir)
@@ -175,6 +176,14 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
             log(f"tokenizer.step={from_init}: the step init.checkpoint was trained with")
         else:
             cfg[group][key] = read_run_metadata(path)[2]
+    # every process read "latest" for itself; a source still being written could have
+    # moved on between two hosts' reads (`pins` is the same list on every process)
+    agreed = agree_with_process_zero([cfg[group].get(key, -1) for group, key, _ in pins])
+    for (group, key, _), step in zip(pins, agreed, strict=True):
+        if cfg[group].get(key, -1) != step:
+            log(f"{group}.{key}={step}: process 0's reading (this process read "
+                f"{cfg[group].get(key, -1)})")
+            cfg[group][key] = step
 
 
 def _init_tokenizer_step(cfg, tokenizer_dir) -> int | None:

@@ -113,18 +113,25 @@ initialize_from_env()
 mesh = make_mesh({"data": 1, "fsdp": 4, "dcn": {"data": 2}})
 rows = [[d.process_index for d in mesh.devices[i].flat] for i in range(mesh.shape["data"])]
 print("ROWS", json.dumps({"shape": dict(mesh.shape), "rows": rows}))
+from mmgen.parallel.distributed import agree_with_process_zero
+print("AGREED", json.dumps(agree_with_process_zero([5 + jax.process_index(), -1])))
 """
 
 
 def test_dcn_axis_crosses_processes_and_ici_axes_stay_inside_one(repo):
     """mesh.dcn.data=2 over 2 processes: the data axis is the process (slice) boundary,
-    the fsdp axis lies wholly inside one process, so fsdp collectives never cross it."""
+    the fsdp axis lies wholly inside one process, so fsdp collectives never cross it. The
+    same processes then agree on process 0's start-up readings."""
     procs = multiproc.start([sys.executable, "-c", _SLICES], 2, cwd=repo, devices=4)
     outs = multiproc.finish_all(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:]
     got = json.loads(next(x for x in outs[0].splitlines() if x.startswith("ROWS"))[5:])
     assert got["shape"]["data"] == 2 and got["shape"]["fsdp"] == 4
     assert [sorted(set(r)) for r in got["rows"]] == [[0], [1]]
+    # start-up readings that differ per process (tasks.pin_source_steps) become process 0's
+    agreed = [json.loads(next(x for x in out.splitlines() if x.startswith("AGREED"))[7:])
+              for out in outs]
+    assert agreed == [[5, -1], [5, -1]], agreed
 
 
 def test_a_vocabulary_that_does_not_divide_over_mesh_tensor_is_one_line(repo, tokenizer_run,

@@ -50,3 +50,19 @@ def initialize_from_env() -> bool:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
                                process_id=pid)
     return True
+
+
+def agree_with_process_zero(values: list[int]) -> list[int]:
+    """Process 0's `values` on every process (unchanged in a single-process run). For
+    what each process read from disk at start-up, e.g. the step that was "latest" in a
+    source run another job is still writing: read a moment apart, hosts could see
+    different steps and silently load different weights."""
+    import jax
+
+    if jax.process_count() == 1 or not values:
+        return list(values)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    agreed = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))
+    return [int(v) for v in np.asarray(agreed)]
