@@ -173,6 +173,14 @@ _BOUNDS = (
 )
 # the joint model's shape keys (validate; resuming checks them against the workdir's run)
 JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+# the model keys a resume must share with the workdir's run, by kind: another width fails
+# deep in the restore, and other FSQ levels of the same count or another decoder
+# `predict` would silently train something else on the saved weights
+ARCHITECTURE_KEYS = {
+    "joint": JOINT_SHAPE_KEYS,
+    "tokenizer": ("levels", "channels", "downsample", "num_res_blocks", "encoder"),
+    "decoder": ("widths", "blocks_per_level", "mid_blocks", "time_dim", "refine", "predict"),
+}
 
 
 def _check_bounds(cfg: ml_collections.ConfigDict) -> None:

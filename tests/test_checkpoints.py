@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,6 +340,29 @@ def test_a_workdir_of_another_run_is_refused_before_anything_is_written(
     with pytest.raises(CheckpointError, match="model.num_layers=3 there, 6 here"):
         check_same_run(tiny, load_config(str(repo / "configs/tiny.py"),
                                          ["--config.model.num_layers=6"]), "w")
+
+
+def test_an_image_model_resumes_only_with_its_own_architecture(repo):
+    """Other FSQ levels of the same count, or another decoder `predict`, used to resume
+    silently on the saved weights; other widths failed as an 'unreadable' checkpoint."""
+    from mmgen.config import from_json, to_json
+    from mmgen.train.checkpoint import CheckpointError
+    from mmgen.train.loop import check_same_run
+
+    for config, same, other, expect in [
+            ("tokenizer_tiny.py", "optim.lr=1e-4", "model.levels=(5, 8, 5, 5)",
+             "model.levels=[8, 5, 5, 5] there, [5, 8, 5, 5] here"),
+            ("decoder_tiny.py", "sample.steps=4", "model.predict=v",
+             "model.predict='x' there, 'v' here"),
+            ("decoder_tiny.py", "train.steps=9", "model.widths=(16, 32, 32)",
+             "model.widths=[16, 32, 64] there, [16, 32, 32] here")]:
+        def cfg(*overrides, config=config):
+            return load_config(str(repo / "configs" / config), overrides)
+
+        stored = from_json(to_json(cfg()))  # as a checkpoint holds it: tuples are lists
+        check_same_run(stored, cfg(same), "w")  # may change
+        with pytest.raises(CheckpointError, match=re.escape(expect)):
+            check_same_run(stored, cfg(other), "w")
 
 
 def test_a_lora_run_resumes_only_with_its_own_targets_and_alpha(repo):

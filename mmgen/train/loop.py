@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.config import JOINT_SHAPE_KEYS
+from mmgen.config import ARCHITECTURE_KEYS
 from mmgen.data.pipeline import to_global
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers.layout import check_same
@@ -140,8 +140,10 @@ def _what_it_trains(cfg) -> dict:
             "lora.rank": int(lora.rank) if lora else 0}
     if what["lora.rank"]:  # which weights are adapted, and the scale of A @ B in them
         what.update({"lora.targets": lora.targets, "lora.alpha": float(lora.alpha)})
-    if cfg.get("kind") == "joint":
-        what.update({f"model.{k}": cfg.model.get(k) for k in JOINT_SHAPE_KEYS})
+    for k in ARCHITECTURE_KEYS.get(cfg.get("kind"), ()):
+        # .get: tokenizers saved before model.encoder existed are "conv" ones
+        value = cfg.model.get(k, "conv" if k == "encoder" else None)
+        what[f"model.{k}"] = list(value) if isinstance(value, (tuple, list)) else value
     return what
 
 
@@ -149,7 +151,7 @@ def check_same_run(stored_cfg, cfg, where: str) -> None:
     """Refuses, in one line, to resume a run that trains something else."""
     old, new = _what_it_trains(stored_cfg), _what_it_trains(cfg)
     diff = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in new
-            if k in old and old[k] != new[k]]  # model shapes: only joint runs have both
+            if k in old and old[k] != new[k]]  # model keys: only runs of one kind have both
     if diff:
         raise CheckpointError(f"{where} holds another run ({'; '.join(diff)}): use a new "
                               "--workdir, or this run's own config to resume it")
