@@ -183,6 +183,12 @@ ARCHITECTURE_KEYS = {
 }
 
 
+def _whole(x) -> bool:
+    """An int (not a bool): a layer width or a count in a tuple, which overrides do not
+    type-check (`--config.model.widths=(16,32,64.5)`)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_bounds(cfg: ml_collections.ConfigDict) -> None:
     for key, lo, hi, hi_closed in _BOUNDS:
         group, name = key.split(".")
@@ -271,8 +277,8 @@ def _validate_decoder(cfg: ml_collections.ConfigDict) -> None:
     require(bool(cfg.tokenizer.checkpoint), "tokenizer.checkpoint must name a tokenizer run")
     require(cfg.data.source == "synthetic",
             f"data.source={cfg.data.source!r}: the decoder trains on synthetic scenes only")
-    require(len(m.widths) >= 1 and all(int(w) >= 4 for w in m.widths),
-            f"model.widths must be >= 4 each, got {tuple(m.widths)}")
+    require(len(m.widths) >= 1 and all(_whole(w) and w >= 4 for w in m.widths),
+            f"model.widths must be whole numbers >= 4 each, got {tuple(m.widths)}")
     require(m.blocks_per_level >= 0 and m.mid_blocks >= 0,
             "model.blocks_per_level and model.mid_blocks must be >= 0")
     require(m.time_dim >= 2 and m.time_dim % 2 == 0,
@@ -344,12 +350,18 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int,
             raise ConfigError(f"{key}: bad regex {pattern!r}: {e}") from None
     if cfg.kind == "tokenizer":
         m = cfg.model
+        # before the modulo: downsample=0 divided by zero
+        require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
+                f"model.downsample={m.downsample} must be a power of 2")
         require(cfg.data.image_size % m.downsample == 0,
                 f"data.image_size={cfg.data.image_size} is not divisible by "
                 f"model.downsample={m.downsample}")
-        require(all(lv >= 2 for lv in m.levels), f"model.levels must be >= 2, got {m.levels}")
-        require(m.downsample >= 1 and m.downsample & (m.downsample - 1) == 0,
-                f"model.downsample={m.downsample} must be a power of 2")
+        # a fractional level trained an FSQ whose code count is no integer
+        require(len(m.levels) >= 1 and all(_whole(lv) and lv >= 2 for lv in m.levels),
+                f"model.levels must be one or more whole numbers >= 2, got {m.levels}")
+        require(m.channels >= 1, f"model.channels must be >= 1, got {m.channels}")
+        require(m.num_res_blocks >= 0, f"model.num_res_blocks must be >= 0, got "
+                f"{m.num_res_blocks}")
         require(m.get("encoder", "conv") in ("conv", "patch"),
                 f"model.encoder must be 'conv' or 'patch', got {m.get('encoder')!r}")
         return

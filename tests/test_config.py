@@ -162,6 +162,23 @@ def test_tokenizer_encoder_is_checked(repo):
         validate(cfg, 1)
 
 
+@pytest.mark.parametrize("override, message", [
+    # a modulo by zero, an FSQ error and a division by zero, each with a traceback
+    ("model.downsample=0", "model.downsample=0 must be a power of 2"),
+    ("model.levels=()", "model.levels must be one or more whole numbers >= 2, got ()"),
+    ("model.channels=0", "model.channels must be >= 1, got 0"),
+    # trained without a word: a code count that is no integer, or no residual blocks
+    ("model.levels=(8, 5.5)",
+     "model.levels must be one or more whole numbers >= 2, got (8, 5.5)"),
+    ("model.num_res_blocks=-1", "model.num_res_blocks must be >= 0, got -1"),
+])
+def test_tokenizer_model_keys_fail_by_name(repo, override, message):
+    cfg = load_config(str(repo / "configs/tokenizer_tiny.py"), [f"--config.{override}"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 1)
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("syntax.py", "def get_config(:\n", r"syntax.py:1: syntax error"),
     ("notes.md", "# not a config\n", r"notes.md is not a config: configs are Python files"),

@@ -40,7 +40,11 @@ def test_config_validates(repo):
     ("model.widht=3", "unknown config key 'model.widht' (did you mean model.widths?)"),
     ("model.time_dim=7", "model.time_dim must be even and >= 2, got 7"),
     ("sample.steps=0", "sample.steps must be >= 1, got 0"),
-    ("model.widths=(16, 2, 64)", "model.widths must be >= 4 each, got (16, 2, 64)"),
+    ("model.widths=(16, 2, 64)", "model.widths must be whole numbers >= 4 each, got "
+     "(16, 2, 64)"),
+    # used to fail in jax with a traceback (a float shape)
+    ("model.widths=(16, 32, 64.5)", "model.widths must be whole numbers >= 4 each, got "
+     "(16, 32, 64.5)"),
     ("mesh.sequence=2", "mesh.sequence must be 1 for the diffusion decoder"),
 ])
 def test_bad_keys_fail_in_one_line(repo, override, message):
