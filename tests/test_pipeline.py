@@ -151,6 +151,27 @@ def test_decoded_scenes_are_built_once_and_are_the_refiners_coarse_input(tmp_pat
     np.testing.assert_array_equal(plain["image_ids"], batch["image_ids"])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "short"])
+def test_a_damaged_decoded_cache_is_rebuilt(tmp_path, damage):
+    """A decoded.npy cut short (a truncated copy) used to end every decoder run reading it
+    in a traceback (mmap length is greater than file size), one of another length in a
+    traceback asking to delete it. Now it is said once and rebuilt."""
+    path = token_cache.build(tmp_path / "c", mean_colour_codes, num=8, seed=0, split="train",
+                             log=None)
+    scenes = token_cache.CachedScenes(path)
+    token_cache.build_decoded(scenes, mean_colour_decode, (4, 4), log=None)
+    good = np.asarray(scenes.decoded).copy()
+    out = path / "decoded.npy"
+    if damage == "truncated":
+        out.write_bytes(out.read_bytes()[:-100])
+    else:
+        np.save(out, good[:5])
+    said, again = [], token_cache.CachedScenes(path)
+    token_cache.build_decoded(again, mean_colour_decode, (4, 4), log=said.append)
+    np.testing.assert_array_equal(again.decoded, good)
+    assert len([s for s in said if "is damaged" in s and "rebuilding" in s]) == 1, said
+
+
 def test_eos_is_a_target_only_after_a_caption():
     """The sampler ends an image at <eoi>; "<eoi> -> <eos>" in text->image rows would fight
     the captioning rows' "<eoi> -> caption" at the same position."""

@@ -146,12 +146,18 @@ def build_decoded(scenes: CachedScenes, decode: DecodeFn, grid: tuple[int, int],
     input; then `scenes` yields it (CachedScenes.attach_decoded). Its training reads each
     scene several times (configs/decoder_tiny.py: 3 epochs), and decoding a batch in a
     grain thread queues behind the train step on the same device, so it is decoded once,
-    in large batches. Written through a temporary name: a failed build leaves no file."""
+    in large batches. Written through a temporary name: a failed build leaves no file; a
+    damaged one (a truncated copy) is said in one line and rebuilt (os.replace swaps it:
+    hosts sharing the cache keep reading whichever file they opened)."""
     path, ids = scenes.path, scenes.image_ids
     out = path / "decoded.npy"
     if out.exists():
-        scenes.attach_decoded()
-        return
+        try:
+            scenes.attach_decoded()
+            return
+        except _DAMAGED as e:
+            if log:
+                log(f"token cache {out} is damaged ({type(e).__name__}: {e}); rebuilding it")
     tmp = path / f"decoded.tmp{os.getpid()}.npy"  # per process: hosts may share the cache
     images = None
     start = time.time()
@@ -191,8 +197,9 @@ class CachedScenes:
     def attach_decoded(self) -> None:
         """Items carry "decoded" from here on, read memory-mapped from decoded.npy."""
         decoded = np.load(self.path / "decoded.npy", mmap_mode="r", allow_pickle=False)
-        if len(decoded) != len(self.scenes):
-            raise ValueError(f"token cache {self.path} is inconsistent; delete it to rebuild")
+        if decoded.dtype != np.uint8 or decoded.ndim != 4 or len(decoded) != len(self.scenes):
+            raise ValueError(f"it holds {decoded.dtype} {decoded.shape}, not "
+                             f"{len(self.scenes)} uint8 images")
         self.decoded = decoded
 
     def __len__(self) -> int:
