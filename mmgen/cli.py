@@ -120,6 +120,19 @@ def _check_ranges(args) -> None:
             raise ConfigError(f"--{dest.replace('_', '-')} must be {valid}, got {value:g}")
 
 
+def _check_decoder(args) -> None:
+    """--decoder and --decoder-steps of sample and eval, before any model loads."""
+    from mmgen.config import ConfigError
+
+    if args.decoder is not None and not args.decoder.strip():  # `--decoder "$DECODER"`, unset
+        raise ConfigError("--decoder '' names no decoder run (leave it out to render with "
+                          "the tokenizer's decoder)")
+    if args.decoder_steps is not None and not args.decoder:
+        raise ConfigError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+    if args.decoder and not Path(args.decoder).exists():
+        raise ConfigError(f"--decoder {args.decoder} does not exist")
+
+
 def _check_sample_args(args) -> tuple[list, str]:
     """(items, mode) once every input that needs no model checks out."""
     from mmgen.sample import command as sample_cmd
@@ -137,10 +150,7 @@ def _check_sample_args(args) -> tuple[list, str]:
     if args.aspect:
         sample_cmd.check_aspect(args.aspect)
     check_out(args.out, mode)
-    if args.decoder_steps is not None and not args.decoder:
-        raise SampleError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
-    if args.decoder and not Path(args.decoder).exists():
-        raise SampleError(f"--decoder {args.decoder} does not exist")
+    _check_decoder(args)
     return items, mode
 
 
@@ -172,8 +182,7 @@ def cmd_eval(args) -> int:
     if not suites:  # `--suite "$SUITES"` with the variable unset
         raise ConfigError(f"--suite {args.suite!r} names no suite (e.g. all, or scenes,text)")
     _check_ranges(args)
-    if args.decoder_steps is not None and not args.decoder:
-        raise ConfigError("--decoder-steps needs --decoder DIR (a diffusion decoder run)")
+    _check_decoder(args)
     blocking = file_in_the_way(args.out)  # found now, not after every suite has run
     if blocking is not None:
         raise ConfigError(f"--out {args.out}: {blocking} is a file, not a directory")

@@ -111,6 +111,19 @@ def test_decoder_steps_below_one_are_refused(tmp_path, capsys, verb, steps):
               f"--decoder-steps must be >= 1, got {steps}")
 
 
+@pytest.mark.parametrize("verb", ["sample", "eval"])
+@pytest.mark.parametrize("decoder, expected", [
+    # sample used to ignore it until every image was sampled, then fail naming no path;
+    # eval failed naming no path
+    ("", "--decoder '' names no decoder run"),
+    ("no_dec", "no_dec does not exist"),  # eval: "is neither a run directory ..."
+])
+def test_an_empty_or_missing_decoder_is_refused(tmp_path, capsys, verb, decoder, expected):
+    prompt = ["--prompt", "x"] if verb == "sample" else []
+    one_error(capsys, [verb, "--checkpoint", str(tmp_path / "no_run"), *prompt, "--decoder",
+                       decoder and str(tmp_path / decoder)], expected)
+
+
 @pytest.mark.parametrize("flag, value", [("--num", "0"), ("--num", "-1"), ("--cfg", "-2"),
                                          ("--temperature", "-1"), ("--top-k", "-1")])
 def test_eval_numbers_out_of_range_are_refused(tmp_path, capsys, flag, value):

@@ -169,9 +169,7 @@ def check_runs(args) -> str:
     tokenizer, decoder) says it is of the right kind: before any weights load."""
     from mmgen.load import check_run_kinds
 
-    # `sample` renders with a decoder only when --decoder is non-empty (load_sampler)
-    return check_run_kinds(args.checkpoint, args.step, args.tokenizer, args.decoder or None,
-                           "sample")
+    return check_run_kinds(args.checkpoint, args.step, args.tokenizer, args.decoder, "sample")
 
 
 def load_sampler(args, log: Callable) -> Sampler:
