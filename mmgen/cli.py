@@ -36,13 +36,14 @@ def cmd_train(args) -> int:
     from mmgen.config import ConfigError, load_config, validate
 
     overrides = list(args.overrides)
-    derived = [o for o in overrides if o.split("=")[0] in _DERIVED_KEYS]
-    if derived:  # they would be replaced by the tokenizer's layout without a word
-        raise ConfigError(f"{derived[0].split('=')[0]} is derived from the tokenizer's token "
-                          "layout; do not set it")
     if args.resume is not None:
         overrides.append(f"--config.train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    keys = _DERIVED_KEYS + (_DECODER_DERIVED_KEYS if cfg.kind == "decoder" else ())
+    derived = [o for o in overrides if o.split("=")[0] in keys]
+    if derived:  # they would be replaced by the tokenizer's layout without a word
+        raise ConfigError(f"{derived[0].split('=')[0]} is derived from the tokenizer's token "
+                          "layout; do not set it")
     from mmgen.tasks import (
         check_resumed_sources,
         inherit_init_model,
@@ -80,6 +81,8 @@ def cmd_train(args) -> int:
 
 _DERIVED_KEYS = ("--config.model.vocab_size", "--config.model.padded_vocab_size",
                  "--config.posttrain.image_offset", "--config.posttrain.image_codes")
+# the diffusion decoder's (a tokenizer config's own model.downsample is its choice)
+_DECODER_DERIVED_KEYS = ("--config.model.num_codes", "--config.model.downsample")
 
 
 def _check_workdir(workdir: Path) -> None:

@@ -378,6 +378,10 @@ def test_derived_model_keys_cannot_be_set(repo, capsys):
     one_error(capsys, ["train", "--config", f"{repo}/configs/tiny.py:smoke",
                        "--config.model.vocab_size=100"],
               "--config.model.vocab_size is derived from the tokenizer's token layout")
+    # the decoder's took the tokenizer's values without a word too
+    one_error(capsys, ["train", "--config", f"{repo}/configs/decoder_tiny.py:smoke",
+                       "--config.model.downsample=8"],
+              "--config.model.downsample is derived from the tokenizer's token layout")
 
 
 def test_a_missing_relative_image_says_where_it_was_looked_for(tmp_path, capsys, monkeypatch):
