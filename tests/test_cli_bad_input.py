@@ -69,6 +69,23 @@ def test_a_run_of_the_wrong_kind_is_refused_from_its_metadata(exports, tmp_path,
         ImageCodec(joint)
 
 
+def test_the_decoder_comparison_script_refuses_bad_arguments_in_one_line(exports, capsys):
+    """`python -m mmgen.sample.render TOKENIZER DECODER [STEPS]` (docs/decoder.md) ended in
+    tracebacks (IndexError, int('x'), ConfigError), a wrong decoder only after the
+    autoencoder's half of the comparison had run."""
+    from mmgen.sample.render import main as render_main
+
+    tok, joint = str(exports["tokenizer"]), str(exports["joint"])
+    assert render_main([tok, joint]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a 'joint' run; the decoder must be" in err[0], err
+    for argv in ([tok], [tok, joint, "0"], [tok, joint, "x"]):
+        with pytest.raises(SystemExit) as e:
+            render_main(argv)
+        assert e.value.code == 2
+    assert "steps: must be an integer >= 1, got 'x'" in capsys.readouterr().err
+
+
 def test_the_tokenizer_named_by_the_config_passes_the_kind_checks(exports):
     import argparse
 

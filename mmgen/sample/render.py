@@ -131,17 +131,38 @@ def compare_decoders(codec: ImageCodec, decoder_dir: str | Path, *, num: int = 1
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """python -m mmgen.sample.render TOKENIZER_DIR DECODER_DIR [STEPS]: prints the
-    comparison of compare_decoders as JSON."""
+    comparison of compare_decoders as JSON. Bad arguments and runs of the wrong kind or
+    tokenizer are one line and exit 2, before anything is decoded (as for `mmgen`)."""
+    import argparse
     import json
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
-    steps = int(args[2]) if len(args) > 2 else None
-    result = compare_decoders(ImageCodec(args[0]), args[1], steps=steps)
+    from mmgen.argtypes import int_in
+    from mmgen.export import ExportError
+    from mmgen.tokenizers.layout import LayoutMismatchError
+    from mmgen.train.checkpoint import CheckpointError
+
+    p = argparse.ArgumentParser(prog="python -m mmgen.sample.render",
+                                description="compare the diffusion decoder with the "
+                                "tokenizer's own decoder (docs/decoder.md)")
+    p.add_argument("tokenizer", help="image tokenizer run or export")
+    p.add_argument("decoder", help="diffusion decoder run or export trained on its ids")
+    p.add_argument("steps", nargs="?", type=int_in(1),
+                   help="Euler steps (default: the decoder's sample.steps)")
+    args = p.parse_args(argv)
+    try:
+        codec = ImageCodec(args.tokenizer)
+        load_decoder(args.decoder).check_codec(codec)  # before the autoencoder's half runs
+        result = compare_decoders(codec, args.decoder, steps=args.steps)
+    except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
+            ExportError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
