@@ -236,6 +236,9 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     d = cfg.data
     kinds = ("synthetic", *SOURCES, "mix")
     require(d.source in kinds, f"data.source={d.source!r} is not one of {kinds}")
+    # before a real source's own keys, which would be asked for first
+    require(cfg.kind != "decoder" or d.source == "synthetic",
+            f"data.source={d.source!r}: the decoder trains on synthetic scenes only")
     if d.source == "synthetic":
         require(d.get("text_tokenizer", "bytes") == "bytes",
                 "data.text_tokenizer: the synthetic source writes byte-level captions; "
@@ -275,8 +278,6 @@ def _validate_decoder(cfg: ml_collections.ConfigDict) -> None:
     downsample, the number of widths) are checked when the tokenizer is loaded."""
     m = cfg.model
     require(bool(cfg.tokenizer.checkpoint), "tokenizer.checkpoint must name a tokenizer run")
-    require(cfg.data.source == "synthetic",
-            f"data.source={cfg.data.source!r}: the decoder trains on synthetic scenes only")
     require(len(m.widths) >= 1 and all(_whole(w) and w >= 4 for w in m.widths),
             f"model.widths must be whole numbers >= 4 each, got {tuple(m.widths)}")
     require(m.blocks_per_level >= 0 and m.mid_blocks >= 0,

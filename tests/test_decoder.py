@@ -46,6 +46,8 @@ def test_config_validates(repo):
     ("model.widths=(16, 32, 64.5)", "model.widths must be whole numbers >= 4 each, got "
      "(16, 32, 64.5)"),
     ("mesh.sequence=2", "mesh.sequence must be 1 for the diffusion decoder"),
+    # not "data.source='wds' needs data.path", which it would never read
+    ("data.source=wds", "data.source='wds': the decoder trains on synthetic scenes only"),
 ])
 def test_bad_keys_fail_in_one_line(repo, override, message):
     with pytest.raises(ConfigError) as e:
