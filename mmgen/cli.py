@@ -147,6 +147,9 @@ def _check_sample_args(args) -> tuple[list, str]:
     mode = resolve_mode(args.mode, items)
     if mode != "caption" and (args.stop_ids or args.max_tokens is not None):
         raise SampleError("--stop-ids and --max-tokens apply to --mode caption only")
+    if mode == "caption" and (args.decoder is not None or args.decoder_steps is not None):
+        raise SampleError("--decoder and --decoder-steps apply to --mode image and edit only "
+                          "(captions render no pixels)")
     check_images(items)
     if args.aspect and mode != "image":
         raise SampleError("--aspect applies to --mode image only")

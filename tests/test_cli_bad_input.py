@@ -374,8 +374,9 @@ def test_flag_prefixes_are_refused(repo, capsys):
 
 def test_caption_only_flags_and_stop_ids_outside_the_vocabulary_are_refused(exports, tmp_path,
                                                                            capsys):
-    """--stop-ids / --max-tokens were ignored in image mode; -5 and ids beyond the
-    vocabulary were accepted (never sampled, so the caption ran to --max-tokens)."""
+    """--stop-ids / --max-tokens were ignored in image mode, --decoder in caption mode; -5
+    and ids beyond the vocabulary were accepted (never sampled, so the caption ran to
+    --max-tokens)."""
     Image.new("RGB", (64, 64), "white").save(tmp_path / "x.png")
     joint = str(exports["joint"])
     one_error(capsys, ["sample", "--checkpoint", joint, "--prompt", "x", "--stop-ids", "3"],
@@ -385,6 +386,9 @@ def test_caption_only_flags_and_stop_ids_outside_the_vocabulary_are_refused(expo
     caption = ["sample", "--checkpoint", joint, "--image", str(tmp_path / "x.png"),
                "--out", str(tmp_path / "caps")]
     one_error(capsys, [*caption, "--stop-ids", "-5"], "token ids (>= 0), got '-5'")
+    # loaded, checked against the tokenizer and then ignored
+    one_error(capsys, [*caption, "--decoder", joint],
+              "--decoder and --decoder-steps apply to --mode image and edit only")
     rc = mmgen([*caption, "--stop-ids", "3,999999"])
     err = capsys.readouterr().err
     assert rc == 2 and "--stop-ids [999999] are not ids of this model" in err, err
