@@ -199,3 +199,24 @@ def test_eval_decoder_flags_fail_in_one_line(tmp_path, capsys):
 
     assert mmgen(["eval", "--checkpoint", str(tmp_path), "--decoder-steps", "3"]) == 2
     assert "--decoder-steps needs --decoder" in capsys.readouterr().err
+
+
+
+def test_a_non_square_grid_renders_at_its_own_size():
+    """`mmgen sample --aspect 4:3 --decoder RUN` sampled every image, then failed in jax
+    (the starting noise was always the square data.image_size); the convolutional decoder
+    now renders the grid's own size, and square grids draw the same noise as before.
+    The network is stubbed (it returns its starting noise): only the shapes are checked."""
+    from ml_collections import ConfigDict
+
+    from mmgen.sample.render import DiffusionDecoder
+    from mmgen.tokenizers.layout import TokenLayout
+
+    decoder = object.__new__(DiffusionDecoder)  # no run to load
+    decoder.cfg = ConfigDict({"data": {"image_size": 64}, "model": {"downsample": 4,
+                              "refine": False}, "sample": {"steps": 1, "noise_scale": 1.0}})
+    decoder.layout = TokenLayout(image_codes=8, image_grid=(16, 16), image_tokenizer_id="t")
+    decoder.dir, decoder._sample = "dec", lambda ids, noise, coarse, steps: noise
+    codec = type("Codec", (), {"layout": decoder.layout})()
+    assert decoder.render(np.zeros((3, 2, 3), np.int32), codec).shape == (3, 8, 12, 3)
+    np.testing.assert_array_equal(decoder.noise(2, 5), decoder.noise(2, 5, (64, 64)))

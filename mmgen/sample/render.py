@@ -35,24 +35,28 @@ class DiffusionDecoder:
         """Raises LayoutMismatchError unless the decoder was trained on `codec`'s ids."""
         check_same(self.layout, codec.layout, f"the tokenizer given to render with {self.dir}")
 
-    def noise(self, n: int, seed: int) -> np.ndarray:
+    def noise(self, n: int, seed: int, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Starting noise [n, H, W, 3] times sample.noise_scale; image i's depends on
-        (seed, i) only, so it does not change with how the ids are chunked."""
-        size = self.cfg.data.image_size
+        (seed, i) only, so it does not change with how the ids are chunked. (H, W):
+        `shape`, by default the square data.image_size the decoder was trained on."""
+        h, w = shape or (self.cfg.data.image_size,) * 2
         key = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(n))
-        noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, 3)))(keys)
+        noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, 3)))(keys)
         return np.asarray(noise * self.cfg.sample.get("noise_scale", 1.0), np.float32)
 
     def render(self, ids_NHW: np.ndarray, codec: ImageCodec, steps: int | None = None,
                seed: int = 0) -> np.ndarray:
-        """uint8 [N, H, W, 3] sampled in `steps` Euler steps (default: sample.steps)."""
+        """uint8 [N, H, W, 3] sampled in `steps` Euler steps (default: sample.steps). The
+        network is convolutional: a non-square grid (`mmgen sample --aspect`) is rendered at
+        its own size, H x W = the grid times the tokenizer's downsample."""
         self.check_codec(codec)
         steps = int(self.cfg.sample.steps if steps is None else steps)
         if steps < 1:  # zero Euler steps would return the starting noise as the image
             raise ConfigError(f"the diffusion decoder needs at least 1 Euler step, got {steps}")
         ids_NHW = np.asarray(ids_NHW, np.int32)
-        noise = self.noise(len(ids_NHW), seed)
+        ds = self.cfg.model.downsample
+        noise = self.noise(len(ids_NHW), seed, (ids_NHW.shape[1] * ds, ids_NHW.shape[2] * ds))
         arrays = [ids_NHW, noise]
         if self.cfg.model.refine:  # the refiner's input: the tokenizer's own decoding
             arrays.append(np.asarray(images_to_unit(codec.decode(ids_NHW))))
