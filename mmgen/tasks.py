@@ -157,8 +157,9 @@ def pin_source_steps(cfg, workdir, log=print) -> None:
         pins.append(("posttrain", "reference_step",
                      lambda c: c.posttrain.get("reference") or c.init.get("checkpoint", "")))
     for group, key, source in pins:
-        path = source(cfg)
-        if not path or cfg[group].get(key, -1) >= 0:
+        path, step = source(cfg), cfg[group].get(key, -1)
+        require(step >= -1, f"{group}.{key} must be -1 (the latest) or a step >= 0, got {step}")
+        if not path or step >= 0:
             continue
         if group == "tokenizer" and not Path(path).exists():
             continue  # loading the tokenizer fails on it later, in one line naming it

@@ -36,6 +36,16 @@ def test_config_validates(repo):
     assert cfg.kind == "decoder"
 
 
+def test_a_step_below_minus_one_is_refused(repo, tmp_path):
+    """tokenizer.step=-5 was taken as -1 (the latest) without a word."""
+    from mmgen.tasks import pin_source_steps
+
+    cfg = load_config(str(repo / CONFIG), ["--config.tokenizer.step=-5"])
+    with pytest.raises(ConfigError, match=r"^tokenizer.step must be -1 \(the latest\) or a "
+                       r"step >= 0, got -5$"):
+        pin_source_steps(cfg, tmp_path / "run", log=None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.widht=3", "unknown config key 'model.widht' (did you mean model.widths?)"),
     ("model.time_dim=7", "model.time_dim must be even and >= 2, got 7"),
