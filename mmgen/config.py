@@ -268,6 +268,9 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     if cfg.kind == "joint":
         require(d.examples_per_row > 0, "data.examples_per_row must be positive")
         per_step = round(cfg.train.global_batch * d.examples_per_row)
+        require(per_step >= 1, f"train.global_batch x data.examples_per_row = "
+                f"{cfg.train.global_batch * d.examples_per_row:g} rounds to 0 examples per "
+                "step: every step would train on padding alone")
         require(per_step % jax.process_count() == 0,
                 f"train.global_batch x data.examples_per_row = {per_step} examples per step "
                 f"do not divide over {jax.process_count()} processes")

@@ -38,9 +38,13 @@ def test_wrong_type_is_rejected(repo):
     ("mesh.dcn.data=3", 4, "3 slices, which does not divide 4 devices"),
     ("mesh.dcn.fsdp=0", 4, "mesh.dcn sizes must be >= 1"),
     ("loss.ce_chunk=-1", 1, "loss.ce_chunk must be >= 0"),
+    # real data reads round(global_batch x examples_per_row) examples a step: 0 trained
+    # every step on padding alone (loss 0), and the run finished without a word
+    ("data.source=text data.path=docs.jsonl data.examples_per_row=0.01", 1,
+     "train.global_batch x data.examples_per_row = 0.08 rounds to 0 examples per step"),
 ])
 def test_impossible_shapes_fail_before_compiling(repo, override, devices, message):
-    cfg = load_config(str(repo / "configs/tiny.py"), [override])
+    cfg = load_config(str(repo / "configs/tiny.py"), override.split())
     with pytest.raises(ConfigError, match=message):
         validate(cfg, devices)
 
