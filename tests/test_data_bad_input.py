@@ -113,6 +113,15 @@ def test_a_dataset_mostly_left_out_while_indexing_stops_with_one_line(repo, tmp_
                           "data.max_bad_fraction=0.1): missing_caption 50")
 
 
+def test_a_small_dataset_mostly_left_out_while_indexing_stops_too(repo, tmp_path):
+    """The index holds the whole dataset's counts, not a sample: no 64-example minimum
+    (15 captionless of 20 used to train on the other 5 without a word)."""
+    path = _tar(tmp_path / "small.tar", 20, no_caption=set(range(15)))
+    with pytest.raises(steps.DataError, match=r"^15 of 20 examples indexed were bad"):
+        _image_builder(repo, path)
+    assert len(_image_builder(repo, path, "--config.data.max_bad_fraction=0.8").sources[0]) == 5
+
+
 def test_joint_step_builder_judges_read_skips_against_examples_read(repo, tmp_path):
     """Text documents: 4 of 80 lines are bad JSON (5%), read 16 per step."""
     lines = [json.dumps({"text": f"document {i}"}) if i % 20 else "{broken"

@@ -138,8 +138,9 @@ class DataStats:
         self.events: Counter = Counter()  # e.g. short_steps (reported as data/<name>)
 
     def check_index(self) -> None:
+        # the whole dataset's counts, not a sample of it: no minimum
         self._check(sum(self.index_skipped.values()), self.indexed, self.index_skipped,
-                    "indexed")
+                    "indexed", minimum=1)
 
     def record(self, seen: int, skipped: Counter, pack: packing.PackStats | None) -> None:
         with self.lock:
@@ -149,8 +150,9 @@ class DataStats:
                 self.pack.add(pack)
             self._check(sum(self.read_skipped.values()), self.seen, self.read_skipped, "read")
 
-    def _check(self, bad: int, total: int, reasons: Counter, what: str) -> None:
-        if total >= MIN_SEEN_FOR_BAD_CHECK and bad > self.max_bad_fraction * total:
+    def _check(self, bad: int, total: int, reasons: Counter, what: str,
+               minimum: int = MIN_SEEN_FOR_BAD_CHECK) -> None:
+        if total >= minimum and bad > self.max_bad_fraction * total:
             top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(4))
             raise DataError(
                 f"{bad} of {total} examples {what} were bad ({bad / total:.1%} > "
