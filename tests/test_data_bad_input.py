@@ -122,6 +122,29 @@ def test_a_small_dataset_mostly_left_out_while_indexing_stops_too(repo, tmp_path
     assert len(_image_builder(repo, path, "--config.data.max_bad_fraction=0.8").sources[0]) == 5
 
 
+def test_a_first_step_of_only_bad_examples_stops_before_64_are_read(repo, tmp_path):
+    """Every example bad (a broken conversion): the first steps trained on padding alone
+    (loss 0) and a run shorter than 64 examples finished as if it had trained. A step of
+    bad luck on a healthy dataset still trains on."""
+    (tmp_path / "docs.jsonl").write_text("{broken\n" * 10)
+    layout = TokenLayout(image_codes=1000, image_grid=(16, 16))
+
+    def builder(*overrides):
+        cfg = load_config(str(repo / "configs/tiny.py:smoke"), [
+            "--config.data.source=text", f"--config.data.path={tmp_path}/docs.jsonl",
+            *overrides]).data
+        return steps.StepBuilder(cfg, global_batch=8, layout=layout,
+                                 text_tokenizer=text_tok.BYTES, **QUIET)
+
+    with pytest.raises(steps.DataError, match=r"^8 of 8 examples read were bad .*bad_json 8"):
+        builder()(0)
+    assert builder("--config.data.max_bad_fraction=1.0")(0)["tokens"].shape == (8, 320)
+    tolerant = builder("--config.data.max_bad_fraction=0.2")  # 0.2**8 is not rare enough
+    tolerant(0)
+    with pytest.raises(steps.DataError, match=r"^16 of 16 examples read were bad"):
+        tolerant(1)
+
+
 def test_joint_step_builder_judges_read_skips_against_examples_read(repo, tmp_path):
     """Text documents: 4 of 80 lines are bad JSON (5%), read 16 per step."""
     lines = [json.dumps({"text": f"document {i}"}) if i % 20 else "{broken"

@@ -43,6 +43,10 @@ SOURCES = {
     "interleaved": lambda path, cache_dir, log: _sources().InterleavedSource(path, log=log),
 }
 MIN_SEEN_FOR_BAD_CHECK = 64  # examples seen before the bad fraction can stop a run
+# ...unless every one of them was bad, and a dataset at data.max_bad_fraction would read
+# that few all bad less often than this (7 at 10%): a short run on data that is all bad
+# (a wrong path, a broken conversion) trained on padding alone, loss 0, without a word
+ALL_BAD_ODDS = 1e-6
 IMAGE_SEARCH_WINDOWS = 16  # next windows an image-tokenizer step without a good image reads
 _READ = dict(num_threads=2, prefetch_buffer_size=4)
 
@@ -120,7 +124,8 @@ class DataStats:
     - left out while indexing (`index_skipped`: the whole dataset's, the same on every
       process, found once): against everything indexed, once, by `check_index`;
     - found when read (this process's, since the run started or resumed): against the
-      examples read, on every step.
+      examples read, on every step, once 64 were read, or sooner when every one read was
+      bad and a dataset at the limit would rarely read that (ALL_BAD_ODDS).
     Index-time skips weighed against the examples read so far stopped healthy runs at
     step 0 (and again after every resume, and on every process of a multi-process run).
     Read counts include steps that are prefetched but not yet consumed (a few steps
@@ -152,7 +157,9 @@ class DataStats:
 
     def _check(self, bad: int, total: int, reasons: Counter, what: str,
                minimum: int = MIN_SEEN_FOR_BAD_CHECK) -> None:
-        if total >= minimum and bad > self.max_bad_fraction * total:
+        f = self.max_bad_fraction
+        all_bad = bad == total > 0 and f**total < ALL_BAD_ODDS
+        if (total >= minimum and bad > f * total) or all_bad:
             top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(4))
             raise DataError(
                 f"{bad} of {total} examples {what} were bad ({bad / total:.1%} > "
