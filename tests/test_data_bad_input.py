@@ -329,6 +329,26 @@ def test_a_damaged_tar_index_cache_is_rebuilt(tmp_path, damage):
     assert cache.read_bytes() == raw  # rewritten whole
 
 
+def test_an_index_cache_that_cannot_be_written_is_said_and_the_run_goes_on(tmp_path,
+                                                                           monkeypatch):
+    """The tar index cache is an optimisation: a data.cache_dir that cannot take it (a file
+    in its place, a read-only or full disk) stopped the run with a bare errno line."""
+    path = _tar(tmp_path / "a.tar", 5)
+    (tmp_path / "file").write_text("not a folder")
+    said = []
+    src = TarShardSource(str(path), cache_dir=str(tmp_path / "file"), log=said.append)
+    assert len(src) == 5 and src[4]["caption"] == "square number 4"
+    assert any("cannot write the index cache" in s and "(data.cache_dir)" in s for s in said)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    said.clear()
+    assert len(TarShardSource(str(path), cache_dir=str(tmp_path / "c"), log=said.append)) == 5
+    assert any("No space left on device" in s for s in said)
+    assert list((tmp_path / "c").iterdir()) == []  # no temporary file left behind
+
+
 # -- options -------------------------------------------------------------------------------
 
 def test_prepare_refuses_zero_shards_in_one_line(tmp_path):

@@ -359,14 +359,25 @@ class TarShardSource:
         return True
 
     def _save_cache(self, cache: epath.Path) -> None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        """The index is in memory already: a cache that cannot be written (a read-only or
+        full data.cache_dir, a file in its place) is said and the run goes on without."""
         tmp = cache.parent / f"{cache.name}.tmp-{threading.get_native_id()}"
-        with tmp.open("wb") as f:
-            np.savez(f, shard_of=self._shard_of, spans=self._spans,
-                     key_blob=np.frombuffer(self._key_blob, np.uint8),
-                     key_ends=self._key_ends,
-                     skipped=np.frombuffer(json.dumps(dict(self.skipped)).encode(), np.uint8))
-        tmp.replace(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                np.savez(f, shard_of=self._shard_of, spans=self._spans,
+                         key_blob=np.frombuffer(self._key_blob, np.uint8),
+                         key_ends=self._key_ends,
+                         skipped=np.frombuffer(json.dumps(dict(self.skipped)).encode(),
+                                               np.uint8))
+            tmp.replace(cache)
+        except OSError as e:
+            self._log(f"{self.name}: cannot write the index cache {cache} (data.cache_dir): "
+                      f"{e}; going on without it")
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     # -- reading
 
