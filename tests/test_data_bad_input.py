@@ -145,6 +145,35 @@ def test_a_first_step_of_only_bad_examples_stops_before_64_are_read(repo, tmp_pa
         tolerant(1)
 
 
+def test_aspect_buckets_crop_prepared_images_and_refuse_square_tokens_alone(repo, tmp_path):
+    """`mmgen data prepare --tokenizer` stores square crops' tokens: data.aspect_buckets
+    used them silently as squares. Now a record that kept its image is cropped to its
+    bucket; one with tokens alone (--drop-images) is refused in one line."""
+    from mmgen.data.records import make_record
+
+    buf = io.BytesIO()
+    Image.new("RGB", (160, 90), (200, 30, 30)).save(buf, "PNG")
+    layout = TokenLayout(image_codes=1000, image_grid=(16, 16), image_tokenizer_id="tok-A")
+    tokens = dict(image_tokens=np.zeros((16, 16), np.int16), tokens_fingerprint="tok-A")
+    both = make_record("k", "pair", origin="prep[0]", image=buf.getvalue(), caption="red",
+                       **tokens)
+    alone = make_record("k", "pair", origin="prep[1]", caption="red", **tokens)
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    cfg = load_config(str(repo / "configs/tiny.py:smoke"), [
+        "--config.data.source=text", f"--config.data.path={tmp_path}/d.jsonl"]).data
+    square = steps.StepBuilder(cfg, global_batch=1, layout=layout,
+                               text_tokenizer=text_tok.BYTES, **QUIET)
+    assert square.decode(0, both).parts[1][0] == "tokens"  # no buckets: the tokens
+    cfg.aspect_buckets = "1:1,16:9"
+    b = steps.StepBuilder(cfg, global_batch=1, layout=layout, text_tokenizer=text_tok.BYTES,
+                          **QUIET)
+    what, pixels = b.decode(0, both).parts[1]
+    assert what == "image" and pixels.shape == (48, 85, 3)
+    with pytest.raises(steps.DataError, match=r"^prep\[1\]: data.aspect_buckets needs the "
+                                              r"images, .*--drop-images"):
+        b.decode(0, alone)
+
+
 def test_joint_step_builder_judges_read_skips_against_examples_read(repo, tmp_path):
     """Text documents: 4 of 80 lines are bad JSON (5%), read 16 per step."""
     lines = [json.dumps({"text": f"document {i}"}) if i % 20 else "{broken"

@@ -222,7 +222,15 @@ class StepBuilder:
 
     def _image(self, record: dict, rng) -> tuple[str, np.ndarray]:
         tokens = record.get("image_tokens")
+        if tokens is not None and self.buckets and record.get("image") is not None:
+            tokens = None  # square crops (prepare's): crop the image to its bucket instead
         if tokens is not None:
+            if self.buckets:
+                raise DataError(
+                    f"{record.get('origin', record['key'])}: data.aspect_buckets needs the "
+                    "images, but this record holds only square image tokens (`mmgen data "
+                    "prepare --drop-images`): train without data.aspect_buckets, or prepare "
+                    "without --drop-images")
             want = self.layout.image_tokenizer_id
             if record.get("tokens_fingerprint") != want:
                 from mmgen.tokenizers.layout import LayoutMismatchError
