@@ -176,6 +176,13 @@ def prepare(src: str, out: str | Path, *, num_shards: int, tokenizer: str | None
             chunk.clear()
 
         for record, pixels in records:
+            held = record.get("tokens_fingerprint")
+            if codec is not None and pixels is None and held not in (
+                    None, codec.layout.image_tokenizer_id):  # their summary would lie
+                raise ValueError(
+                    f"{record.get('origin') or record['key']}: holds image tokens of {held} "
+                    f"and no image to encode with --tokenizer {tokenizer} "
+                    f"({codec.layout.image_tokenizer_id}); prepare from the original images")
             chunk.append((record, pixels))
             if len(chunk) == 64:
                 yield from flush()
