@@ -365,6 +365,27 @@ def test_an_image_model_resumes_only_with_its_own_architecture(repo):
             check_same_run(stored, cfg(other), "w")
 
 
+def test_a_resume_with_other_data_says_so(repo):
+    """A resume may change the data (a moved dataset, a new mixture) but used to do it
+    without a word, the stream going on at the step count in the new data."""
+    from mmgen.train.loop import note_changed_data
+
+    def real(*overrides):
+        return load_config(str(repo / "configs/tiny.py"), [
+            "data.source=wds", "data.path=a/*.tar", *overrides])
+
+    said = []
+    note_changed_data(real(), real("optim.lr=1e-4", "data.cache_dir=elsewhere",
+                                   "data.max_bad_fraction=0.5"), 6, said.append)
+    assert said == []  # nothing that moves an example
+    note_changed_data(real(), real("data.path=b/*.tar", "data.aspect_buckets=1:1,16:9",
+                                   "train.global_batch=16"), 6, said.append)
+    assert said == ["note: checkpoint 6 was trained with other data (data.aspect_buckets='' "
+                    "there, '1:1,16:9' here; data.path='a/*.tar' there, 'b/*.tar' here; "
+                    "train.global_batch=8 there, 16 here); the data stream goes on at step 6 "
+                    "of these settings"]
+
+
 def test_a_lora_run_resumes_only_with_its_own_targets_and_alpha(repo):
     """Other targets used to fail as an 'unreadable' checkpoint (orbax: tree structures do
     not match); another alpha silently rescaled every adapter's update."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen.config import ARCHITECTURE_KEYS
+from mmgen.config import ARCHITECTURE_KEYS, to_json
 from mmgen.data.pipeline import to_global
 from mmgen.parallel.mesh import make_mesh
 from mmgen.tokenizers.layout import check_same
@@ -108,6 +109,7 @@ def train(cfg, workdir: str | Path, task, log=print) -> dict[str, float]:
         start = choose_resume_step(ckpt, resume_mode(cfg.train.resume, log), log)
         if start is not None:
             check_same_run(ckpt.config(start), cfg, f"{workdir} (checkpoint {start})")
+            note_changed_data(ckpt.config(start), cfg, start, log)
             stored = ckpt.layout(start)
             if task.layout is not None and stored is not None:
                 check_same(stored, task.layout,
@@ -155,6 +157,25 @@ def check_same_run(stored_cfg, cfg, where: str) -> None:
     if diff:
         raise CheckpointError(f"{where} holds another run ({'; '.join(diff)}): use a new "
                               "--workdir, or this run's own config to resume it")
+
+
+# data keys whose change on resume moves no example: where caches go, when to stop
+_UNNOTED_DATA_KEYS = ("cache_dir", "max_bad_fraction")
+
+
+def note_changed_data(stored_cfg, cfg, step: int, log) -> None:
+    """Data settings may change on resume (a dataset moved, a new mixture), but not
+    without a word: the stream goes on at `step` of the new settings, which for another
+    dataset, seed or examples per step is not where the old stream left off."""
+    old, new = json.loads(to_json(stored_cfg)), json.loads(to_json(cfg))
+    pairs = [(f"data.{k}", old["data"][k], v) for k, v in new["data"].items()
+             if k in old.get("data", {}) and k not in _UNNOTED_DATA_KEYS]  # older runs: fewer
+    pairs.append(("train.global_batch", old["train"].get("global_batch"),
+                  new["train"]["global_batch"]))
+    changed = [f"{key}={a!r} there, {b!r} here" for key, a, b in pairs if a != b]
+    if changed:
+        log(f"note: checkpoint {step} was trained with other data ({'; '.join(changed)}); "
+            f"the data stream goes on at step {step} of these settings")
 
 
 def init_state(cfg, spec: StateSpec, task, log) -> dict:
