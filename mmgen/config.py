@@ -239,6 +239,14 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     # before a real source's own keys, which would be asked for first
     require(cfg.kind != "decoder" or d.source == "synthetic",
             f"data.source={d.source!r}: the decoder trains on synthetic scenes only")
+    # a key the source does not read is refused: with a forgotten data.source=wds, the
+    # run trained on the synthetic world without a word
+    unread = {"synthetic": ("path", "mixture", "aspect_buckets"), "mix": ("path",)}.get(
+        d.source, ("mixture",))
+    for key in (k for k in unread if d.get(k)):
+        hint = f" (set data.source to one of {kinds[1:]})" if d.source == "synthetic" else ""
+        raise ConfigError(f"data.{key} is set but data.source={d.source!r} does not read "
+                          f"it{hint}")
     if d.source == "synthetic":
         require(d.get("text_tokenizer", "bytes") == "bytes",
                 "data.text_tokenizer: the synthetic source writes byte-level captions; "

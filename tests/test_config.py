@@ -40,6 +40,14 @@ def test_wrong_type_is_rejected(repo):
     ("loss.ce_chunk=-1", 1, "loss.ce_chunk must be >= 0"),
     # real data reads round(global_batch x examples_per_row) examples a step: 0 trained
     # every step on padding alone (loss 0), and the run finished without a word
+    # a key the source does not read: a forgotten data.source trained on synthetic data
+    ("data.path=a/*.tar", 1, r"^data.path is set but data.source='synthetic' does not read "
+     r"it \(set data.source to one of \('wds', "),
+    ("data.aspect_buckets=1:1,16:9", 1, "data.aspect_buckets is set but data.source="),
+    ("data.source=wds data.path=a.tar data.mixture=text:b.jsonl=1", 1,
+     r"^data.mixture is set but data.source='wds' does not read it$"),
+    ("data.source=mix data.mixture=text:b.jsonl=1 data.path=a.tar", 1,
+     r"^data.path is set but data.source='mix' does not read it$"),
     ("data.source=text data.path=docs.jsonl data.examples_per_row=0.01", 1,
      "train.global_batch x data.examples_per_row = 0.08 rounds to 0 examples per step"),
 ])
