@@ -480,7 +480,7 @@ def test_prepare_refuses_drop_images_without_a_tokenizer(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_prepare_refuses_to_retag_another_tokenizers_tokens_it_cannot_re_encode(
+def test_prepare_refuses_to_retag_tokens_it_cannot_re_encode_and_inspect_names_them(
         tmp_path, monkeypatch, capsys):
     """Re-preparing --drop-images shards with another --tokenizer kept the old tokens but
     wrote the new tokenizer into summary.json; training then asked for the very same
@@ -515,6 +515,14 @@ def test_prepare_refuses_to_retag_another_tokenizers_tokens_it_cannot_re_encode(
                    "a.tar:1: holds image tokens of tok-A and no image to encode with "
                    "--tokenizer B (tok-B); prepare from the original images")
     assert list((tmp_path / "o").iterdir()) == []  # nothing a rerun would be refused for
+    capsys.readouterr()
+    # inspect says whose tokens they are, and why it wrote no contact sheet
+    assert mmgen(["data", "inspect", str(tmp_path / "dropped.array_record"), "--sheet",
+                  str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "image tokens (mmgen data prepare --tokenizer): 1 records of tok-A" in out
+    assert "no contact sheet: " in out and "prepared with --drop-images" in out
+    assert not (tmp_path / "s.png").exists()
 
 
 def test_inspect_names_a_missing_path_and_a_sheet_it_cannot_write(tmp_path, monkeypatch,

@@ -256,9 +256,12 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
     skipped: Counter = Counter()
     kinds: Counter = Counter()
     caption_bytes, images, captions = [], [], []
+    token_sets: Counter = Counter()  # prepared records: whose image tokens they hold
     for record, pixels in _validated(source, size=image_size, max_caption_bytes=2**31 - 1,
                                      max_pixels=max_pixels, skipped=skipped, limit=limit):
         kinds[record["kind"]] += 1
+        if record.get("tokens_fingerprint"):
+            token_sets[record["tokens_fingerprint"]] += 1
         if record["kind"] == "pair":
             caption_bytes.append(len(record["caption"].encode()))
             if pixels is not None and len(images) < 64:
@@ -286,8 +289,17 @@ def inspect(src: str, *, limit: int = 1000, sheet: str | Path = "contact_sheet.p
             keys, line = _suggest_examples_per_row(caption_bytes, seq_len, tokens_per_image)
             out.update(keys)
             log(line)
+    if token_sets:  # training refuses them under another image tokenizer
+        out["image_tokens"] = dict(token_sets)
+        log("image tokens (mmgen data prepare --tokenizer): " + ", ".join(
+            f"{n:,} records of {fp}" for fp, n in token_sets.most_common()))
     for c in captions[:5]:
         log(f"  caption: {c!r}")
+    if not images:
+        log(f"no contact sheet: no image-caption pair with an image among the {checked:,} "
+            "records checked"
+            + (" (records of image tokens alone: prepared with --drop-images)"
+               if token_sets else ""))
     if images:
         grid = make_grid(np.stack(images), cols=8)
         out["contact_sheet"] = str(save_png(grid, sheet))
