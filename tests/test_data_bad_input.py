@@ -235,6 +235,21 @@ def test_a_step_without_a_good_image_borrows_the_next_window_deterministically(r
     np.testing.assert_array_equal(again(step)["images"], images)
 
 
+def test_image_steps_skip_and_count_records_that_fail_to_read(repo, tmp_path):
+    """A non-UTF-8 caption fails when the record is read, before its image is looked at:
+    the image tokenizer's steps raised it as a traceback out of grain."""
+    path = _tar(tmp_path / "a.tar", 12)
+    with tarfile.open(path, "a") as tf:
+        for name, data in (("bad.png", _png(99)), ("bad.txt", b"\xff\xfe caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    b = _image_builder(repo, path, "--config.data.max_bad_fraction=0.5", global_batch=13)
+    assert b(0)["images"].shape == (13, 64, 64, 3)  # the 12 good ones, one twice
+    m = b.stats.metrics()
+    assert m["data/bad/non_utf8_caption"] >= 1 and m["data/bad"] == m["data/bad/non_utf8_caption"]
+
+
 def test_a_dataset_without_any_usable_image_still_stops_with_one_line(repo, tmp_path):
     path = _tar(tmp_path / "a.tar", 60, empty_image=set(range(60)))
     b = _image_builder(repo, path, "--config.data.max_bad_fraction=1.0", global_batch=1)

@@ -405,7 +405,12 @@ class ImageStepBuilder:
         for index in range(lo + self.process, lo + self.per_step, self.num_processes):
             if len(images) == self.rows:
                 break
-            record = self.order[index]
+            try:
+                record = self.order[index]
+            except BadExample as e:  # unreadable (a non-UTF-8 caption, a cut-off shard)
+                seen += 1
+                skipped[e.reason] += 1
+                continue
             image = record.get("image") if record["kind"] == "pair" else None
             if image is None and record["kind"] == "doc":
                 image = next((p["image"] for p in record["parts"] if "image" in p), None)
