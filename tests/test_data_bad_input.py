@@ -495,8 +495,8 @@ def test_prepare_refuses_drop_images_without_a_tokenizer(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_prepare_refuses_to_retag_tokens_it_cannot_re_encode_and_inspect_names_them(
-        tmp_path, monkeypatch, capsys):
+def test_records_of_tokens_alone_in_prepare_inspect_and_the_image_tokenizer(
+        repo, tmp_path, monkeypatch, capsys):
     """Re-preparing --drop-images shards with another --tokenizer kept the old tokens but
     wrote the new tokenizer into summary.json; training then asked for the very same
     prepare again. Records that kept their image are re-encoded."""
@@ -530,6 +530,13 @@ def test_prepare_refuses_to_retag_tokens_it_cannot_re_encode_and_inspect_names_t
                    "a.tar:1: holds image tokens of tok-A and no image to encode with "
                    "--tokenizer B (tok-B); prepare from the original images")
     assert list((tmp_path / "o").iterdir()) == []  # nothing a rerun would be refused for
+    # the image tokenizer trains on images: said, not "does data.path hold images?"
+    b = steps.ImageStepBuilder(_data_cfg(repo, tmp_path / "dropped.array_record",
+                                         "--config.data.source=arrayrecord"),
+                               global_batch=1, **QUIET)
+    with pytest.raises(steps.DataError, match=r"they hold image tokens alone \(`mmgen data "
+                                              r"prepare --drop-images`\)"):
+        b(0)
     capsys.readouterr()
     # inspect says whose tokens they are, and why it wrote no contact sheet
     assert mmgen(["data", "inspect", str(tmp_path / "dropped.array_record"), "--sheet",

@@ -397,6 +397,7 @@ class ImageStepBuilder:
         self.process, self.num_processes = jax.process_index(), n
         self.buckets = (image_shapes(data_cfg, downsample)
                         if data_cfg.get("aspect_buckets") else None)
+        self.passed_tokens = False  # passed over a record of image tokens alone
 
     def _window(self, lo: int) -> tuple[list[np.ndarray], int, Counter]:
         """(good images, images tried, skipped by reason) of this process's share of the
@@ -415,6 +416,7 @@ class ImageStepBuilder:
             if image is None and record["kind"] == "doc":
                 image = next((p["image"] for p in record["parts"] if "image" in p), None)
             if image is None:
+                self.passed_tokens |= record.get("image_tokens") is not None
                 continue
             seen += 1
             c = self.cfg
@@ -446,8 +448,10 @@ class ImageStepBuilder:
                 self.stats.note("borrowed_steps")
         if not images:
             raise DataError(f"step {step}: no usable image among {self.per_step} examples "
-                            f"and the next {IMAGE_SEARCH_WINDOWS * self.per_step}; does "
-                            "data.path hold images?")
+                            f"and the next {IMAGE_SEARCH_WINDOWS * self.per_step}; " + (
+                                "they hold image tokens alone (`mmgen data prepare "
+                                "--drop-images`), and the image tokenizer trains on images"
+                                if self.passed_tokens else "does data.path hold images?"))
         if len(images) < self.rows:
             self.stats.note("short_steps")
             images += [images[i % len(images)] for i in range(self.rows - len(images))]
