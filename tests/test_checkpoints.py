@@ -340,6 +340,10 @@ def test_a_workdir_of_another_run_is_refused_before_anything_is_written(
     with pytest.raises(CheckpointError, match="model.num_layers=3 there, 6 here"):
         check_same_run(tiny, load_config(str(repo / "configs/tiny.py"),
                                          ["--config.model.num_layers=6"]), "w")
+    # dropping aspect buckets with their larger grid was an "unreadable" checkpoint
+    with pytest.raises(CheckpointError, match="model.max_image_grid=24 there, 16 here"):
+        check_same_run(load_config(str(repo / "configs/tiny.py"),
+                                   ["--config.model.max_image_grid=24"]), tiny, "w")
 
 
 def test_an_image_model_resumes_only_with_its_own_architecture(repo):

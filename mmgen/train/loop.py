@@ -146,6 +146,8 @@ def _what_it_trains(cfg) -> dict:
         # .get: tokenizers saved before model.encoder existed are "conv" ones
         value = cfg.model.get(k, "conv" if k == "encoder" else None)
         what[f"model.{k}"] = list(value) if isinstance(value, (tuple, list)) else value
+    if cfg.get("kind") == "joint" and "max_image_grid" in cfg.model:
+        what["model.max_image_grid"] = cfg.model.max_image_grid  # row/col embeddings' size
     return what
 
 
