@@ -243,8 +243,14 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     # run trained on the synthetic world without a word
     unread = {"synthetic": ("path", "mixture", "aspect_buckets"), "mix": ("path",)}.get(
         d.source, ("mixture",))
+    # the hint names only sources that read the key (a path is no mixture's, a mixture
+    # only mix's), and none for the decoder, which refuses every real source
+    readers = {"path": tuple(SOURCES), "mixture": ("mix",), "aspect_buckets": kinds[1:]}
     for key in (k for k in unread if d.get(k)):
-        hint = f" (set data.source to one of {kinds[1:]})" if d.source == "synthetic" else ""
+        fits = readers[key]
+        hint = "" if d.source != "synthetic" or cfg.kind == "decoder" else (
+            f" (set data.source={fits[0]})" if len(fits) == 1
+            else f" (set data.source to one of {fits})")
         raise ConfigError(f"data.{key} is set but data.source={d.source!r} does not read "
                           f"it{hint}")
     if d.source == "synthetic":

@@ -57,6 +57,22 @@ def test_impossible_shapes_fail_before_compiling(repo, override, devices, messag
         validate(cfg, devices)
 
 
+@pytest.mark.parametrize("config, override, hint", [
+    # the hint named every real source: data.source=wds then refused the mixture, mix the
+    # path, and the decoder any real source
+    ("tiny.py", "data.mixture=text:b.jsonl=1", " (set data.source=mix)"),
+    ("tiny.py", "data.path=a.tar", " (set data.source to one of ('wds', 'arrayrecord', "
+     "'folder', 'text', 'interleaved'))"),
+    ("decoder_tiny.py", "data.path=a.tar", ""),
+])
+def test_an_unread_data_key_hints_only_at_sources_that_read_it(repo, config, override, hint):
+    cfg = load_config(str(repo / "configs" / config), [override])
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 1)
+    assert str(e.value) == f"{key} is set but data.source='synthetic' does not read it{hint}"
+
+
 @pytest.mark.parametrize("config, override, message", [
     ("tiny.py", "train.global_batch=0", "train.global_batch must be >= 1, got 0"),
     ("tiny.py", "train.log_every=0", "train.log_every must be >= 1, got 0"),
