@@ -63,7 +63,8 @@ def data_defaults(**overrides) -> ConfigDict:
         p_word=0.3,             # probability that a scene renders a word
         p_texture=0.3,          # probability of a textured background
         cache_dir="runs/cache",  # image-token caches (keyed by tokenizer fingerprint)
-        # real data (docs/data.md); ignored by the synthetic source
+        # real data (docs/data.md); with the synthetic source, a set path, mixture or
+        # aspect_buckets is refused (mmgen/config.py)
         path="",                # shards/files/folder: globs, {00000..00099} ranges, gs://
         mixture="",             # source "mix": "wds:A/{0..9}.tar=0.7;text:B/*.jsonl=0.3"
         text_tokenizer="bytes",  # "bytes" or a tokenizer.json (`mmgen data tokenizer`)
