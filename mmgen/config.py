@@ -175,9 +175,10 @@ _BOUNDS = (
 JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
 # the model keys a resume must share with the workdir's run, by kind: another width fails
 # deep in the restore, and other FSQ levels of the same count or another decoder
-# `predict` would silently train something else on the saved weights
+# `predict` would silently train something else on the saved weights; max_image_grid sizes
+# the joint model's row/col embeddings (aspect buckets)
 ARCHITECTURE_KEYS = {
-    "joint": JOINT_SHAPE_KEYS,
+    "joint": (*JOINT_SHAPE_KEYS, "max_image_grid"),
     "tokenizer": ("levels", "channels", "downsample", "num_res_blocks", "encoder"),
     "decoder": ("widths", "blocks_per_level", "mid_blocks", "time_dim", "refine", "predict"),
 }

@@ -143,11 +143,10 @@ def _what_it_trains(cfg) -> dict:
     if what["lora.rank"]:  # which weights are adapted, and the scale of A @ B in them
         what.update({"lora.targets": lora.targets, "lora.alpha": float(lora.alpha)})
     for k in ARCHITECTURE_KEYS.get(cfg.get("kind"), ()):
-        # .get: tokenizers saved before model.encoder existed are "conv" ones
-        value = cfg.model.get(k, "conv" if k == "encoder" else None)
+        if k not in cfg.model and k != "encoder":
+            continue  # a run saved before the key existed: nothing to compare it with
+        value = cfg.model.get(k, "conv")  # tokenizers saved before model.encoder: conv
         what[f"model.{k}"] = list(value) if isinstance(value, (tuple, list)) else value
-    if cfg.get("kind") == "joint" and "max_image_grid" in cfg.model:
-        what["model.max_image_grid"] = cfg.model.max_image_grid  # row/col embeddings' size
     return what
 
 
