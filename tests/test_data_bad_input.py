@@ -496,39 +496,28 @@ def test_prepare_refuses_drop_images_without_a_tokenizer(tmp_path, capsys):
 
 
 def test_records_of_tokens_alone_in_prepare_inspect_and_the_image_tokenizer(
-        repo, tmp_path, monkeypatch, capsys):
+        repo, tokenizer_run, tmp_path, capsys):
     """Re-preparing --drop-images shards with another --tokenizer kept the old tokens but
     wrote the new tokenizer into summary.json; training then asked for the very same
     prepare again. Records that kept their image are re-encoded."""
-    import types
-
-    from mmgen import load
     from mmgen.data.arrayrecord import write_array_record
     from mmgen.data.records import make_record
+    from mmgen.load import ImageCodec
 
-    class Codec:  # stands in for tokenizer B (tokens of A are in the shards)
-        layout = types.SimpleNamespace(image_tokenizer_id="tok-B", image_codes=1000)
-        cfg = types.SimpleNamespace(data=types.SimpleNamespace(image_size=16))
-
-        def __init__(self, run):
-            pass
-
-        def encode(self, images):
-            return np.ones((len(images), 4, 4), np.int32)
-
-    monkeypatch.setattr(load, "ImageCodec", Codec)
-    tokens = dict(image_tokens=np.zeros((4, 4), np.int16), tokens_fingerprint="tok-A")
-    kept = make_record("0", "pair", origin="a.tar:0", image=_png(0, 16), caption="x", **tokens)
+    tok = str(tokenizer_run["tokenizer"])  # the session tokenizer; the shards hold tok-A's
+    tok_id = ImageCodec(tok).layout.image_tokenizer_id
+    tokens = dict(image_tokens=np.zeros((16, 16), np.int16), tokens_fingerprint="tok-A")
+    kept = make_record("0", "pair", origin="a.tar:0", image=_png(0), caption="x", **tokens)
     write_array_record(tmp_path / "kept.array_record", [kept])
     assert mmgen(["data", "prepare", "--src", str(tmp_path / "kept.array_record"), "--out",
-                  str(tmp_path / "re"), "--tokenizer", "B"]) == 0
-    assert json.loads((tmp_path / "re" / "summary.json").read_text())["image_tokenizer"] == "tok-B"
+                  str(tmp_path / "re"), "--tokenizer", tok]) == 0
+    assert json.loads((tmp_path / "re" / "summary.json").read_text())["image_tokenizer"] == tok_id
     dropped = make_record("1", "pair", origin="a.tar:1", caption="x", **tokens)
     write_array_record(tmp_path / "dropped.array_record", [dropped])
     one_data_error(capsys, ["prepare", "--src", str(tmp_path / "dropped.array_record"),
-                            "--out", str(tmp_path / "o"), "--tokenizer", "B"],
-                   "a.tar:1: holds image tokens of tok-A and no image to encode with "
-                   "--tokenizer B (tok-B); prepare from the original images")
+                            "--out", str(tmp_path / "o"), "--tokenizer", tok],
+                   f"a.tar:1: holds image tokens of tok-A and no image to encode with "
+                   f"--tokenizer {tok} ({tok_id}); prepare from the original images")
     assert list((tmp_path / "o").iterdir()) == []  # nothing a rerun would be refused for
     # the image tokenizer trains on images: said, not "does data.path hold images?"
     b = steps.ImageStepBuilder(_data_cfg(repo, tmp_path / "dropped.array_record",

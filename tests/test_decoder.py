@@ -123,7 +123,7 @@ def decoder_run(repo, tokenizer_run, tmp_path_factory):
 @pytest.mark.slow
 def test_decoder_trains_and_is_sharper_than_the_autoencoder(tokenizer_run, decoder_run):
     from mmgen.load import ImageCodec
-    from mmgen.sample.render import compare_decoders, render_images
+    from mmgen.sample.render import compare_decoders, load_decoder, render_images
 
     rows = [json.loads(x) for x in (decoder_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -139,6 +139,12 @@ def test_decoder_trains_and_is_sharper_than_the_autoencoder(tokenizer_run, decod
     assert a.shape == (3, 64, 64, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)  # deterministic for a fixed seed
     assert not np.array_equal(a, c)
+    # a non-square grid (`mmgen sample --aspect 4:3 --decoder`) renders at its own size: the
+    # starting noise was always the square data.image_size, and jax failed on the concat
+    decoder = load_decoder(decoder_run)
+    wide = decoder.render(ids[:, :12, :], codec, steps=2, seed=7)
+    assert wide.shape == (3, 48, 64, 3) and wide.dtype == np.uint8
+    np.testing.assert_array_equal(decoder.noise(2, 5), decoder.noise(2, 5, (64, 64)))
 
     m = compare_decoders(codec, decoder_run, num=128, num_words=256)
     print(json.dumps(m))
@@ -209,24 +215,3 @@ def test_eval_decoder_flags_fail_in_one_line(tmp_path, capsys):
 
     assert mmgen(["eval", "--checkpoint", str(tmp_path), "--decoder-steps", "3"]) == 2
     assert "--decoder-steps needs --decoder" in capsys.readouterr().err
-
-
-
-def test_a_non_square_grid_renders_at_its_own_size():
-    """`mmgen sample --aspect 4:3 --decoder RUN` sampled every image, then failed in jax
-    (the starting noise was always the square data.image_size); the convolutional decoder
-    now renders the grid's own size, and square grids draw the same noise as before.
-    The network is stubbed (it returns its starting noise): only the shapes are checked."""
-    from ml_collections import ConfigDict
-
-    from mmgen.sample.render import DiffusionDecoder
-    from mmgen.tokenizers.layout import TokenLayout
-
-    decoder = object.__new__(DiffusionDecoder)  # no run to load
-    decoder.cfg = ConfigDict({"data": {"image_size": 64}, "model": {"downsample": 4,
-                              "refine": False}, "sample": {"steps": 1, "noise_scale": 1.0}})
-    decoder.layout = TokenLayout(image_codes=8, image_grid=(16, 16), image_tokenizer_id="t")
-    decoder.dir, decoder._sample = "dec", lambda ids, noise, coarse, steps: noise
-    codec = type("Codec", (), {"layout": decoder.layout})()
-    assert decoder.render(np.zeros((3, 2, 3), np.int32), codec).shape == (3, 8, 12, 3)
-    np.testing.assert_array_equal(decoder.noise(2, 5), decoder.noise(2, 5, (64, 64)))
