@@ -145,16 +145,22 @@ def _what_it_trains(cfg) -> dict:
     for k in ARCHITECTURE_KEYS.get(cfg.get("kind"), ()):
         if k not in cfg.model and k != "encoder":
             continue  # a run saved before the key existed: nothing to compare it with
-        value = cfg.model.get(k, "conv")  # tokenizers saved before model.encoder: conv
-        what[f"model.{k}"] = list(value) if isinstance(value, (tuple, list)) else value
+        what[f"model.{k}"] = cfg.model.get(k, "conv")  # tokenizers before model.encoder
     return what
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """'KEY=A there, B here' for each key both hold with other values; compared as JSON,
+    so a tuple equals the list a stored config holds it as."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [f"{k}={old[k]!r} there, {new[k]!r} here" for k in new
+            if k in old and old[k] != new[k]]
 
 
 def check_same_run(stored_cfg, cfg, where: str) -> None:
     """Refuses, in one line, to resume a run that trains something else."""
-    old, new = _what_it_trains(stored_cfg), _what_it_trains(cfg)
-    diff = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in new
-            if k in old and old[k] != new[k]]  # model keys: only runs of one kind have both
+    # model keys: only runs of one kind have both
+    diff = _differences(_what_it_trains(stored_cfg), _what_it_trains(cfg))
     if diff:
         raise CheckpointError(f"{where} holds another run ({'; '.join(diff)}): use a new "
                               "--workdir, or this run's own config to resume it")
@@ -168,12 +174,12 @@ def note_changed_data(stored_cfg, cfg, step: int, log) -> None:
     """Data settings may change on resume (a dataset moved, a new mixture), but not
     without a word: the stream goes on at `step` of the new settings, which for another
     dataset, seed or examples per step is not where the old stream left off."""
-    old, new = json.loads(to_json(stored_cfg)), json.loads(to_json(cfg))
-    pairs = [(f"data.{k}", old["data"][k], v) for k, v in new["data"].items()
-             if k in old.get("data", {}) and k not in _UNNOTED_DATA_KEYS]  # older runs: fewer
-    pairs.append(("train.global_batch", old["train"].get("global_batch"),
-                  new["train"]["global_batch"]))
-    changed = [f"{key}={a!r} there, {b!r} here" for key, a, b in pairs if a != b]
+    def watched(c: dict) -> dict:  # keys an older run lacks are not compared
+        data = {f"data.{k}": v for k, v in c.get("data", {}).items()
+                if k not in _UNNOTED_DATA_KEYS}
+        return {**data, "train.global_batch": c["train"].get("global_batch")}
+
+    changed = _differences(*(watched(json.loads(to_json(c))) for c in (stored_cfg, cfg)))
     if changed:
         log(f"note: checkpoint {step} was trained with other data ({'; '.join(changed)}); "
             f"the data stream goes on at step {step} of these settings")
