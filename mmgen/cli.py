@@ -458,6 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     return exact_options(p)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a command reports in one line, exit 2: errors in what the user gave it."""
+    from mmgen.config import ConfigError
+    from mmgen.data.steps import DataError
+    from mmgen.export import ExportError
+    from mmgen.tokenizers.layout import LayoutMismatchError
+    from mmgen.train.checkpoint import CheckpointError
+
+    return (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
+            ExportError, DataError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -469,17 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (overrides and args.verb not in ("train", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
-    from mmgen.config import ConfigError
-    from mmgen.data.steps import DataError
-    from mmgen.export import ExportError
-    from mmgen.tokenizers.layout import LayoutMismatchError
-    from mmgen.train.checkpoint import CheckpointError
-
+    one_line = user_errors()
     try:
         _setup_jax()
         return args.fn(args)
-    except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
-            ExportError, DataError) as e:
+    except one_line as e:
         print(f"mmgen {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from mmgen.argtypes import int_in
-    from mmgen.export import ExportError
-    from mmgen.tokenizers.layout import LayoutMismatchError
-    from mmgen.train.checkpoint import CheckpointError
+    from mmgen.cli import user_errors
 
     p = argparse.ArgumentParser(prog="python -m mmgen.sample.render",
                                 description="compare the diffusion decoder with the "
@@ -160,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         codec = ImageCodec(args.tokenizer)
         load_decoder(args.decoder).check_codec(codec)  # before the autoencoder's half runs
         result = compare_decoders(codec, args.decoder, steps=args.steps)
-    except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointError,
-            ExportError) as e:
+    except user_errors() as e:  # as `mmgen` reports them
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))
