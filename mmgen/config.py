@@ -170,6 +170,8 @@ _BOUNDS = (
     ("data.max_bad_fraction", 0, 1, True), ("data.max_pixels", 1, None, True),
     # negative loss terms are gradient ascent
     ("loss.z_loss", 0, None, True), ("loss.code_snap", 0, None, True),
+    # the image tokenizer's (no other kind has them): zero channels divided by zero
+    ("model.channels", 1, None, True), ("model.num_res_blocks", 0, None, True),
 )
 # the joint model's shape keys (validate; resuming checks them against the workdir's run)
 JOINT_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
@@ -378,9 +380,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int,
         # a fractional level trained an FSQ whose code count is no integer
         require(len(m.levels) >= 1 and all(_whole(lv) and lv >= 2 for lv in m.levels),
                 f"model.levels must be one or more whole numbers >= 2, got {m.levels}")
-        require(m.channels >= 1, f"model.channels must be >= 1, got {m.channels}")
-        require(m.num_res_blocks >= 0, f"model.num_res_blocks must be >= 0, got "
-                f"{m.num_res_blocks}")
         require(m.get("encoder", "conv") in ("conv", "patch"),
                 f"model.encoder must be 'conv' or 'patch', got {m.get('encoder')!r}")
         return
