@@ -155,6 +155,24 @@ def test_same_seed_same_output_different_seeds_differ(model):
         e1, edit_image_ids(model, LAYOUT, images[:2], ["make it red", "x"], seed=8, **ekw))
 
 
+
+def test_a_prompts_image_does_not_depend_on_its_batch(model):
+    """The eval suites pad fewer than 64 prompts to the next power of two, not to 64
+    (suites.batch_width): that is only the same eval if a prompt's sampled tokens do not
+    depend on how many rows are beside it (per-row keys; guidance on)."""
+    from mmgen.eval.suites import BATCH, batch_width
+    from mmgen.sample.generate import generate_image_ids
+
+    assert [batch_width(n) for n in (1, 8, 9, 16, 17, 33, 64, 65, 500)] == [
+        8, 8, 16, 16, 32, 64, 64, BATCH, BATCH]
+    prompts = [f"a red circle {i}" for i in range(16)]
+    # every prompt padded to one length, as the suites do (min_prompt_len)
+    kw = dict(seed=3, temperature=1.0, cfg_scale=3.0, min_prompt_len=24)
+    narrow = generate_image_ids(model, LAYOUT, prompts[:8], **kw)
+    wide = generate_image_ids(model, LAYOUT, prompts, **kw)
+    np.testing.assert_array_equal(narrow, wide[:8])
+    assert not np.array_equal(wide[:8], wide[8:])  # rows differ: not one row repeated
+
 # --- editing ----------------------------------------------------------------------------
 
 def test_edit_prompt_is_the_training_prefix_with_a_lossless_bidirectional_span():

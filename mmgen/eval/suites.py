@@ -27,7 +27,15 @@ from mmgen.eval.image_metrics import codebook_utilisation, psnr, ssim
 from mmgen.sample.generate import generate_captions, generate_image_ids
 from mmgen.tokenizers.text import BYTES, TextTokenizer
 
-BATCH = 64           # prompts per generation batch (one compiled shape)
+BATCH = 64           # prompts per generation batch (one compiled shape from 64 prompts on)
+
+
+def batch_width(num: int) -> int:
+    """Rows per generation batch for `num` prompts: BATCH, or for fewer prompts the next
+    power of two (at least 8), so `--num 16` samples 16 rows, not 64 of which 48 are
+    thrown away. Sampling keys are drawn per row (threefry counters by element), so a
+    prompt gets the same tokens at any width, up to the float rounding of other shapes."""
+    return min(BATCH, max(8, 1 << max(0, num - 1).bit_length()))
 
 
 @dataclasses.dataclass
@@ -85,19 +93,20 @@ def _sample_images(ctx: EvalContext, prompts: list[str], prompt_images=None) -> 
     min_len = 3 + synthetic.MAX_CAPTION_BYTES + (0 if prompt_images is None
                                                   else ctx.layout.tokens_per_image + 3)
     out = []
-    for lo in range(0, len(prompts), BATCH):
-        chunk = prompts[lo:lo + BATCH]
+    width = batch_width(len(prompts))
+    for lo in range(0, len(prompts), width):
+        chunk = prompts[lo:lo + width]
         n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (BATCH - n)  # same shape every batch
+        chunk = chunk + [chunk[-1]] * (width - n)  # same shape every batch
         images = None
         if prompt_images is not None:
-            images = list(prompt_images[lo:lo + BATCH])
-            images += [images[-1]] * (BATCH - n)
+            images = list(prompt_images[lo:lo + width])
+            images += [images[-1]] * (width - n)
         ids = generate_image_ids(ctx.model, ctx.layout, chunk, seed=lo, temperature=e.temperature,
                                  top_k=e.top_k, cfg_scale=e.cfg_scale, prompt_images=images,
                                  min_prompt_len=min_len, text_tokenizer=ctx.text_tokenizer)
         out.append(ctx.render(ids[:n], seed=lo))
-        ctx.log(f"  generated {min(lo + BATCH, len(prompts))}/{len(prompts)}")
+        ctx.log(f"  generated {min(lo + width, len(prompts))}/{len(prompts)}")
     return np.concatenate(out)
 
 
