@@ -281,7 +281,8 @@ def cmd_compile(args) -> int:
     if args.text_vocab is not None and args.text_vocab < BYTE_ALPHABET:
         raise ConfigError(f"--text-vocab must be >= {BYTE_ALPHABET} (the byte symbols every "
                           f"text tokenizer has), got {args.text_vocab}")
-    return run(args.config, list(args.overrides), args.topology, args.text_vocab, log=log)
+    return run(args.config, list(args.overrides), args.topology, args.text_vocab, log=log,
+               quick=args.quick)
 
 
 def cmd_launch(args) -> int:
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-vocab", type=int, default=None,
                    help="text vocabulary size to assume when data.text_tokenizer's file is "
                    "not on this machine")
+    c.add_argument("--quick", action="store_true",
+                   help="least compiler effort on the step's speed: about 3x faster to "
+                   "compile; the memory it reports errs a few percent high")
     c.set_defaults(fn=cmd_compile)
 
     la = sub.add_parser("launch", help="start a multi-host job: tpu-vm | gke | slurm | local",

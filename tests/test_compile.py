@@ -90,10 +90,12 @@ def test_a_fine_tune_compiles_the_model_of_its_init_checkpoint(repo, tmp_path):
 
 @pytest.mark.slow
 def test_pod_7b_recipe_compiles_for_v5p_and_fits(repo):
+    # --quick: 60 s instead of 199 s here, and the memory it reports errs high (20.54 vs
+    # 19.98 GiB per chip); the full-effort compile is the tiny and fine-tune tests above
     rc, out, err = compile_cmd(repo, "--config", "configs/pod_7b.py", "--topology", "v5p:4x4x4",
-                               "--text-vocab", "32000", timeout=1500)
+                               "--text-vocab", "32000", "--quick", timeout=1500)
     assert rc == 0, err[-2000:]
-    assert "64 chips" in out and "attention pallas_tpu" in out
+    assert "64 chips" in out and "attention pallas_tpu" in out and "(--quick:" in out
     params = float(re.search(r"model: ([\d.]+)B params", out).group(1))
     assert 6 < params < 8
     assert gib(out, "total") < 95.0 and "fits:" in out
