@@ -11,6 +11,27 @@ import pytest
 # (without this jax would probe for TPU chips first). Set before jax is imported.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Most tests compile a few programs and run them for a step or two, and XLA:CPU's
+# optimisation passes are most of their time: a cold-cache run of test_lora, test_remat,
+# test_train_step and test_chunked_ce on 2 workers took 236 s at XLA's default level and
+# 62 s at level 0, whose programs run about 2.4x slower (bench/cpu_step.py's step: 524 vs
+# 217 ms). So the second CI worker (gw1: the decoder's tests, then the short tests, the
+# scheduling below) compiles at level 0, and the first (gw0: every test on the trained
+# joint run, which samples thousands of images) at XLA's default. The session's long
+# trainings run in child processes at the default level whichever worker builds them
+# (`train_full_opt`). MMGEN_TEST_FAST_COMPILE=0 keeps the default level everywhere.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if (os.environ.get("PYTEST_XDIST_WORKER") == "gw1"
+        and os.environ.get("MMGEN_TEST_FAST_COMPILE", "1") != "0"):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def full_optimisation_env(env: dict | None = None) -> dict:
+    """`env` (default os.environ) without this worker's FAST_COMPILE flag."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != FAST_COMPILE)
+    return env
+
 from mmgen.cli import main as mmgen  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +59,22 @@ JOINT_STEPS = 1300      # the demo's joint run
 def train_run(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
     rc = mmgen(["train", "--config", str(repo / config), "--workdir", str(workdir), *overrides])
     assert rc == 0
+
+
+def train_full_opt(repo: Path, config: str, workdir: Path, *overrides: str) -> None:
+    """`mmgen train` in a child process compiled at XLA's default optimisation level (the
+    session's long trainings, on either worker); its output goes to WORKDIR.log."""
+    import subprocess
+    import sys
+
+    log = workdir.parent / f"{workdir.name}.log"
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "mmgen.cli", "train", "--config",
+                             str(repo / config), "--workdir", str(workdir), *overrides],
+                            cwd=repo, env=full_optimisation_env(), stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    assert rc == 0, f"{config} exited {rc}:\n" + log.read_text()[-4000:]
 
 
 # CI runs the suite on 2 pytest-xdist workers (.ci/run: -n 2 --dist loadgroup
@@ -76,7 +113,7 @@ def data_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_run(repo, tmp_path_factory, data_cache) -> dict[str, Path]:
     """The session tokenizer alone (for tests that never read the joint model)."""
-    tok = _build_once(tmp_path_factory, "tokenizer", lambda path: train_run(
+    tok = _build_once(tmp_path_factory, "tokenizer", lambda path: train_full_opt(
         repo, "configs/tokenizer_tiny.py", path, f"--config.data.cache_dir={data_cache}",
         f"--config.train.steps={TOKENIZER_STEPS}"))
     return {"tokenizer": tok, "cache": data_cache}
@@ -85,7 +122,7 @@ def tokenizer_run(repo, tmp_path_factory, data_cache) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def runs(repo, tmp_path_factory, tokenizer_run) -> dict[str, Path]:
     tok, cache = tokenizer_run["tokenizer"], tokenizer_run["cache"]
-    joint = _build_once(tmp_path_factory, "joint", lambda path: train_run(
+    joint = _build_once(tmp_path_factory, "joint", lambda path: train_full_opt(
         repo, "configs/tiny.py", path, f"--config.data.cache_dir={cache}",
         f"--config.tokenizer.checkpoint={tok}",
         f"--config.train.steps={JOINT_STEPS}", "--config.train.sample_every=0"))

@@ -110,10 +110,10 @@ def test_render_without_decoder_is_the_autoencoder(tokenizer_run):
 
 @pytest.fixture(scope="module")
 def decoder_run(repo, tokenizer_run, tmp_path_factory):
-    from conftest import train_run
+    from conftest import train_full_opt
 
     workdir = tmp_path_factory.mktemp("decoder") / "run"
-    train_run(repo, CONFIG, workdir, f"--config.data.cache_dir={tokenizer_run['cache']}",
+    train_full_opt(repo, CONFIG, workdir, f"--config.data.cache_dir={tokenizer_run['cache']}",
               f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
               f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
               f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
