@@ -15,15 +15,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # optimisation passes are most of their time: a cold-cache run of test_lora, test_remat,
 # test_train_step and test_chunked_ce on 2 workers took 236 s at XLA's default level and
 # 62 s at level 0, whose programs run about 2.4x slower (bench/cpu_step.py's step: 524 vs
-# 217 ms). So the second CI worker (gw1: the decoder's tests, then the short tests, the
-# scheduling below) compiles at level 0, and the first (gw0: every test on the trained
-# joint run, which samples thousands of images) at XLA's default. The session's long
-# trainings run in child processes at the default level whichever worker builds them
-# (`train_full_opt`). MMGEN_TEST_FAST_COMPILE=0 keeps the default level everywhere.
+# 217 ms). So under xdist a worker whose first test is not on the trained joint run (the
+# decoder's worker, then the short tests: the scheduling below) compiles at level 0
+# (`pytest_runtest_setup`); the worker of the joint run's tests, which sample thousands of
+# images, keeps XLA's default. The session's long trainings run in child processes at the
+# default level whichever worker builds them (`train_full_opt`).
+# MMGEN_TEST_FAST_COMPILE=0 keeps the default level everywhere.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-if (os.environ.get("PYTEST_XDIST_WORKER") == "gw1"
-        and os.environ.get("MMGEN_TEST_FAST_COMPILE", "1") != "0"):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def full_optimisation_env(env: dict | None = None) -> dict:
@@ -132,12 +130,13 @@ def runs(repo, tmp_path_factory, tokenizer_run) -> dict[str, Path]:
 
 
 # xdist scheduling (--dist loadgroup --no-loadscope-reorder hands out work units in
-# collection order, the first to worker 0 and the second to worker 1, then one at a time
-# to whichever worker runs low). Unit 1: every test on the joint run (`runs`), on one
-# worker, built once. Unit 2: the diffusion decoder's tests (`decoder_run`, ~10 min of
-# training on the session tokenizer), led by the slowest test that needs no trained run
-# (the Mosaic GPU interpreter, ~2 min) so that worker has work while the other trains the
-# tokenizer. Everything else after these, one test at a time, slow (training) tests first.
+# collection order, the first to one worker and the second to the other, then one at a
+# time to whichever worker runs low; which of gw0 and gw1 gets the first varies from run
+# to run). First: every test on the joint run (`runs`), on one worker, built once.
+# Second: the diffusion decoder's tests (`decoder_run`, ~10 min of training on the
+# session tokenizer), led by the slowest test that needs no trained run (the Mosaic GPU
+# interpreter, ~4 min) so that worker has work while the other trains the tokenizer.
+# Everything else after these, one test at a time, slow (training) tests first.
 FIRST_ON_DECODER_WORKER = "tests/test_attention_mgpu.py::test_mgpu_kernel_in_interpret_mode"
 
 
@@ -159,3 +158,23 @@ def pytest_collection_modifyitems(config, items):
         return 3 if item.get_closest_marker("slow") else 4
 
     items.sort(key=unit)  # stable: collection order within each unit
+
+
+_first_test = True
+
+
+@pytest.hookimpl(tryfirst=True)  # before the first test's fixtures start a jax backend
+def pytest_runtest_setup(item):
+    """On this worker's first test: FAST_COMPILE unless it is the joint run's worker. XLA
+    reads XLA_FLAGS when jax starts its CPU backend, which collection does not do."""
+    global _first_test
+    if not _first_test:
+        return
+    _first_test = False
+    from jax._src import xla_bridge
+
+    group = item.get_closest_marker("xdist_group")
+    if (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("MMGEN_TEST_FAST_COMPILE") != "0"
+            and not (group and group.args == ("runs",))
+            and not xla_bridge.backends_are_initialized()):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

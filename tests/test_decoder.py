@@ -114,9 +114,9 @@ def decoder_run(repo, tokenizer_run, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("decoder") / "run"
     train_full_opt(repo, CONFIG, workdir, f"--config.data.cache_dir={tokenizer_run['cache']}",
-              f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
-              f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
-              f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
+                   f"--config.tokenizer.checkpoint={tokenizer_run['tokenizer']}",
+                   f"--config.train.steps={DECODER_STEPS}", "--config.train.log_every=10",
+                   f"--config.optim.min_lr_ratio={DECODER_MIN_LR_RATIO}")
     return workdir
 
 

@@ -155,7 +155,6 @@ def test_same_seed_same_output_different_seeds_differ(model):
         e1, edit_image_ids(model, LAYOUT, images[:2], ["make it red", "x"], seed=8, **ekw))
 
 
-
 def test_a_prompts_image_does_not_depend_on_its_batch(model):
     """The eval suites pad fewer than 64 prompts to the next power of two, not to 64
     (suites.batch_width): that is only the same eval if a prompt's sampled tokens do not
