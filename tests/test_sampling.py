@@ -172,6 +172,7 @@ def test_a_prompts_image_does_not_depend_on_its_batch(model):
     np.testing.assert_array_equal(narrow, wide[:8])
     assert not np.array_equal(wide[:8], wide[8:])  # rows differ: not one row repeated
 
+
 # --- editing ----------------------------------------------------------------------------
 
 def test_edit_prompt_is_the_training_prefix_with_a_lossless_bidirectional_span():
