@@ -15,20 +15,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # optimisation passes are most of their time: a cold-cache run of test_lora, test_remat,
 # test_train_step and test_chunked_ce on 2 workers took 236 s at XLA's default level and
 # 62 s at level 0, whose programs run about 2.4x slower (bench/cpu_step.py's step: 524 vs
-# 217 ms). So under xdist a worker whose first test is not on the trained joint run (the
-# decoder's worker, then the short tests: the scheduling below) compiles at level 0
-# (`pytest_runtest_setup`); the worker of the joint run's tests, which sample thousands of
-# images, keeps XLA's default. The session's long trainings run in child processes at the
-# default level whichever worker builds them (`train_full_opt`).
+# 217 ms). So under xdist every test compiles with `jax_disable_most_optimizations`
+# (XLA:CPU level 0, LLVM's expensive passes off; set per test in `pytest_runtest_setup`,
+# and through JAX_DISABLE_MOST_OPTIMIZATIONS for the processes a test starts) except the
+# joint run's tests (`runs`, the first on their worker), which sample thousands of
+# images: at level 0 they took over twice as long. The session's long trainings run in
+# child processes at the default level (`train_full_opt`).
 # MMGEN_TEST_FAST_COMPILE=0 keeps the default level everywhere.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def full_optimisation_env(env: dict | None = None) -> dict:
-    """`env` (default os.environ) without this worker's FAST_COMPILE flag."""
-    env = dict(os.environ if env is None else env)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != FAST_COMPILE)
-    return env
+    """`env` (default os.environ) compiling at XLA's default level."""
+    return {**(os.environ if env is None else env), FAST_COMPILE_ENV: "0"}
+
+
+def _pin_worker_to_its_cores() -> None:
+    """Give each xdist worker its own share of the cores (gw0 the even ones, gw1 the odd
+    ones, ...), and the processes it starts with it. Two workers each running XLA's
+    thread pool over both of 2 cores trained 12% slower side by side than two pinned one
+    to a core (configs/tiny.py, 80 steps each: 3.9 vs 4.4 steps/s in all); compiles were
+    the same either way. MMGEN_TEST_PIN=0 turns it off."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if (not worker or os.environ.get("MMGEN_TEST_PIN") == "0"
+            or not hasattr(os, "sched_setaffinity")):  # macOS has no affinity call
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= workers > 1:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % workers::workers])
+
+
+_pin_worker_to_its_cores()  # before jax starts its thread pool
 
 from mmgen.cli import main as mmgen  # noqa: E402
 
@@ -160,21 +178,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=unit)  # stable: collection order within each unit
 
 
-_first_test = True
-
-
-@pytest.hookimpl(tryfirst=True)  # before the first test's fixtures start a jax backend
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures compile anything
 def pytest_runtest_setup(item):
-    """On this worker's first test: FAST_COMPILE unless it is the joint run's worker. XLA
-    reads XLA_FLAGS when jax starts its CPU backend, which collection does not do."""
-    global _first_test
-    if not _first_test:
-        return
-    _first_test = False
-    from jax._src import xla_bridge
+    """Compile this test's programs with most optimisations off unless it is on the joint
+    run (see FAST_COMPILE_ENV above). The flag is read at every compile; the persistent
+    cache keys on it."""
+    import jax
 
+    if (not os.environ.get("PYTEST_XDIST_WORKER")
+            or os.environ.get("MMGEN_TEST_FAST_COMPILE") == "0"):
+        return
     group = item.get_closest_marker("xdist_group")
-    if (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("MMGEN_TEST_FAST_COMPILE") != "0"
-            and not (group and group.args == ("runs",))
-            and not xla_bridge.backends_are_initialized()):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    fast = not (group and group.args == ("runs",))
+    jax.config.update("jax_disable_most_optimizations", fast)
+    os.environ[FAST_COMPILE_ENV] = "1" if fast else "0"
