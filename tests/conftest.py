@@ -190,5 +190,8 @@ def pytest_runtest_setup(item):
         return
     group = item.get_closest_marker("xdist_group")
     fast = not (group and group.args == ("runs",))
-    jax.config.update("jax_disable_most_optimizations", fast)
+    try:
+        jax.config.update("jax_disable_most_optimizations", fast)
+    except AttributeError:  # a jax without the flag: the default level, slower but right
+        return
     os.environ[FAST_COMPILE_ENV] = "1" if fast else "0"
