@@ -25,11 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
-def full_optimisation_env(env: dict | None = None) -> dict:
-    """`env` (default os.environ) compiling at XLA's default level."""
-    return {**(os.environ if env is None else env), FAST_COMPILE_ENV: "0"}
-
-
 def _pin_worker_to_its_cores() -> None:
     """Give each xdist worker its own share of the cores (gw0 the even ones, gw1 the odd
     ones, ...), and the processes it starts with it. Two workers each running XLA's
@@ -88,7 +83,7 @@ def train_full_opt(repo: Path, config: str, workdir: Path, *overrides: str) -> N
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, "-m", "mmgen.cli", "train", "--config",
                              str(repo / config), "--workdir", str(workdir), *overrides],
-                            cwd=repo, env=full_optimisation_env(), stdout=out,
+                            cwd=repo, env={**os.environ, FAST_COMPILE_ENV: "0"}, stdout=out,
                             stderr=subprocess.STDOUT).returncode
     assert rc == 0, f"{config} exited {rc}:\n" + log.read_text()[-4000:]
 
